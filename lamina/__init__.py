@@ -1,0 +1,1 @@
+"""Lamina: run transformer language models on whatever memory a machine has."""

@@ -1,0 +1,92 @@
+"""Build a model from a checkpoint: skeleton on the meta device, then weights tensor by tensor.
+
+Peak memory stays near the size of the weights: each tensor is read from its (memory-mapped) file,
+converted to the target dtype and device, and assigned in place of the meta parameter; nothing
+holds a second copy. Every parameter must be filled and every checkpoint tensor used (or listed
+as ignorable by the model), otherwise loading fails and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lamina.config import ModelConfig
+from lamina.errors import CheckpointError
+from lamina.loading.checkpoint import Checkpoint
+from lamina.models.registry import resolve
+
+# Called after each parameter is filled, with the owning module's name and the module; lets a
+# caller transform a layer (quantize it, move it) as soon as its weights are complete.
+ModuleHook = Callable[[str, nn.Module], None]
+
+
+def build_empty(checkpoint: Checkpoint) -> tuple[nn.Module, ModelConfig]:
+    """The checkpoint's model with every parameter on the meta device (no memory used)."""
+    model_class, config = resolve(checkpoint.config)
+    with torch.device("meta"):
+        model = model_class(config)
+    return model, config
+
+
+def load_weights(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    on_loaded: ModuleHook | None = None,
+) -> None:
+    """Fill every parameter of `model` from `checkpoint`, converting to `dtype` on `device`."""
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    ignored = [re.compile(p) for p in getattr(model, "ignored_checkpoint_keys", ())]
+    tied_aliases = _tied_aliases(model)
+    unexpected = []
+    filled: set[str] = set()
+    for name in checkpoint.tensor_names():
+        target = name if name in params else tied_aliases.get(name)
+        if target is None:
+            if not any(p.search(name) for p in ignored):
+                unexpected.append(name)
+            continue
+        if target in filled:  # a tied weight stored under both names: the first copy wins
+            continue
+        tensor = checkpoint.read(name)
+        expected = params[target].shape
+        if tuple(tensor.shape) != tuple(expected):
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(tensor.shape)} in {checkpoint.path.name} but the model "
+                f"config implies {tuple(expected)}; the config and the weights disagree"
+            )
+        module_name, _, attr = target.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        filled.add(target)
+        if on_loaded is not None:
+            on_loaded(module_name, module)
+    if unexpected:
+        raise CheckpointError(
+            f"{checkpoint.path.name} has {len(unexpected)} tensor(s) the model does not use, "
+            f"e.g. {unexpected[:3]}; is it the architecture its config names?"
+        )
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint.path.name} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Second names of shared parameters -> the name `named_parameters` reports them under."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

@@ -1,0 +1,197 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention, MLPs.
+
+Each family file composes these; a variant (a norm offset, a bias, a window) is a constructor
+argument here, not a copy of the block in another file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamina.errors import UnsupportedModelError
+
+
+class LayerCache(Protocol):
+    """What attention needs from a KV cache: write new keys/values, get all of them back."""
+
+    def update(
+        self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def activation(name: str) -> Any:
+    """The activation function an HF config names."""
+    if name not in ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): the SwiGLU / GeGLU feed-forward."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Per-pair rotation frequencies [head_dim/2] for the RoPE variants HF configs describe."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, scaling)
+    raise UnsupportedModelError(
+        f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3"
+    )
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's scaling: long wavelengths slowed by `factor`, short kept, a smooth band between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, computed on the fly (no [context, dim] buffer)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self._inv_freq: torch.Tensor | None = None  # built on first use, on the positions' device
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, head_dim], computed in float32 and returned in `dtype`."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inverse_frequencies(self.head_dim, self.theta, self.scaling).to(
+                positions.device
+            )
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]  # [T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by cos/sin [T, D] in HF's half-split layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, RoPE, an optional sliding window and KV cache."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window
+        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # [B, T, H*D] -> [B, T, H, D] -> [B, H, T, D]
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)
+        out = attend(q, k, v, start_pos, self.sliding_window)  # [B, H, T, D]
+        # [B, H, T, D] -> [B, T, H*D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, window: int | None
+) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] (positions start_pos..) over k/v [B, Hkv, L, D] (positions 0..L-1).
+
+    Picks the cheapest exact form: no mask for one new token, SDPA's built-in causal mask for a
+    fresh prompt, an explicit [T, L] boolean mask otherwise (a window, or a prompt continuing a cache).
+    """
+    batch, heads, seq, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    needs_window = window is not None and kv_len > window
+    if seq == 1 and not needs_window:
+        # One query per head: fold the query heads of a KV group together, so GQA needs no copies.
+        # [B, H, 1, D] -> [B, Hkv, group, D]
+        out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), k, v)
+        return out.reshape(batch, heads, 1, dim)  # [B, Hkv, group, D] -> [B, H, 1, D]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # [B, Hkv, L, D] -> [B, H, L, D]
+        v = v.repeat_interleave(group, dim=1)
+    if start_pos == 0 and seq == kv_len and not needs_window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q_pos = torch.arange(start_pos, start_pos + seq, device=q.device)[:, None]  # [T, 1]
+    k_pos = torch.arange(kv_len, device=q.device)[None, :]  # [1, L]
+    mask = k_pos <= q_pos
+    if needs_window:
+        mask &= k_pos > q_pos - window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

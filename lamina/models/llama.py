@@ -1,0 +1,123 @@
+"""The Llama family: Llama 1/2/3, Mistral, Qwen2, SmolLM and other checkpoints of the same shape.
+
+Parameters are named exactly as in Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...),
+so HF checkpoints load by name. Family differences are config fields: Qwen2's q/k/v biases,
+Mistral's sliding window, Llama 3's RoPE scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.config import ModelConfig
+from lamina.models.layers import Attention, GatedMLP, LayerCache, RMSNorm, RotaryEmbedding
+
+
+@dataclass(kw_only=True)
+class LlamaConfig(ModelConfig):
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    qkv_bias: bool | None = None  # q/k/v bias without an o bias (Qwen2); defaults to attention_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = True  # Qwen2 writes a window size but switches it off with this flag
+
+    def __post_init__(self) -> None:
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
+        if not self.use_sliding_window:
+            self.sliding_window = None
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and gated MLP, each added to the residual stream."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(
+            layer_idx,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            qkv_bias=config.qkv_bias,
+            o_bias=config.attention_bias,
+            sliding_window=config.sliding_window,
+        )
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None,
+        start_pos: int,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, next-token logits out; optionally reading and writing a KV cache."""
+
+    config_class = LlamaConfig
+    no_split_modules = ("LlamaDecoderLayer",)
+    # Names some checkpoints carry that the model computes itself.
+    ignored_checkpoint_keys = (r"\.rotary_emb\.inv_freq$",)
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the output layer when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def cache_layout(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of each layer, for sizing a KV cache."""
+        return [(self.config.num_key_value_heads, self.config.head_dim)] * self.config.num_hidden_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: LayerCache | None = None,
+        start_pos: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or [B, 1, V] if last_only)."""
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=x.device)
+        rope = self.model.rotary_emb(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, cache, start_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
