@@ -31,6 +31,7 @@ class Checkpoint(ABC):
     def read(self, name: str) -> torch.Tensor:
         """One tensor on the CPU, in its stored dtype (GGUF blocks are dequantized to float32)."""
 
+    @abstractmethod
     def close(self) -> None:
         """Release file handles and maps; reading afterwards is an error."""
 

@@ -1,0 +1,152 @@
+"""The Python API: `LLM.load(...)` once, then `generate`, `stream` and `chat` as often as needed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.config import ModelConfig
+from lamina.default_model import default_model_path
+from lamina.engine.generate import GenerationStats, generate_tokens
+from lamina.engine.sampling import SamplingParams
+from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
+from lamina.errors import InvalidArgumentError
+from lamina.loading.chat_template import Message
+from lamina.loading.checkpoint import open_checkpoint
+from lamina.loading.loader import build_empty, load_weights
+from lamina.loading.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> the first GPU if there is one, else the CPU; a named CUDA device must exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InvalidArgumentError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                f"device {device!r} requested but no CUDA GPU is available; use --device cpu"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(
+                f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    elif resolved.type != "cpu":
+        raise InvalidArgumentError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+class LLM:
+    """A loaded model with its tokenizer, ready to generate."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: ModelConfig, source: Path) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.source = source
+        self.last_stats = GenerationStats()
+        self.stop_ids = frozenset(config.eos_token_id) | (
+            {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "auto",
+    ) -> LLM:
+        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)."""
+        torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+        source = Path(path).expanduser() if path is not None else default_model_path()
+        started = time.perf_counter()
+        with open_checkpoint(source) as checkpoint:
+            model, config = build_empty(checkpoint)
+            load_weights(model, checkpoint, torch_dtype, torch_device)
+            tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        model.eval()
+        llm = cls(model, tokenizer, config, source)
+        llm.load_seconds = time.perf_counter() - started
+        return llm
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        add_special_tokens: bool = True,
+    ) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece as it is decoded (whole characters only).
+
+        Stops at the model's end-of-sequence token, at the first of `stop` (not included), or after
+        `max_new_tokens`. Timings of the run land in `self.last_stats`.
+        """
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        if isinstance(stop, str):
+            stop = [stop]
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        self.last_stats = GenerationStats()
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(stop)
+        tokens = generate_tokens(
+            self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats
+        )
+        try:
+            for token in tokens:
+                if token in self.stop_ids:
+                    break
+                text = stops.feed(detokenizer.push(token))
+                if text:
+                    yield text
+                if stops.stopped:
+                    return
+            tail = stops.feed(detokenizer.flush()) + stops.flush()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+
+    def generate(self, prompt: str, **kwargs: Any) -> str:
+        """The whole continuation of `prompt` as one string; takes the same options as `stream`."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        """The prompt text for a conversation in the model's chat template, ready for the reply."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat_stream(self, messages: list[Message], **kwargs: Any) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        # The template writes any special tokens itself; don't add a second BOS.
+        return self.stream(self.chat_prompt(messages), add_special_tokens=False, **kwargs)
+
+    def chat(self, messages: list[Message], **kwargs: Any) -> str:
+        """The assistant's reply to `messages` as one string."""
+        return "".join(self.chat_stream(messages, **kwargs))

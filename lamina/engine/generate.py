@@ -1,0 +1,102 @@
+"""The generation loop: prefill the prompt, then decode one token at a time, as a Python generator.
+
+`generate_tokens` yields token ids as they are sampled, so callers stream, stop early or count as
+they like; `GenerationStats` records the timings users ask about (time to first token, decode rate).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lamina.engine.kv_cache import KVCache
+from lamina.engine.sampling import SamplingParams, sample
+from lamina.errors import InvalidArgumentError
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # prompt in -> first new token out (prefill + one sample)
+    decode_s: float = 0.0  # time spent producing the tokens after the first
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
+            f"time to first token: {self.ttft_s:.3f} s, decode: {self.decode_tokens_per_s:.1f} tokens/s"
+        )
+
+
+def check_prompt_fits(prompt_len: int, context: int) -> None:
+    """Reject prompts that leave no room for a new token in the model's context window."""
+    if prompt_len == 0:
+        raise InvalidArgumentError("the prompt is empty; give some text to continue")
+    if prompt_len >= context:
+        raise InvalidArgumentError(
+            f"the prompt is {prompt_len} tokens but the model's context window is {context}; shorten the prompt"
+        )
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    seed: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` sampled ids; stops after yielding a token in `stop_ids`."""
+    if max_new_tokens < 1:
+        raise InvalidArgumentError(f"max new tokens must be >= 1, got {max_new_tokens}")
+    context = model.config.max_position_embeddings
+    check_prompt_fits(len(prompt_ids), context)
+    max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
+
+    embed = model.model.embed_tokens.weight
+    device = embed.device
+    total = len(prompt_ids) + max_new_tokens
+    cache = KVCache.for_model(model, batch=1, max_len=total, dtype=embed.dtype)
+    tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated, for penalties
+    tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    start = time.perf_counter()
+    length = len(prompt_ids)
+    for chunk_start in range(0, length, PREFILL_CHUNK):
+        chunk = tokens[:, chunk_start : min(length, chunk_start + PREFILL_CHUNK)]
+        logits = model(chunk, cache=cache, start_pos=chunk_start, last_only=True)
+    for step in range(max_new_tokens):
+        next_id = sample(logits[:, -1], params, tokens[:, :length], generator)
+        tokens[:, length] = next_id
+        token = int(next_id.item())  # the one host sync per token
+        length += 1
+        stats.new_tokens += 1
+        now = time.perf_counter()
+        if step == 0:
+            stats.ttft_s = now - start
+            decode_start = now
+        else:
+            stats.decode_s = now - decode_start
+        yield token
+        if token in stop_ids or step == max_new_tokens - 1:
+            return
+        logits = model(tokens[:, length - 1 : length], cache=cache, start_pos=length - 1)

@@ -1,0 +1,58 @@
+"""A preallocated key/value cache: fixed shapes, one `update` method.
+
+Each layer gets [batch, kv_heads, max_len, head_dim] tensors on that layer's device, allocated once
+per generation. Attention writes the new positions and reads back the filled prefix, so nothing is
+reallocated per token and the decode step has static shapes (which `torch.compile` needs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions."""
+
+    def __init__(
+        self,
+        layout: list[tuple[int, int]],
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        devices: list[torch.device],
+    ) -> None:
+        self.max_len = max_len
+        self.keys = [
+            torch.zeros(batch, heads, max_len, dim, dtype=dtype, device=device)
+            for (heads, dim), device in zip(layout, devices)
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        """A cache shaped for `model`, each layer's tensors on the device its weights compute on."""
+        layers = model.model.layers
+        devices = [_compute_device(layer) for layer in layers]
+        return cls(model.cache_layout(), batch, max_len, dtype, devices)
+
+    def update(
+        self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] at positions start_pos..; return all keys/values so far [B, Hkv, L, D]."""
+        end = start_pos + k.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, start_pos:end] = k
+        values[:, :, start_pos:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _compute_device(module: nn.Module) -> torch.device:
+    """Where a layer runs: the device placement recorded on it, else where its weights live."""
+    device = getattr(module, "compute_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(module.parameters()).device

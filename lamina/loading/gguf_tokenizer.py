@@ -1,0 +1,107 @@
+"""A Hugging Face `tokenizers` tokenizer rebuilt from a GGUF file's metadata.
+
+GGUF stores the vocabulary, merges and token types under `tokenizer.ggml.*`. For byte-level BPE
+(`tokenizer.ggml.model == "gpt2"`) this builds the same BPE model, pre-tokenizer split and decoder
+that transformers' GGUF conversion builds, so both give the same ids for the same text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from lamina.errors import UnsupportedModelError
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `tokenizer.ggml.pre` values whose text split differs from GPT-2's; others use GPT-2's own regex.
+PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+
+def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
+    """The backend tokenizer a GGUF file's metadata describes (special tokens registered)."""
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedModelError(
+            f"GGUF tokenizer type {kind!r} is not supported yet; supported: gpt2 (byte-level BPE)"
+        )
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokenizer = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [])
+    split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre", ""))
+    if split is not None:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    # A control token spelled outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, kind in zip(tokens, token_types)
+        if kind == CONTROL and set(t) <= alphabet
+    ]
+    tokenizer.add_special_tokens(control)
+    tokenizer.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, kind in zip(tokens, token_types)
+            if kind == USER_DEFINED
+        ]
+    )
+    if (
+        metadata.get("tokenizer.ggml.add_bos_token")
+        and metadata.get("tokenizer.ggml.bos_token_id") is not None
+    ):
+        bos = tokens[metadata["tokenizer.ggml.bos_token_id"]]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
+    return tokenizer
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str]) -> Tokenizer:
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_chars = _bytes_to_unicode()
+    # A token spelled outside the byte alphabet (a raw special token) is re-spelled byte by byte.
+    vocab = {
+        (t if set(t) <= alphabet else "".join(byte_chars[b] for b in t.encode("utf-8"))): i
+        for i, t in enumerate(tokens)
+    }
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
