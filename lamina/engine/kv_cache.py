@@ -25,7 +25,7 @@ class KVCache:
         self.max_len = max_len
         self.keys = [
             torch.zeros(batch, heads, max_len, dim, dtype=dtype, device=device)
-            for (heads, dim), device in zip(layout, devices)
+            for (heads, dim), device in zip(layout, devices, strict=True)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
 

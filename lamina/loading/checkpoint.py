@@ -65,6 +65,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             return GGUFCheckpoint(path)
         if path.name == "config.json" or path.suffix in {".safetensors", ".json", ".bin"}:
+            if not (path.parent / "config.json").is_file():
+                raise CheckpointError(
+                    f"{path.name} has no config.json beside it; pass the HF model directory that holds both"
+                )
             return HFDirectoryCheckpoint(path.parent)
         raise CheckpointError(f"{path} is neither a .gguf file nor part of an HF model directory")
     if (path / "config.json").is_file():

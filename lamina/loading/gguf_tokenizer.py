@@ -57,14 +57,14 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     control = [
         AddedToken(t, normalized=False, special=True)
-        for t, kind in zip(tokens, token_types)
+        for t, kind in zip(tokens, token_types, strict=True)
         if kind == CONTROL and set(t) <= alphabet
     ]
     tokenizer.add_special_tokens(control)
     tokenizer.add_tokens(
         [
             AddedToken(t, normalized=False, special=False)
-            for t, kind in zip(tokens, token_types)
+            for t, kind in zip(tokens, token_types, strict=True)
             if kind == USER_DEFINED
         ]
     )

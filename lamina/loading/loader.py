@@ -57,7 +57,7 @@ def load_weights(
         expected = params[target].shape
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(
-                f"tensor {name} has shape {tuple(tensor.shape)} in {checkpoint.path.name} but the model "
+                f"tensor {name} has shape {tuple(tensor.shape)} in {checkpoint.path} but the model "
                 f"config implies {tuple(expected)}; the config and the weights disagree"
             )
         module_name, _, attr = target.rpartition(".")

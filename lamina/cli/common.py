@@ -1,0 +1,59 @@
+"""Options shared by the subcommands that load a model and generate text."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lamina.errors import InvalidArgumentError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        metavar="PATH",
+        help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    group.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    group.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = no limit (default)")
+    group.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P", help="nucleus mass in (0, 1] (default: 1)"
+    )
+    group.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off (default)")
+    group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    group.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
+    )
+
+
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    """The LLM the model options describe."""
+    from lamina.api import LLM
+
+    return LLM.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `LLM.stream`, validated before any model is loaded."""
+    from lamina.engine.sampling import SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # raises on bad values
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
