@@ -8,7 +8,6 @@ to float32 and undoes the row permutation llama.cpp's converter applies to Llama
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,49 +17,12 @@ import torch
 
 from lamina.errors import CheckpointError, UnsupportedModelError
 from lamina.loading.checkpoint import Checkpoint
-
-# `{arch}.` metadata keys -> HF config keys, shared by the llama.cpp architectures Lamina runs.
-_HPARAMS = {
-    "block_count": "num_hidden_layers",
-    "context_length": "max_position_embeddings",
-    "embedding_length": "hidden_size",
-    "feed_forward_length": "intermediate_size",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.key_length": "head_dim",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "attention.layer_norm_epsilon": "layer_norm_eps",
-    "attention.sliding_window": "sliding_window",
-    "rope.freq_base": "rope_theta",
-    "vocab_size": "vocab_size",
-}
-
-# llama.cpp per-layer tensor names -> HF names under `model.layers.{i}.`.
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
-_GLOBAL_NAME = re.compile(r"^([a-z_0-9]+)\.(weight|bias)$")
-
-# GGUF architecture -> (HF architecture, whether llama.cpp permuted q/k rows for its RoPE layout).
-GGUF_ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", True),
-    "mistral": ("MistralForCausalLM", True),
-    "qwen2": ("Qwen2ForCausalLM", False),
-}
+from lamina.loading.gguf_names import (
+    GGUF_ARCHITECTURES,
+    hf_config_from_gguf,
+    hf_tensor_name,
+    unpermute_qk_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -92,8 +54,10 @@ class GGUFCheckpoint(Checkpoint):
             )
         self.architecture = arch
         hf_arch, self._permute_qk = GGUF_ARCHITECTURES[arch]
-        self._tensors = {self._hf_name(t.name): t for t in self.reader.tensors}
-        self.config = self._hf_config(hf_arch)
+        self._tensors = {hf_tensor_name(t.name): t for t in self.reader.tensors}
+        self.config = hf_config_from_gguf(
+            self.metadata, arch, hf_arch, tied="lm_head.weight" not in self._tensors
+        )
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -135,46 +99,6 @@ class GGUFCheckpoint(Checkpoint):
         if t is None:
             raise CheckpointError(f"{self.path.name} has no tensor for {name!r}")
         return t
-
-    def _hf_name(self, gguf_name: str) -> str:
-        if m := _LAYER_NAME.match(gguf_name):
-            layer, short, kind = m.groups()
-            if short in _LAYER_TENSORS:
-                return f"model.layers.{layer}.{_LAYER_TENSORS[short]}.{kind}"
-        elif (m := _GLOBAL_NAME.match(gguf_name)) and m.group(1) in _GLOBAL_TENSORS:
-            return f"{_GLOBAL_TENSORS[m.group(1)]}.{m.group(2)}"
-        return gguf_name  # unknown names stay as they are; the loader reports them as unexpected
-
-    def _hf_config(self, hf_arch: str) -> dict[str, Any]:
-        prefix = f"{self.architecture}."
-        config: dict[str, Any] = {"architectures": [hf_arch], "model_type": self.architecture}
-        for key, hf_key in _HPARAMS.items():
-            if prefix + key in self.metadata:
-                config[hf_key] = self.metadata[prefix + key]
-        tokens = self.metadata.get("tokenizer.ggml.tokens")
-        if "vocab_size" not in config and tokens is not None:
-            config["vocab_size"] = len(tokens)
-        if "head_dim" not in config and prefix + "rope.dimension_count" in self.metadata:
-            config["head_dim"] = self.metadata[prefix + "rope.dimension_count"]
-        scaling_type = self.metadata.get(prefix + "rope.scaling.type")
-        if scaling_type == "linear":
-            factor = self.metadata[prefix + "rope.scaling.factor"]
-            config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
-        config["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        for key in ("bos", "eos", "padding"):
-            token_id = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
-            if token_id is not None:
-                config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
-        config["torch_dtype"] = "float32"
-        return config
-
-
-def unpermute_qk_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's `permute` of q/k rows (interleaved rotary pairs -> HF's half-split layout)."""
-    rows = weight.shape[0]
-    rest = weight.shape[1:]
-    # [heads * head_dim, ...] -> [heads, head_dim/2, 2, ...] -> [heads, 2, head_dim/2, ...] -> back
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
 def _field_value(field: Any) -> Any:
