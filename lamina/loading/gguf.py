@@ -69,8 +69,6 @@ class GGUFCheckpoint(Checkpoint):
         return RawTensor(t.tensor_type.name, shape, t.data)
 
     def read(self, name: str) -> torch.Tensor:
-        import gguf
-
         raw = self.read_raw(name)
         try:
             if raw.ggml_type == "BF16":
@@ -80,7 +78,7 @@ class GGUFCheckpoint(Checkpoint):
             elif raw.ggml_type in ("F32", "F16"):
                 tensor = torch.from_numpy(np.array(raw.data, dtype=np.float32))
             else:
-                tensor = torch.from_numpy(gguf.quants.dequantize(raw.data, self._tensor(name).tensor_type))
+                tensor = _dequantize_by_rows(raw.data, self._tensor(name).tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise CheckpointError(
                 f"cannot dequantize {name} ({raw.ggml_type}) from {self.path.name}: {exc}"
@@ -99,6 +97,27 @@ class GGUFCheckpoint(Checkpoint):
         if t is None:
             raise CheckpointError(f"{self.path.name} has no tensor for {name!r}")
         return t
+
+
+DEQUANT_ROWS_BYTES = 8 << 20  # float32 output per dequantization step
+
+
+def _dequantize_by_rows(blocks: np.ndarray, qtype: Any) -> torch.Tensor:
+    """Dequantize [rows, bytes] blocks to float32 [rows, cols] a few MB at a time.
+
+    `gguf.quants.dequantize` makes several full-size float temporaries; on a large matrix (the
+    embedding) that would briefly double the memory a load needs.
+    """
+    import gguf
+
+    first = gguf.quants.dequantize(blocks[:1], qtype)
+    cols = first.shape[-1]
+    out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
+    step = max(1, DEQUANT_ROWS_BYTES // (4 * cols))
+    for start in range(0, blocks.shape[0], step):
+        rows = gguf.quants.dequantize(blocks[start : start + step], qtype)
+        out[start : start + step] = torch.from_numpy(rows.reshape(-1, cols))
+    return out
 
 
 def _field_value(field: Any) -> Any:

@@ -1,0 +1,91 @@
+"""The Python API: load once, then generate / stream / chat with the documented options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lamina import LLM
+from lamina.errors import InvalidArgumentError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM.load(tiny_models["llama"][1], device="cpu")
+
+
+def test_model_returns_logits_batch_seq_vocab(llm):
+    ids = torch.randint(0, llm.config.vocab_size, (2, 7))
+    assert llm.model(ids).shape == (2, ids.shape[1], llm.config.vocab_size)
+
+
+def test_stream_pieces_join_to_generate(llm):
+    options = {"max_new_tokens": 12, "temperature": 0}
+    pieces = list(llm.stream("The", **options))
+    assert "".join(pieces) == llm.generate("The", **options)
+    assert llm.last_stats.new_tokens == 12 and llm.last_stats.prompt_tokens == len(
+        llm.tokenizer.encode("The")
+    )
+
+
+def test_seed_makes_sampling_reproducible(llm):
+    options = {"max_new_tokens": 16, "temperature": 1.0, "seed": 123}
+    assert llm.generate("The", **options) == llm.generate("The", **options)
+    others = {llm.generate("The", max_new_tokens=16, temperature=1.0, seed=s) for s in range(4)}
+    assert len(others) > 1
+
+
+def test_stop_string_cuts_output(llm):
+    full = llm.generate("The", max_new_tokens=20, temperature=0)
+    stop = full[3:6]
+    assert stop and stop in full
+    cut = llm.generate("The", max_new_tokens=20, temperature=0, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_generation_stops_at_eos(llm, monkeypatch):
+    full_ids = llm.tokenizer.encode(
+        llm.generate("The", max_new_tokens=10, temperature=0), add_special_tokens=False
+    )
+    llm_stop = LLM(llm.model, llm.tokenizer, llm.config, llm.source)
+    llm_stop.stop_ids = frozenset({full_ids[2]})
+    out = llm_stop.generate("The", max_new_tokens=10, temperature=0)
+    assert llm_stop.last_stats.new_tokens <= 3 and len(out) < len(
+        llm.generate("The", max_new_tokens=10, temperature=0)
+    )
+
+
+def test_chat_uses_template_without_extra_bos(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = llm.chat_prompt(messages)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert llm.chat(messages, max_new_tokens=5, temperature=0) == llm.generate(
+        prompt, max_new_tokens=5, temperature=0, add_special_tokens=False
+    )
+
+
+def test_prompt_longer_than_context_is_rejected(llm):
+    with pytest.raises(InvalidArgumentError, match="context window is 256"):
+        llm.generate("word " * 300, max_new_tokens=4)
+
+
+def test_max_new_tokens_clamped_to_context(llm):
+    prompt = "word " * 60
+    n = len(llm.tokenizer.encode(prompt))
+    assert 100 < n < 250
+    llm.generate(prompt, max_new_tokens=1000, temperature=0)
+    assert llm.last_stats.new_tokens <= 256 - n
+
+
+def test_bfloat16_load_runs_close_to_float32(tiny_models):
+    directory = tiny_models["llama"][1]
+    ids = torch.tensor([LLM.load(directory).tokenizer.encode("The quick brown fox")])
+    reference = LLM.load(directory, dtype="float32").model(ids)
+    bf16 = LLM.load(directory, dtype="bfloat16")
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.model(ids).float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_unknown_dtype_is_rejected(tiny_llama_dir):
+    with pytest.raises(InvalidArgumentError, match="unknown dtype"):
+        LLM.load(tiny_llama_dir, dtype="float8")
