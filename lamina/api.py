@@ -62,6 +62,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.config = config
         self.source = source
+        self.load_seconds = 0.0
         self.last_stats = GenerationStats()
         self.stop_ids = frozenset(config.eos_token_id) | (
             {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
