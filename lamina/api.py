@@ -91,7 +91,7 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.model.embed_tokens.weight.device
+        return self.model.input_embeddings().weight.device
 
     def stream(
         self,

@@ -71,7 +71,9 @@ def _normalize(hf: dict[str, Any]) -> dict[str, Any]:
     if isinstance(rope, dict):
         if "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if "partial_rotary_factor" in rope:
+            values["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
         values["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
     scaling = values.get("rope_scaling")
     if isinstance(scaling, dict):

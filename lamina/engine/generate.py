@@ -71,7 +71,7 @@ def generate_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
 
-    embed = model.model.embed_tokens.weight
+    embed = model.input_embeddings().weight
     device = embed.device
     total = len(prompt_ids) + max_new_tokens
     cache = KVCache.for_model(model, batch=1, max_len=total, dtype=embed.dtype)

@@ -32,7 +32,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
         """A cache shaped for `model`, each layer's tensors on the device its weights compute on."""
-        layers = model.model.layers
+        layers = model.decoder_layers()
         devices = [_compute_device(layer) for layer in layers]
         return cls(model.cache_layout(), batch, max_len, dtype, devices)
 

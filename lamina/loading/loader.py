@@ -43,6 +43,7 @@ def load_weights(
     params = dict(model.named_parameters())  # tied weights appear once, under their first name
     ignored = [re.compile(p) for p in getattr(model, "ignored_checkpoint_keys", ())]
     tied_aliases = _tied_aliases(model)
+    sanitize = getattr(model, "sanitize", lambda _name, tensor: tensor)
     unexpected = []
     filled: set[str] = set()
     for name in checkpoint.tensor_names():
@@ -53,7 +54,7 @@ def load_weights(
             continue
         if target in filled:  # a tied weight stored under both names: the first copy wins
             continue
-        tensor = checkpoint.read(name)
+        tensor = sanitize(target, checkpoint.read(name))
         expected = params[target].shape
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(

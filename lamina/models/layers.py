@@ -25,17 +25,23 @@ class LayerCache(Protocol):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like the reference implementations."""
+    """Root-mean-square norm, computed in float32 like the reference implementations.
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    `offset=1.0` is Gemma's variant: the stored weight is a delta, the scale is (1 + weight), and
+    the scaling happens in float32 before the cast back (as Gemma's reference does).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -43,6 +49,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
 
@@ -117,7 +124,13 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by cos/sin [T, D] in HF's half-split layout."""
+    """Rotate x [B, H, T, D] by cos/sin [T, R] in HF's half-split layout.
+
+    R < D is partial rotary (GPT-NeoX, Phi-2): the first R features rotate, the rest pass through.
+    """
+    if cos.shape[-1] < x.shape[-1]:
+        rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+        return torch.cat((apply_rotary(rot, cos, sin), rest), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -136,15 +149,28 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         sliding_window: int | None = None,
+        *,
+        scale: float | None = None,
+        softcap: float | None = None,
+        qk_norm_eps: float | None = None,
+        norm_offset: float = 0.0,
     ) -> None:
+        """`scale`: score scale (default 1/sqrt(head_dim)); `softcap`: Gemma 2's tanh cap on scores;
+        `qk_norm_eps`: RMS-normalize each query/key head (Qwen3, Gemma 3) with this epsilon."""
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.sliding_window = sliding_window
+        self.scale, self.softcap = scale, softcap
         self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=o_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(
         self,
@@ -158,11 +184,13 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, start_pos, k, v)
-        out = attend(q, k, v, start_pos, self.sliding_window)  # [B, H, T, D]
+        out = cached_attend(
+            q, k, v, cache, self.layer_idx, start_pos, self.sliding_window, scale=self.scale, softcap=self.softcap
+        )  # [B, H, T, D]
         # [B, H, T, D] -> [B, T, H*D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
@@ -195,3 +223,83 @@ def attend(
     if needs_window:
         mask &= k_pos > q_pos - window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cached_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: LayerCache | None,
+    layer_idx: int,
+    start_pos: int,
+    window: int | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write k/v [B, Hkv, T, D] to the cache (if any), then attend: q [B, H, T, D] -> [B, H, T, D].
+
+    The common case goes through `attend` (SDPA); score soft-capping and ALiBi need the scores
+    themselves, so they take `attend_eager`.
+    """
+    if cache is not None:
+        k, v = cache.update(layer_idx, start_pos, k, v)
+    if softcap is None and alibi_slopes is None:
+        if scale is not None:
+            q = q * (scale * math.sqrt(q.shape[-1]))  # SDPA divides by sqrt(D) itself
+        return attend(q, k, v, start_pos, window)
+    return attend_eager(q, k, v, start_pos, window, scale, softcap, alibi_slopes)
+
+
+def attend_eager(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start_pos: int,
+    window: int | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`attend` with the scores materialized: softcap * tanh(s / softcap), plus slope * key position.
+
+    ALiBi's bias is slope[h] * key_position; softmax ignores the per-query constant that
+    BLOOM's `slope * (key - query)` form would add, so both give the same weights.
+    """
+    heads, seq, dim = q.shape[1], q.shape[2], q.shape[3]
+    kv_len = k.shape[2]
+    group = heads // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # [B, Hkv, L, D] -> [B, H, L, D]
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)  # [B, H, T, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    k_pos = torch.arange(kv_len, device=q.device)
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.to(scores)[:, None, None] * k_pos.to(scores)  # [H, 1, L] bias
+    q_pos = torch.arange(start_pos, start_pos + seq, device=q.device)[:, None]  # [T, 1]
+    mask = k_pos[None, :] <= q_pos
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos - window
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes [H]: a geometric sequence, interleaved extras when H is not a power of 2."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = base ** torch.arange(1, 1 + closest, dtype=torch.float32)
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        extra = extra_base ** torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.float32)
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): Gemma 2's bound on logits (identity when cap is None)."""
+    return x if cap is None else torch.tanh(x / cap) * cap

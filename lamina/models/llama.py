@@ -1,8 +1,8 @@
-"""The Llama family: Llama 1/2/3, Mistral, Qwen2, SmolLM and other checkpoints of the same shape.
+"""The Llama family: Llama 1/2/3, Mistral, Qwen2, Qwen3, SmolLM and other checkpoints of the same shape.
 
 Parameters are named exactly as in Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...),
 so HF checkpoints load by name. Family differences are config fields: Qwen2's q/k/v biases,
-Mistral's sliding window, Llama 3's RoPE scaling.
+Mistral's sliding window, Qwen3's per-head q/k norm, Llama 3's RoPE scaling.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lamina.config import ModelConfig
+from lamina.models.base import CausalLM
 from lamina.models.layers import Attention, GatedMLP, LayerCache, RMSNorm, RotaryEmbedding
 
 
@@ -32,6 +33,8 @@ class LlamaConfig(ModelConfig):
     mlp_bias: bool = False
     sliding_window: int | None = None
     use_sliding_window: bool = True  # Qwen2 writes a window size but switches it off with this flag
+    layer_types: list[str] | None = None  # "sliding_attention" / "full_attention" per layer
+    qk_norm: bool = False  # RMS norm on each query/key head before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -40,6 +43,13 @@ class LlamaConfig(ModelConfig):
             self.qkv_bias = self.attention_bias
         if not self.use_sliding_window:
             self.sliding_window = None
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of one layer (None: it attends to the whole context)."""
+        return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -55,7 +65,8 @@ class LlamaDecoderLayer(nn.Module):
             config.head_dim,
             qkv_bias=config.qkv_bias,
             o_bias=config.attention_bias,
-            sliding_window=config.sliding_window,
+            sliding_window=config.window(layer_idx),
+            qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
         )
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -81,7 +92,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Token ids in, next-token logits out; optionally reading and writing a KV cache."""
 
     config_class = LlamaConfig
@@ -96,10 +107,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        """Share the embedding matrix with the output layer when the config says so."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
 
     def cache_layout(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of each layer, for sizing a KV cache."""
