@@ -189,7 +189,15 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = cached_attend(
-            q, k, v, cache, self.layer_idx, start_pos, self.sliding_window, scale=self.scale, softcap=self.softcap
+            q,
+            k,
+            v,
+            cache,
+            self.layer_idx,
+            start_pos,
+            self.sliding_window,
+            scale=self.scale,
+            softcap=self.softcap,
         )  # [B, H, T, D]
         # [B, H, T, D] -> [B, T, H*D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))

@@ -13,6 +13,7 @@ from torch import nn
 
 from lamina.config import ModelConfig
 from lamina.errors import UnsupportedModelError
+from lamina.models.gemma import GemmaForCausalLM
 from lamina.models.llama import LlamaForCausalLM
 
 
@@ -26,6 +27,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(LlamaForCausalLM),
     "MistralForCausalLM": Architecture(LlamaForCausalLM),
     "Qwen2ForCausalLM": Architecture(LlamaForCausalLM, {"qkv_bias": True, "attention_bias": False}),
+    "Qwen3ForCausalLM": Architecture(LlamaForCausalLM, {"qk_norm": True}),
+    "GemmaForCausalLM": Architecture(GemmaForCausalLM),
+    "Gemma2ForCausalLM": Architecture(GemmaForCausalLM, {"sandwich_norms": True}),
+    "Gemma3ForCausalLM": Architecture(GemmaForCausalLM, {"sandwich_norms": True, "qk_norm": True}),
 }
 
 

@@ -1,0 +1,85 @@
+"""Tiny random checkpoints of every family, built by transformers from configs shaped like real ones.
+
+Each entry keeps the flags of a real checkpoint (fused projections, windows, soft-caps, rotary
+fractions) at tiny sizes. Windows are 8 tokens, so the 12-token prompts of the tests outgrow them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 320
+WINDOW = 8
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+_GQA = dict(_COMMON, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
+
+# family -> (transformers config class, its keyword arguments)
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    # Qwen3-8B-like: explicit head_dim != hidden/heads; the second layer slides (max_window_layers=1)
+    "qwen3": (
+        "Qwen3Config",
+        dict(_GQA, head_dim=32, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),
+    # Phi-3-mini-4k-like: window; Phi-4-mini-like partial rotary
+    "phi3": (
+        "Phi3Config",
+        dict(
+            _GQA,
+            sliding_window=WINDOW,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+    ),
+    # Gemma-2B-like: multi-query, head_dim != hidden/heads
+    "gemma": ("GemmaConfig", dict(_GQA, num_key_value_heads=1, head_dim=32)),
+    # Gemma-2-2B-like, with caps small enough to bite on random weights
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            _GQA,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=0.3,
+        ),
+    ),
+    # Gemma-3-4B-like: local/global layers, linear RoPE scaling on the global ones only
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            _GQA,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+        ),
+    ),
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random transformers model of `family`, float32, eval mode."""
+    import transformers
+
+    class_name, kwargs = TINY[family]
+    config = getattr(transformers, class_name)(**kwargs)
+    config.initializer_range = 0.1  # larger than the default 0.02 so every term moves the logits
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def save_tiny(family: str, directory: Path) -> torch.nn.Module:
+    """Save `family`'s tiny model to `directory` (safetensors + config.json) and return it."""
+    model = tiny_hf_model(family)
+    model.save_pretrained(directory)
+    return model
