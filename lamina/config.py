@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from lamina.errors import CheckpointError
 
@@ -33,10 +33,16 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None
 
+    # A family's own spellings of these fields in its config.json (GPT-2's `n_embd` -> `hidden_size`).
+    hf_aliases: ClassVar[dict[str, str]] = {}
+
     @classmethod
     def from_hf_dict(cls: type[ConfigT], hf: dict[str, Any], **overrides: Any) -> ConfigT:
         """Build from a `config.json` dict; unknown keys are dropped, `overrides` win over `hf`."""
         values = _normalize(hf)
+        for alias, name in cls.hf_aliases.items():
+            if values.get(alias) is not None:
+                values.setdefault(name, values[alias])
         values.update(overrides)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known and v is not None}

@@ -46,8 +46,9 @@ def load_weights(
     sanitize = getattr(model, "sanitize", lambda _name, tensor: tensor)
     unexpected = []
     filled: set[str] = set()
+    prefix = getattr(model, "base_model_prefix", "")
     for name in checkpoint.tensor_names():
-        target = name if name in params else tied_aliases.get(name)
+        target = parameter_name(name, params, tied_aliases, prefix)
         if target is None:
             if not any(p.search(name) for p in ignored):
                 unexpected.append(name)
@@ -79,6 +80,19 @@ def load_weights(
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def parameter_name(
+    name: str, params: dict[str, nn.Parameter], aliases: dict[str, str], prefix: str
+) -> str | None:
+    """The model parameter a checkpoint tensor fills: its own name, a tied alias, or the name
+    with the base model's prefix that some checkpoints leave out (None: not a parameter)."""
+    for candidate in (name, f"{prefix}.{name}" if prefix else name):
+        if candidate in params:
+            return candidate
+        if candidate in aliases:
+            return aliases[candidate]
+    return None
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -25,6 +25,9 @@ class CausalLM(nn.Module):
     config_class: type[ModelConfig]
     no_split_modules: tuple[str, ...] = ()
     ignored_checkpoint_keys: tuple[str, ...] = ()
+    # Some checkpoints name tensors without the base model's prefix (GPT-2's `h.0...` for
+    # `transformer.h.0...`, OPT's `decoder...` for `model.decoder...`); the loader adds it back.
+    base_model_prefix: str = "model"
     config: ModelConfig
 
     def input_embeddings(self) -> nn.Embedding:

@@ -123,6 +123,16 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[B, T, H*D] -> [B, T, H, D] -> [B, H, T, D]."""
+    return x.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H, D] -> [B, T, H*D]."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by cos/sin [T, R] in HF's half-split layout.
 

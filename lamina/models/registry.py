@@ -14,7 +14,11 @@ from torch import nn
 from lamina.config import ModelConfig
 from lamina.errors import UnsupportedModelError
 from lamina.models.gemma import GemmaForCausalLM
+from lamina.models.gpt2 import GPT2LMHeadModel
+from lamina.models.gpt_neox import GPTNeoXForCausalLM
 from lamina.models.llama import LlamaForCausalLM
+from lamina.models.phi import PhiForCausalLM
+from lamina.models.phi3 import Phi3ForCausalLM
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "GemmaForCausalLM": Architecture(GemmaForCausalLM),
     "Gemma2ForCausalLM": Architecture(GemmaForCausalLM, {"sandwich_norms": True}),
     "Gemma3ForCausalLM": Architecture(GemmaForCausalLM, {"sandwich_norms": True, "qk_norm": True}),
+    "Phi3ForCausalLM": Architecture(Phi3ForCausalLM),
+    "PhiForCausalLM": Architecture(PhiForCausalLM),
+    "GPT2LMHeadModel": Architecture(GPT2LMHeadModel),
+    "GPTNeoXForCausalLM": Architecture(GPTNeoXForCausalLM),
 }
 
 

@@ -64,6 +64,33 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             },
         ),
     ),
+    # GPT-2-small-like (Conv1D weights, learned positions, tied head)
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    # Pythia-like: parallel residual, rotary on a quarter of each head
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            _COMMON,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        ),
+    ),
+    # StableLM-base-alpha-like: sequential residual, untied
+    "gpt_neox_seq": (
+        "GPTNeoXConfig",
+        dict(_COMMON, intermediate_size=128, max_position_embeddings=256, use_parallel_residual=False),
+    ),
+    # Phi-2-like: parallel attention/MLP, rotary on 40% of each head
+    "phi": (
+        "PhiConfig",
+        dict(
+            _COMMON,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4},
+        ),
+    ),
 }
 
 
