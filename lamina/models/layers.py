@@ -254,7 +254,7 @@ def cached_attend(
     *,
     scale: float | None = None,
     softcap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi: ALiBi | None = None,
 ) -> torch.Tensor:
     """Write k/v [B, Hkv, T, D] to the cache (if any), then attend: q [B, H, T, D] -> [B, H, T, D].
 
@@ -263,11 +263,12 @@ def cached_attend(
     """
     if cache is not None:
         k, v = cache.update(layer_idx, start_pos, k, v)
-    if softcap is None and alibi_slopes is None:
+    if softcap is None and alibi is None:
         if scale is not None:
             q = q * (scale * math.sqrt(q.shape[-1]))  # SDPA divides by sqrt(D) itself
         return attend(q, k, v, start_pos, window)
-    return attend_eager(q, k, v, start_pos, window, scale, softcap, alibi_slopes)
+    bias = alibi(k.shape[2], q.device, q.dtype) if alibi is not None else None
+    return attend_eager(q, k, v, start_pos, window, scale, softcap, bias)
 
 
 def attend_eager(
@@ -278,13 +279,9 @@ def attend_eager(
     window: int | None,
     scale: float | None = None,
     softcap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`attend` with the scores materialized: softcap * tanh(s / softcap), plus slope * key position.
-
-    ALiBi's bias is slope[h] * key_position; softmax ignores the per-query constant that
-    BLOOM's `slope * (key - query)` form would add, so both give the same weights.
-    """
+    """`attend` with the scores materialized: capped to softcap * tanh(s / softcap), plus `bias` [H, 1, L]."""
     heads, seq, dim = q.shape[1], q.shape[2], q.shape[3]
     kv_len = k.shape[2]
     group = heads // k.shape[1]
@@ -295,8 +292,8 @@ def attend_eager(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     k_pos = torch.arange(kv_len, device=q.device)
-    if alibi_slopes is not None:
-        scores = scores + alibi_slopes.to(scores)[:, None, None] * k_pos.to(scores)  # [H, 1, L] bias
+    if bias is not None:
+        scores = scores + bias
     q_pos = torch.arange(start_pos, start_pos + seq, device=q.device)[:, None]  # [T, 1]
     mask = k_pos[None, :] <= q_pos
     if window is not None:
@@ -305,15 +302,36 @@ def attend_eager(
     return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
+class ALiBi:
+    """ALiBi's attention bias: slope[h] * key position, [H, 1, L], added to the scaled scores.
+
+    Softmax ignores the per-query constant that the `slope * (key - query)` form adds, so key
+    positions alone give the same weights. `scale` multiplies the bias (Falcon adds it before the
+    1/sqrt(D) scaling); `bf16_products` rounds slopes and products to bfloat16 as Falcon's
+    reference does, which its checkpoints were trained with.
+    """
+
+    def __init__(self, num_heads: int, scale: float = 1.0, bf16_products: bool = False) -> None:
+        self.num_heads, self.scale, self.bf16_products = num_heads, scale, bf16_products
+
+    def __call__(self, kv_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        positions = torch.arange(kv_len, device=device)
+        slopes = alibi_slopes(self.num_heads).to(device)  # computed here: models are built on "meta"
+        if self.bf16_products:
+            slopes = slopes.bfloat16()
+        bias = (slopes[:, None] * positions[None, :]).to(dtype)  # [H, L]
+        return (bias * self.scale)[:, None, :]  # [H, 1, L]
+
+
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi's per-head slopes [H]: a geometric sequence, interleaved extras when H is not a power of 2."""
     closest = 2 ** math.floor(math.log2(num_heads))
     base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
-    slopes = base ** torch.arange(1, 1 + closest, dtype=torch.float32)
+    slopes = base ** torch.arange(1, 1 + closest, dtype=torch.float32, device="cpu")
     if closest != num_heads:
         extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
         remaining = min(closest, num_heads - closest)
-        extra = extra_base ** torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.float32)
+        extra = extra_base ** torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.float32, device="cpu")
         slopes = torch.cat([slopes, extra])
     return slopes
 

@@ -13,10 +13,13 @@ from torch import nn
 
 from lamina.config import ModelConfig
 from lamina.errors import UnsupportedModelError
+from lamina.models.bloom import BloomForCausalLM
+from lamina.models.falcon import FalconForCausalLM
 from lamina.models.gemma import GemmaForCausalLM
 from lamina.models.gpt2 import GPT2LMHeadModel
 from lamina.models.gpt_neox import GPTNeoXForCausalLM
 from lamina.models.llama import LlamaForCausalLM
+from lamina.models.opt import OPTForCausalLM
 from lamina.models.phi import PhiForCausalLM
 from lamina.models.phi3 import Phi3ForCausalLM
 
@@ -39,6 +42,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "PhiForCausalLM": Architecture(PhiForCausalLM),
     "GPT2LMHeadModel": Architecture(GPT2LMHeadModel),
     "GPTNeoXForCausalLM": Architecture(GPTNeoXForCausalLM),
+    "FalconForCausalLM": Architecture(FalconForCausalLM),
+    "BloomForCausalLM": Architecture(BloomForCausalLM),
+    "OPTForCausalLM": Architecture(OPTForCausalLM),
 }
 
 

@@ -91,6 +91,41 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4},
         ),
     ),
+    # Falcon-7B-like: multi-query, one norm shared by the parallel branches
+    "falcon7b": ("FalconConfig", dict(_COMMON, max_position_embeddings=256)),
+    # Falcon-40B-like "new decoder architecture": grouped KV heads, ln_attn + ln_mlp
+    "falcon40b": (
+        "FalconConfig",
+        dict(_COMMON, max_position_embeddings=256, new_decoder_architecture=True, num_kv_heads=2),
+    ),
+    # Falcon-RW-like: ALiBi, sequential blocks, per-head fused qkv, biases
+    "falcon_alibi": (
+        "FalconConfig",
+        dict(
+            _COMMON,
+            max_position_embeddings=256,
+            alibi=True,
+            multi_query=False,
+            parallel_attn=False,
+            bias=True,
+        ),
+    ),
+    # BLOOM-560m-like: ALiBi with a head count that is not a power of two
+    "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=72, n_layer=2, n_head=6)),
+    # OPT-125m-like: pre-norm, tied head
+    "opt": ("OPTConfig", dict(_COMMON, ffn_dim=128, max_position_embeddings=256, pad_token_id=1)),
+    # OPT-350m-like: post-norm, project_in/out around a wider decoder
+    "opt350m": (
+        "OPTConfig",
+        dict(
+            _COMMON,
+            ffn_dim=128,
+            max_position_embeddings=256,
+            pad_token_id=1,
+            do_layer_norm_before=False,
+            word_embed_proj_dim=32,
+        ),
+    ),
 }
 
 
