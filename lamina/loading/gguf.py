@@ -2,7 +2,7 @@
 
 The metadata becomes an HF-style config dict and llama.cpp's tensor names become HF parameter
 names, so the rest of Lamina treats a GGUF like any other checkpoint. `read` dequantizes one tensor
-to float32 and undoes the row permutation llama.cpp's converter applies to Llama q/k projections.
+to float32 and undoes what llama.cpp's converter changed (see `GGUFArchitecture.to_hf_layout`).
 `read_raw` returns the stored blocks for code that keeps weights quantized.
 """
 
@@ -17,12 +17,7 @@ import torch
 
 from lamina.errors import CheckpointError, UnsupportedModelError
 from lamina.loading.checkpoint import Checkpoint
-from lamina.loading.gguf_names import (
-    GGUF_ARCHITECTURES,
-    hf_config_from_gguf,
-    hf_tensor_name,
-    unpermute_qk_rows,
-)
+from lamina.loading.gguf_names import GGUF_ARCHITECTURES, hf_config_from_gguf
 
 
 @dataclass(frozen=True)
@@ -53,17 +48,15 @@ class GGUFCheckpoint(Checkpoint):
                 f"GGUF architecture {arch!r} in {path.name} is not supported; supported: {supported}"
             )
         self.architecture = arch
-        hf_arch, self._permute_qk = GGUF_ARCHITECTURES[arch]
-        self._tensors = {hf_tensor_name(t.name): t for t in self.reader.tensors}
-        self.config = hf_config_from_gguf(
-            self.metadata, arch, hf_arch, tied="lm_head.weight" not in self._tensors
-        )
+        self.spec = GGUF_ARCHITECTURES[arch]
+        self._tensors = {self.spec.hf_tensor_name(t.name): t for t in self.reader.tensors}
+        self.config = hf_config_from_gguf(self.metadata, arch, tied="lm_head.weight" not in self._tensors)
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
     def read_raw(self, name: str) -> RawTensor:
-        """The stored blocks of one tensor (no dequantization, no q/k un-permutation)."""
+        """The stored blocks of one tensor (no dequantization, no layout fixes: see GGUFArchitecture)."""
         t = self._tensor(name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         return RawTensor(t.tensor_type.name, shape, t.data)
@@ -83,11 +76,7 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(
                 f"cannot dequantize {name} ({raw.ggml_type}) from {self.path.name}: {exc}"
             ) from None
-        tensor = tensor.reshape(raw.shape)
-        if self._permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
-            tensor = unpermute_qk_rows(tensor, heads)
-        return tensor
+        return self.spec.to_hf_layout(name, tensor.reshape(raw.shape), self.config)
 
     def close(self) -> None:
         self._tensors.clear()

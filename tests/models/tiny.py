@@ -129,12 +129,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def tiny_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A random transformers model of `family`, float32, eval mode."""
+def tiny_hf_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A random transformers model of `family` (config keys in `overrides` replaced), float32, eval mode."""
     import transformers
 
     class_name, kwargs = TINY[family]
-    config = getattr(transformers, class_name)(**kwargs)
+    config = getattr(transformers, class_name)(**{**kwargs, **overrides})
     config.initializer_range = 0.1  # larger than the default 0.02 so every term moves the logits
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).float().eval()
