@@ -2,7 +2,8 @@
 
 GGUF stores the vocabulary, merges and token types under `tokenizer.ggml.*`. For byte-level BPE
 (`tokenizer.ggml.model == "gpt2"`) this builds the same BPE model, pre-tokenizer split and decoder
-that transformers' GGUF conversion builds, so both give the same ids for the same text.
+that transformers' GGUF conversion builds, so both give the same ids for the same text; for
+SentencePiece-style vocabularies (`"llama"`) see `gguf_sentencepiece`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lamina.errors import UnsupportedModelError
+from lamina.loading.gguf_sentencepiece import sentencepiece_from_gguf
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -38,12 +40,14 @@ PRE_TOKENIZER_SPLITS = {
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     """The backend tokenizer a GGUF file's metadata describes (special tokens registered)."""
     kind = metadata.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _with_special_tokens(sentencepiece_from_gguf(metadata), metadata, byte_level=False)
     if kind != "gpt2":
         raise UnsupportedModelError(
-            f"GGUF tokenizer type {kind!r} is not supported yet; supported: gpt2 (byte-level BPE)"
+            f"GGUF tokenizer type {kind!r} is not supported; supported: gpt2 (byte-level BPE), "
+            "llama (SentencePiece BPE with scores)"
         )
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     tokenizer = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [])
     split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre", ""))
     if split is not None:
@@ -53,12 +57,19 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
+    return _with_special_tokens(tokenizer, metadata, byte_level=True)
+
+
+def _with_special_tokens(tokenizer: Tokenizer, metadata: dict[str, Any], byte_level: bool) -> Tokenizer:
+    """Register control tokens as special and user-defined ones as added; add BOS if the file asks."""
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     # A control token spelled outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     control = [
         AddedToken(t, normalized=False, special=True)
         for t, kind in zip(tokens, token_types, strict=True)
-        if kind == CONTROL and set(t) <= alphabet
+        if kind == CONTROL and (not byte_level or set(t) <= alphabet)
     ]
     tokenizer.add_special_tokens(control)
     tokenizer.add_tokens(
@@ -68,10 +79,9 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
             if kind == USER_DEFINED
         ]
     )
-    if (
-        metadata.get("tokenizer.ggml.add_bos_token")
-        and metadata.get("tokenizer.ggml.bos_token_id") is not None
-    ):
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", not byte_level)
+    if add_bos and metadata.get("tokenizer.ggml.bos_token_id") is not None:
         bos = tokens[metadata["tokenizer.ggml.bos_token_id"]]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
