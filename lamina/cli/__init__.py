@@ -12,7 +12,7 @@ import sys
 
 from lamina.errors import LaminaError
 
-SUBCOMMANDS = ("generate", "chat")
+SUBCOMMANDS = ("generate", "chat", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

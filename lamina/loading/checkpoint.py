@@ -32,6 +32,10 @@ class Checkpoint(ABC):
         """One tensor on the CPU, in its stored dtype (GGUF blocks are dequantized to float32)."""
 
     @abstractmethod
+    def stored_type(self, name: str) -> str:
+        """How a tensor is stored, without reading it: a dtype ("F32", "BF16") or a GGML type ("Q4_1")."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release file handles and maps; reading afterwards is an error."""
 

@@ -61,6 +61,9 @@ class GGUFCheckpoint(Checkpoint):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         return RawTensor(t.tensor_type.name, shape, t.data)
 
+    def stored_type(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
     def read(self, name: str) -> torch.Tensor:
         raw = self.read_raw(name)
         try:

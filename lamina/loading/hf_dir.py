@@ -50,6 +50,15 @@ class HFDirectoryCheckpoint(Checkpoint):
         except (SafetensorError, KeyError, RuntimeError, OSError) as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}") from None
 
+    def stored_type(self, name: str) -> str:
+        file = self.file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        handle = self._open(file)
+        if file.suffix == ".safetensors":
+            return handle.get_slice(name).get_dtype()
+        return str(handle[name].dtype).removeprefix("torch.").upper()  # mmap'd: no data read
+
     def _open(self, file: Path) -> Any:
         if file not in self._handles:
             self._handles[file] = _open_weights_file(file)

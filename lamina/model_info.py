@@ -1,0 +1,139 @@
+"""What a checkpoint holds and what running it costs, without loading its weights.
+
+The model is built on the meta device (shapes only) and the checkpoint is asked how each tensor is
+stored, so describing a 70B model takes as long as reading its headers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lamina.loading.checkpoint import Checkpoint, open_checkpoint
+from lamina.loading.loader import build_empty
+
+# Bytes per weight of the formats a model can run in; int8/int4 quantize the decoder layers'
+# nn.Linear weights (one scale per output row / per group of 128), everything else stays 16-bit.
+RUN_FORMATS = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 2 / 64, "int4": 0.5 + 2 / 128}
+GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
+
+
+@dataclass
+class ModelInfo:
+    source: Path
+    architecture: str
+    family: str  # the Lamina model class that runs it
+    parameters: int
+    linear_parameters: int  # in the decoder layers' nn.Linear weights: what quantization shrinks
+    stored_types: dict[str, int]  # storage type -> number of parameters stored that way
+    stored_bytes: int
+    quantization: str | None  # a quantization method the HF config declares
+    context_length: int
+    kv_bytes_per_token: dict[str, int]  # KV cache dtype -> bytes per token, all layers
+    tokenizer: str
+    chat_template: bool
+    layers: int
+    layer_parameters: int  # the largest decoder layer: the unit placement streams between tiers
+    layer_linear_parameters: int
+
+    def weight_bytes(self, run_format: str) -> int:
+        """Estimated bytes of all weights when run in `run_format` (a key of RUN_FORMATS)."""
+        return _bytes(self.linear_parameters, self.parameters - self.linear_parameters, run_format)
+
+    def layer_bytes(self, run_format: str) -> int:
+        """Estimated bytes of the largest decoder layer when run in `run_format`."""
+        return _bytes(
+            self.layer_linear_parameters, self.layer_parameters - self.layer_linear_parameters, run_format
+        )
+
+
+def _bytes(linear: int, other: int, run_format: str) -> int:
+    if run_format in ("int8", "int4"):  # quantized linear weights, 16-bit everything else
+        return int(linear * RUN_FORMATS[run_format] + other * RUN_FORMATS["bfloat16"])
+    return int((linear + other) * RUN_FORMATS[run_format])
+
+
+def describe(path: str | Path) -> ModelInfo:
+    """A ModelInfo for an HF directory or GGUF file, read from metadata and headers only."""
+    with open_checkpoint(path) as checkpoint:
+        model, config = build_empty(checkpoint)
+        stored: Counter[str] = Counter()
+        for name in checkpoint.tensor_names():
+            if numel := _numel(model, name):
+                stored[checkpoint.stored_type(name)] += numel
+        layers = model.decoder_layers()
+        layout = model.cache_layout()
+        per_token = sum(2 * heads * dim for heads, dim in layout)
+        quant = checkpoint.config.get("quantization_config")
+        return ModelInfo(
+            source=checkpoint.path,
+            architecture=config.architecture,
+            family=type(model).__name__,
+            parameters=sum(p.numel() for p in model.parameters()),
+            linear_parameters=sum(_linear_parameters(layer) for layer in layers),
+            stored_types=dict(stored.most_common()),
+            stored_bytes=_stored_bytes(checkpoint),
+            quantization=quant.get("quant_method") if isinstance(quant, dict) else None,
+            context_length=config.max_position_embeddings,
+            kv_bytes_per_token={"float32": per_token * 4, "bfloat16": per_token * 2},
+            tokenizer=_tokenizer_kind(checkpoint),
+            chat_template=_has_chat_template(checkpoint),
+            layers=len(layers),
+            layer_parameters=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+            layer_linear_parameters=max(_linear_parameters(layer) for layer in layers),
+        )
+
+
+def _linear_parameters(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _numel(model: nn.Module, name: str) -> int:
+    """Elements of a checkpoint tensor, from the model's meta parameter of that name (0: not a parameter)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (name, f"{prefix}.{name}"):
+        try:
+            return model.get_parameter(candidate).numel()
+        except AttributeError:
+            continue
+    return 0
+
+
+def _stored_bytes(checkpoint: Checkpoint) -> int:
+    from lamina.loading.gguf import GGUFCheckpoint
+
+    if isinstance(checkpoint, GGUFCheckpoint):
+        return checkpoint.path.stat().st_size
+    return sum(f.stat().st_size for f in checkpoint.files())
+
+
+def _tokenizer_kind(checkpoint: Checkpoint) -> str:
+    from lamina.loading.gguf import GGUFCheckpoint
+
+    if isinstance(checkpoint, GGUFCheckpoint):
+        kind = checkpoint.metadata.get("tokenizer.ggml.model")
+        return GGUF_TOKENIZERS.get(kind, f"unsupported ({kind})")
+    file = checkpoint.path / "tokenizer.json"
+    if not file.is_file():
+        return "none (no tokenizer.json)"
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    model_type = (spec.get("model") or {}).get("type", "?")
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    return f"{'byte-level ' if byte_level else ''}{model_type} (tokenizer.json)"
+
+
+def _has_chat_template(checkpoint: Checkpoint) -> bool:
+    from lamina.loading.gguf import GGUFCheckpoint
+
+    if isinstance(checkpoint, GGUFCheckpoint):
+        return bool(checkpoint.metadata.get("tokenizer.chat_template"))
+    if (checkpoint.path / "chat_template.jinja").is_file():
+        return True
+    config_file = checkpoint.path / "tokenizer_config.json"
+    return config_file.is_file() and bool(
+        json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    )

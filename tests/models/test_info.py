@@ -1,0 +1,47 @@
+"""`lamina info` describes a checkpoint from its metadata, without reading a weight."""
+
+from __future__ import annotations
+
+import pytest
+
+from lamina.cli import main
+from lamina.loading.gguf import GGUFCheckpoint
+from lamina.loading.hf_dir import HFDirectoryCheckpoint
+from tests.models.gguf_writer import write_gguf
+from tests.models.tiny import VOCAB, save_tiny, tiny_hf_model
+
+
+@pytest.fixture(autouse=True)
+def no_weight_reads(monkeypatch):
+    def refuse(self, name):
+        raise AssertionError(f"lamina info read tensor {name}")
+
+    monkeypatch.setattr(HFDirectoryCheckpoint, "read", refuse)
+    monkeypatch.setattr(GGUFCheckpoint, "read", refuse)
+
+
+def test_info_on_hf_directory(tmp_path, capsys):
+    reference = save_tiny("gpt2", tmp_path)
+    assert main(["info", str(tmp_path), "--context", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in out and "2 layers" in out
+    assert f"({reference.num_parameters():,})" in out
+    assert "F32 100%" in out and "context length: 256" in out
+    assert "chat template:  no" in out and "tokenizer:      none" in out
+    # KV cache: 2 layers x (k + v) x 64 features x 4 bytes x 100 tokens = 100 KiB in float32
+    float32_row = next(line for line in out.splitlines() if line.strip().startswith("float32"))
+    assert "100.0 KiB" in float32_row
+
+
+def test_info_on_gguf(tmp_path, capsys):
+    path = write_gguf(tiny_hf_model("gemma"), "gemma", tmp_path / "g.gguf", VOCAB)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "GemmaForCausalLM" in out and "F16" in out and "F32" in out
+    assert "tokenizer:      byte-level BPE" in out
+
+
+def test_bad_context_is_an_error(tmp_path, capsys):
+    save_tiny("gpt2", tmp_path)
+    assert main(["info", str(tmp_path), "--context", "0"]) == 2
+    assert "--context must be >= 1" in capsys.readouterr().err
