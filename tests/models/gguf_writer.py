@@ -24,6 +24,15 @@ def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
+def f16_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its matrices rounded to float16 and back, as `write_gguf` stores them."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "norm" not in name:
+                param.copy_(param.half().float())
+    return model
+
+
 def write_hparams(writer, arch: str, cfg) -> None:
     """The `{arch}.*` keys llama.cpp's converter writes for these tiny configs."""
     writer.add_block_count(cfg.num_hidden_layers)
@@ -50,8 +59,18 @@ def write_hparams(writer, arch: str, cfg) -> None:
         writer.add_value_length(head_dim)
 
 
-def write_gguf(model: torch.nn.Module, arch: str, path: Path, vocab_size: int) -> Path:
-    """`model`'s weights and config as a llama.cpp-style GGUF of architecture `arch`."""
+def write_gguf(
+    model: torch.nn.Module,
+    arch: str,
+    path: Path,
+    vocab_size: int,
+    spm: tuple[list[str], list[float], list[int]] | None = None,
+) -> Path:
+    """`model`'s weights and config as a llama.cpp-style GGUF of architecture `arch`.
+
+    The vocabulary is `vocab_size` placeholder tokens, or `spm`'s (tokens, scores, token types)
+    as a SentencePiece-style ("llama") tokenizer with BOS 1 and EOS 2.
+    """
     import gguf
 
     cfg = model.config
@@ -59,8 +78,17 @@ def write_gguf(model: torch.nn.Module, arch: str, path: Path, vocab_size: int) -
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)
     write_hparams(writer, arch, cfg)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"<t{i}>" for i in range(vocab_size)])
+    if spm is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"<t{i}>" for i in range(vocab_size)])
+    else:
+        tokens, scores, types = spm
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
     state = model.state_dict()
     tied = cfg.tie_word_embeddings
     for hf_name, tensor in state.items():

@@ -11,22 +11,13 @@ import torch
 
 from lamina.errors import CheckpointError
 from lamina.loading.checkpoint import open_checkpoint
-from tests.models.gguf_writer import write_gguf
+from tests.models.gguf_writer import f16_rounded, write_gguf
 from tests.models.test_parity import load_lamina
 from tests.models.tiny import VOCAB, tiny_hf_model
 
 GGUF_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma", "gpt2": "gpt2"}
 # llama.cpp's qwen3 has no sliding window; real Qwen3 checkpoints switch it off too.
 OVERRIDES = {"qwen3": {"use_sliding_window": False}}
-
-
-def f16_rounded(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with its matrices rounded to float16 and back, as the GGUF stores them."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "norm" not in name:
-                param.copy_(param.half().float())
-    return model
 
 
 @pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
