@@ -14,6 +14,7 @@ from lamina.config import ModelConfig
 from lamina.default_model import default_model_path
 from lamina.engine.generate import GenerationStats, generate_tokens
 from lamina.engine.sampling import SamplingParams
+from lamina.engine.seq2seq import generate_seq2seq_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
 from lamina.errors import InvalidArgumentError
 from lamina.loading.chat_template import Message
@@ -117,9 +118,10 @@ class LLM:
         self.last_stats = GenerationStats()
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop)
-        tokens = generate_tokens(
-            self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats
+        loop = (
+            generate_seq2seq_tokens if getattr(self.model, "is_encoder_decoder", False) else generate_tokens
         )
+        tokens = loop(self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats)
         try:
             for token in tokens:
                 if token in self.stop_ids:

@@ -22,6 +22,7 @@ from lamina.models.llama import LlamaForCausalLM
 from lamina.models.opt import OPTForCausalLM
 from lamina.models.phi import PhiForCausalLM
 from lamina.models.phi3 import Phi3ForCausalLM
+from lamina.models.t5 import T5ForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "FalconForCausalLM": Architecture(FalconForCausalLM),
     "BloomForCausalLM": Architecture(BloomForCausalLM),
     "OPTForCausalLM": Architecture(OPTForCausalLM),
+    "T5ForConditionalGeneration": Architecture(T5ForConditionalGeneration),
 }
 
 
