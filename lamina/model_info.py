@@ -16,7 +16,7 @@ from torch import nn
 from lamina.loading.checkpoint import Checkpoint, open_checkpoint
 from lamina.loading.loader import build_empty
 
-# Bytes per weight of the formats a model can run in; int8/int4 quantize the decoder layers'
+# Bytes per weight of the formats a model can run in; int8/int4 quantize the layers'
 # nn.Linear weights (one scale per output row / per group of 128), everything else stays 16-bit.
 RUN_FORMATS = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 2 / 64, "int4": 0.5 + 2 / 128}
 GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
@@ -28,7 +28,7 @@ class ModelInfo:
     architecture: str
     family: str  # the Lamina model class that runs it
     parameters: int
-    linear_parameters: int  # in the decoder layers' nn.Linear weights: what quantization shrinks
+    linear_parameters: int  # in the layers' nn.Linear weights: what quantization shrinks
     stored_types: dict[str, int]  # storage type -> number of parameters stored that way
     stored_bytes: int
     quantization: str | None  # a quantization method the HF config declares
@@ -65,7 +65,8 @@ def describe(path: str | Path) -> ModelInfo:
         for name in checkpoint.tensor_names():
             if numel := _numel(model, name):
                 stored[checkpoint.stored_type(name)] += numel
-        layers = model.decoder_layers()
+        # the blocks placement keeps whole: decoder layers, and a T5's encoder blocks too
+        layers = [m for m in model.modules() if type(m).__name__ in model.no_split_modules]
         layout = model.cache_layout()
         per_token = sum(2 * heads * dim for heads, dim in layout)
         quant = checkpoint.config.get("quantization_config")
