@@ -1,8 +1,10 @@
 """Build a model from a checkpoint: skeleton on the meta device, then weights tensor by tensor.
 
 Peak memory stays near the size of the weights: each tensor is read from its (memory-mapped) file,
-converted to the target dtype and device, and assigned in place of the meta parameter; nothing
-holds a second copy. Every parameter must be filled and every checkpoint tensor used (or listed
+put in the model's layout by `model.sanitize` (GPT-2's Conv1D weights are transposed), converted to
+the target dtype and device, and assigned in place of the meta parameter; nothing holds a second
+copy. Names may lack the base model's prefix (`h.0...` for `transformer.h.0...`), as older Hub
+checkpoints store them. Every parameter must be filled and every checkpoint tensor used (or listed
 as ignorable by the model), otherwise loading fails and names what is wrong.
 """
 
