@@ -1,0 +1,107 @@
+"""The one interface every quantization scheme implements.
+
+A `QuantizedLinear` replaces an `nn.Linear` (same `in_features` / `out_features` / optional bias,
+same `forward(x) -> y`). Each scheme holds its weights in its own runtime layout and knows how to:
+
+- build itself from a float linear (`from_float`),
+- export its tensors in a portable, device-independent form (`export_tensors`) and rebuild itself
+  from them plus a JSON-able scheme description (`from_tensors`, `scheme_config`),
+- give back a float weight (`dequantize`) for tests, GPTQ, and slow fallbacks,
+- report its resident weight bytes (`weight_bytes`).
+
+Saving goes through `export_tensors` rather than `state_dict` because some runtime layouts are
+kernel- and device-specific (the CPU int4 kernel packs nibbles in an ISA-dependent order); the
+exported form is the same on every machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lamina.errors import CheckpointError, InvalidArgumentError
+
+
+class QuantizedLinear(nn.Module):
+    """Base class: a linear layer whose weight is stored quantized."""
+
+    #: Scheme name as written in the scheme file and accepted by `--quantize`.
+    method: ClassVar[str]
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **opts: Any) -> QuantizedLinear:
+        """Quantize a float `nn.Linear` into this scheme."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(
+        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> QuantizedLinear:
+        """Rebuild a layer from `export_tensors()` output and its `scheme_config()`."""
+        raise NotImplementedError
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Portable tensors (CPU, device-independent layout) that `from_tensors` accepts."""
+        raise NotImplementedError
+
+    def scheme_config(self) -> dict[str, Any]:
+        """JSON-able description of the scheme and its options, e.g. {"method": "int4", "group_size": 128}."""
+        return {"method": self.method}
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features] this layer represents."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor this layer keeps resident (quantized weight, scales, bias)."""
+        return sum(t.numel() * t.element_size() for t in self._resident_tensors())
+
+    def _resident_tensors(self) -> list[torch.Tensor]:
+        return [*self.buffers(), *self.parameters()]
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.scheme_config().items() if k != "method")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {opts}".rstrip(", ")
+
+
+def require_tensors(
+    tensors: dict[str, torch.Tensor], names: tuple[str, ...], where: str
+) -> list[torch.Tensor]:
+    """Fetch the named tensors or raise a `CheckpointError` naming what is missing."""
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"quantized layer {where} lacks tensors {missing}; the checkpoint is incomplete, re-run `lamina quantize`"
+        )
+    return [tensors[n] for n in names]
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str) -> None:
+    """Raise a `CheckpointError` when a stored tensor's shape disagrees with the scheme file."""
+    if tuple(t.shape) != shape:
+        raise CheckpointError(
+            f"quantized layer {where}: tensor {name} has shape {tuple(t.shape)}, the scheme file implies {shape}; "
+            "the checkpoint and its quant_config.json do not match, re-run `lamina quantize`"
+        )
+
+
+def check_group_size(in_features: int, group_size: int, allowed: tuple[int, ...], where: str) -> None:
+    """Validate a group size for a layer, naming the layer in the error."""
+    if group_size not in allowed:
+        raise InvalidArgumentError(f"group size {group_size} is not supported; use one of {list(allowed)}")
+    if in_features % group_size:
+        raise InvalidArgumentError(
+            f"group size {group_size} does not divide in_features={in_features} of layer {where}; "
+            f"pick a group size that divides it or leave that layer float"
+        )

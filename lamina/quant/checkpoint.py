@@ -1,0 +1,154 @@
+"""Save a quantized model as safetensors + a JSON scheme file, and load it back.
+
+Directory layout written by `save_quantized`:
+- `model.safetensors`: float parameters under their HF names, and each quantized layer's portable
+  tensors as `{layer}.{tensor}` (e.g. `model.layers.0.mlp.up_proj.qweight`);
+- `quant_config.json` (the scheme file): {"format": "lamina-quant", "version": 1, "method": ...,
+  "group_size": ..., "layers": {layer: {"method", "in_features", "out_features", options...}}};
+- `config.json`: the HF model config, when given.
+
+Loading checks the scheme file against the tensors: a missing scheme file next to quantized tensors,
+an unknown method, a layer without its tensors, a tensor shape that disagrees, or quantized tensors
+no layer claims are all `CheckpointError`s that say what to do. Tensors are read with safetensors
+(no pickle) through a memory map, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lamina.errors import CheckpointError
+from lamina.quant.apply import LAYER_CLASSES, _set_submodule, quantized_layers
+
+SCHEME_FILE = "quant_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT, VERSION = "lamina-quant", 1
+
+
+def save_quantized(
+    model: nn.Module, out_dir: str | Path, method: str, config: dict[str, Any] | None = None, **options: Any
+) -> Path:
+    """Write `model` (with quantized layers) to `out_dir`; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = quantized_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    scheme_layers: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        for tname, t in layer.export_tensors().items():
+            tensors[f"{name}.{tname}"] = t.contiguous()
+        scheme_layers[name] = {
+            **layer.scheme_config(),
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+        }
+    seen: set[int] = set()
+    for pname, p in model.named_parameters(remove_duplicate=True):  # tied weights are saved once
+        owner = pname.rpartition(".")[0]
+        if owner not in layers and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            tensors[pname] = p.detach().cpu().contiguous()
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    scheme = {"format": FORMAT, "version": VERSION, "method": method, **options, "layers": scheme_layers}
+    (out / SCHEME_FILE).write_text(json.dumps(scheme, indent=1), encoding="utf-8")
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return out
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory written by `save_quantized` (it has the scheme file)."""
+    return (Path(path) / SCHEME_FILE).is_file()
+
+
+def read_scheme(directory: str | Path) -> dict[str, Any]:
+    """The validated scheme file of a quantized checkpoint directory."""
+    path = Path(directory) / SCHEME_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {SCHEME_FILE}; it is not a Lamina quantized checkpoint "
+            "(write one with `lamina quantize MODEL --out DIR`)"
+        )
+    try:
+        scheme = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; re-run `lamina quantize`") from None
+    if (
+        not isinstance(scheme, dict)
+        or scheme.get("format") != FORMAT
+        or not isinstance(scheme.get("layers"), dict)
+    ):
+        raise CheckpointError(
+            f"{path} is not a {FORMAT} scheme file (no 'format' or 'layers'); re-run `lamina quantize`"
+        )
+    if scheme.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has scheme version {scheme.get('version')}, this Lamina reads {VERSION}"
+        )
+    for name, entry in scheme["layers"].items():
+        if not isinstance(entry, dict) or entry.get("method") not in LAYER_CLASSES:
+            method = entry.get("method") if isinstance(entry, dict) else entry
+            raise CheckpointError(
+                f"{path}: layer {name} has unknown method {method!r}; known: {', '.join(LAYER_CLASSES)}"
+            )
+    return scheme
+
+
+def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
+    """Fill `model` (built on the meta device or CPU) from a quantized checkpoint directory.
+
+    Quantized layers replace the model's linears; float tensors are assigned by name. Returns the
+    names filled (parameter names and quantized layer names).
+    """
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; the quantized checkpoint is incomplete")
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+        quantized_keys = any(k.endswith((".qweight", ".weight_q", ".weight_packed")) for k in keys)
+        if quantized_keys and not is_quantized_dir(directory):
+            raise CheckpointError(
+                f"{directory} holds quantized tensors but no {SCHEME_FILE}; restore that file or re-run "
+                "`lamina quantize`"
+            )
+        scheme = read_scheme(directory)
+        filled: set[str] = set()
+        for name, entry in scheme["layers"].items():
+            prefix = f"{name}."
+            names = {k[len(prefix) :] for k in keys if k.startswith(prefix) and "." not in k[len(prefix) :]}
+            tensors = {n: f.get_tensor(prefix + n) for n in names}
+            cls = LAYER_CLASSES[entry["method"]]
+            try:
+                layer = cls.from_tensors(
+                    int(entry["in_features"]), int(entry["out_features"]), {**entry, "name": name}, tensors
+                )
+            except KeyError as exc:
+                raise CheckpointError(
+                    f"{SCHEME_FILE}: layer {name} lacks field {exc}; re-run `lamina quantize`"
+                ) from None
+            try:
+                _set_submodule(model, name, layer)
+            except AttributeError:
+                raise CheckpointError(
+                    f"{SCHEME_FILE} names layer {name}, which this model does not have"
+                ) from None
+            keys -= {prefix + n for n in names}
+            filled.add(name)
+        params = dict(model.named_parameters())
+        floats = {k: f.get_tensor(k) for k in keys if k in params}
+        stray = sorted(keys - set(floats))
+        if stray:
+            raise CheckpointError(
+                f"{weights.name} has tensors the scheme file and model do not account for: {stray[:3]}; "
+                f"the checkpoint and its {SCHEME_FILE} do not match"
+            )
+    model.load_state_dict(floats, strict=False, assign=True)
+    return filled | set(floats)

@@ -1,0 +1,94 @@
+"""LLM.int8() (Dettmers et al. 2022): int8 x int8 matmul with float outlier columns.
+
+Weights: symmetric int8 with one scale per output row (as for `int8`). At run time the activation
+columns (input features) where any |x| >= threshold (default 6.0) go through a float matmul against
+those weight columns (dequantized from int8, as bitsandbytes does); every other column is quantized
+per activation row (absmax / 127) to int8, multiplied int8 x int8 -> int32 with `torch._int_mm`, and
+rescaled by row scale x column scale. Outliers are few but large; keeping them float is what keeps
+perplexity near the float model's while most of the work stays int8.
+
+CPU: `torch._int_mm` runs on CPU; this scheme is for fidelity to LLM.int8(), not speed (per call it
+quantizes x and gathers outlier columns). The weight-only `int8` scheme is the fast one on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.int8 import quantize_per_channel
+
+DEFAULT_THRESHOLD = 6.0
+
+
+class LLMInt8Linear(QuantizedLinear):
+    """LLM.int8() linear: int8 weights, mixed int8 / float activations."""
+
+    method = "llm.int8"
+
+    def __init__(
+        self, weight_q: torch.Tensor, scales: torch.Tensor, threshold: float, bias: torch.Tensor | None
+    ) -> None:
+        out_features, in_features = weight_q.shape
+        super().__init__(in_features, out_features, bias)
+        self.threshold = threshold
+        self.register_buffer("weight_q", weight_q.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD, **opts: Any
+    ) -> LLMInt8Linear:
+        q, s = quantize_per_channel(linear.weight)
+        return cls(q, s, threshold, linear.bias)
+
+    @classmethod
+    def from_tensors(
+        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LLMInt8Linear:
+        where = config.get("name", "?")
+        q, s = require_tensors(tensors, ("weight_q", "scales"), where)
+        check_shape(q, (out_features, in_features), "weight_q", where)
+        check_shape(s, (out_features,), "scales", where)
+        return cls(
+            q.to(torch.int8), s, float(config.get("threshold", DEFAULT_THRESHOLD)), tensors.get("bias")
+        )
+
+    def scheme_config(self) -> dict[str, Any]:
+        return {"method": self.method, "threshold": self.threshold}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"weight_q": self.weight_q.cpu(), "scales": self.scales.cpu()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().cpu()
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_q.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()  # [M, K]
+        outlier = (x2.abs() >= self.threshold).any(dim=0)  # [K] columns routed through float
+        x_in = x2.masked_fill(outlier, 0.0)
+        row_scale = x_in.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # [M, 1]
+        xq = torch.round(x_in / row_scale).to(torch.int8)  # [M, K]
+        y = _int8_matmul(xq, self.weight_q) * row_scale * self.scales  # [M, N]
+        if outlier.any():
+            cols = outlier.nonzero().squeeze(1)
+            w_out = self.weight_q[:, cols].float() * self.scales[:, None]  # [N, n_outliers]
+            y = y + x2[:, cols] @ w_out.t()
+        return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
+
+
+def _int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T -> float32 [M, N] (exact int32 sums)."""
+    m, k = xq.shape
+    if xq.device.type == "cpu" or (m > 16 and k % 8 == 0 and wq.shape[0] % 8 == 0):
+        return torch._int_mm(xq, wq.t()).float()
+    # CUDA's _int_mm wants M > 16 and multiples of 8; small decode batches use a float matmul of the
+    # int8 values (exact while K * 127^2 < 2^24, i.e. K <= 1040; beyond that rounding is ~2^-24 relative).
+    return xq.float() @ wq.float().t()

@@ -1,0 +1,194 @@
+"""NF4 and FP4 (bitsandbytes' 4-bit formats), block size 64, optional double quantization.
+
+Each block of 64 consecutive weights (row-major over the flattened weight, as bitsandbytes does) keeps
+one float32 absmax; a weight is stored as the 4-bit index of the nearest code book value to
+w / absmax, so w ~= CODE[q] * absmax. The code books below are bitsandbytes' values
+(`bitsandbytes.functional.get_4bit_type`), indices included, so codes are interchangeable.
+
+Double quantization ("-dq") stores the absmax values themselves as int8: subtract their mean, then
+symmetric int8 with one float32 scale per 256 absmax values (bitsandbytes uses an 8-bit dynamic map
+here instead of linear int8, so the absmax bits differ from bitsandbytes'; the 4-bit codes do not).
+That cuts scale overhead from 0.5 to ~0.127 bits per weight.
+
+Kernels: there is no packed NF4/FP4 kernel in torch. On CUDA with bitsandbytes installed, the
+weight is re-quantized by bitsandbytes on first use (same codes, same block absmax) and runs on
+`bnb.matmul_4bit`; that cache holds a second copy on the GPU. Everywhere else `forward` dequantizes
+the whole weight and does a float matmul: correct but slow (it expands the weight on every call).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.errors import InvalidArgumentError
+from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.int4 import pack_nibbles, unpack_nibbles
+
+BLOCK_SIZE = 64
+DQ_BLOCK_SIZE = 256
+
+# bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+# bitsandbytes.functional.get_4bit_type("fp4"): [0, 0.0625, 8, 12, 4, 6, 2, 3, then negatives] / 12.
+FP4_CODE = tuple(v / 12 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3))
+CODE_BOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+def quantize_blockwise_4bit(weight: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened blocks of 64 -> (codes uint8 [N, K] indexing `code`, absmax float32 [numel / 64])."""
+    flat = weight.detach().float().reshape(-1, BLOCK_SIZE)  # [numel/64, 64]
+    absmax = flat.abs().amax(dim=1).clamp(min=1e-12)
+    normed = flat / absmax[:, None]
+    q = torch.empty(flat.shape, dtype=torch.uint8)
+    for start in range(0, flat.shape[0], 4096):  # bounded [rows, 64, 16] temporaries
+        chunk = normed[start : start + 4096]
+        q[start : start + 4096] = (chunk[..., None] - code).abs().argmin(dim=-1).to(torch.uint8)
+    return q.reshape(weight.shape), absmax
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """absmax float32 [M] -> (int8 [M], float32 scales [ceil(M / 256)], float32 offset [1])."""
+    offset = absmax.mean().reshape(1)
+    centered = absmax - offset
+    pad = (-centered.numel()) % DQ_BLOCK_SIZE
+    blocks = torch.nn.functional.pad(centered, (0, pad)).reshape(-1, DQ_BLOCK_SIZE)  # [M/256, 256]
+    scales = blocks.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(blocks / scales[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: absmax.numel()]
+    return q, scales, offset
+
+
+def double_dequantize(q: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Inverse of `double_quantize` (up to its rounding): float32 absmax [M]."""
+    return q.float() * scales.repeat_interleave(DQ_BLOCK_SIZE)[: q.numel()] + offset
+
+
+class NF4Linear(QuantizedLinear):
+    """NF4 / FP4 block-wise 4-bit linear (`method` is nf4, fp4, nf4-dq or fp4-dq)."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        absmax: torch.Tensor,
+        quant_type: str,
+        double_quant: bool,
+        bias: torch.Tensor | None,
+    ) -> None:
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias)
+        self.quant_type, self.double_quant = quant_type, double_quant
+        self.method = f"{quant_type}-dq" if double_quant else quant_type
+        self.register_buffer("code", torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32))
+        self.register_buffer("weight_packed", pack_nibbles(codes))
+        if double_quant:
+            q, scales, offset = double_quantize(absmax)
+            self.register_buffer("absmax_q", q)
+            self.register_buffer("absmax_scales", scales)
+            self.register_buffer("absmax_offset", offset)
+        else:
+            self.register_buffer("absmax", absmax.float())
+        self._bnb: tuple[torch.Tensor, Any] | None = None
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        double_quant: bool = False,
+        name: str = "?",
+        **opts: Any,
+    ) -> NF4Linear:
+        if quant_type not in CODE_BOOKS:
+            raise InvalidArgumentError(f"unknown 4-bit type {quant_type!r}; use one of {sorted(CODE_BOOKS)}")
+        if linear.weight.numel() % BLOCK_SIZE:
+            raise InvalidArgumentError(
+                f"layer {name} has {linear.weight.numel()} weights, not a multiple of the NF4/FP4 block size "
+                f"{BLOCK_SIZE}; leave it float"
+            )
+        codes, absmax = quantize_blockwise_4bit(linear.weight, torch.tensor(CODE_BOOKS[quant_type]))
+        return cls(codes, absmax, quant_type, double_quant, linear.bias)
+
+    @classmethod
+    def from_tensors(
+        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> NF4Linear:
+        where = config.get("name", "?")
+        quant_type, dq = config["quant_type"], bool(config["double_quant"])
+        (packed,) = require_tensors(tensors, ("weight_packed",), where)
+        check_shape(packed, (out_features, in_features // 2), "weight_packed", where)
+        if dq:
+            absmax = double_dequantize(
+                *require_tensors(tensors, ("absmax_q", "absmax_scales", "absmax_offset"), where)
+            )
+        else:
+            (absmax,) = require_tensors(tensors, ("absmax",), where)
+        check_shape(absmax, (out_features * in_features // BLOCK_SIZE,), "absmax", where)
+        layer = cls(unpack_nibbles(packed), absmax, quant_type, False, tensors.get("bias"))
+        if dq:  # keep the stored int8 absmax bit-for-bit instead of re-quantizing it
+            layer._set_double_quant(tensors["absmax_q"], tensors["absmax_scales"], tensors["absmax_offset"])
+        return layer
+
+    def _set_double_quant(self, q: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> None:
+        del self.absmax
+        self.double_quant, self.method = True, f"{self.quant_type}-dq"
+        self.register_buffer("absmax_q", q.to(torch.int8))
+        self.register_buffer("absmax_scales", scales.float())
+        self.register_buffer("absmax_offset", offset.float())
+
+    def scheme_config(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "block_size": BLOCK_SIZE,
+        }
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("absmax_q", "absmax_scales", "absmax_offset") if self.double_quant else ("absmax",)
+        out = {n: getattr(self, n).cpu() for n in ("weight_packed", *names)}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().cpu()
+        return out
+
+    def block_absmax(self) -> torch.Tensor:
+        """float32 [numel / 64] absmax per block (dequantized when double-quantized)."""
+        if self.double_quant:
+            return double_dequantize(self.absmax_q, self.absmax_scales, self.absmax_offset)
+        return self.absmax
+
+    def dequantize(self) -> torch.Tensor:
+        codes = unpack_nibbles(self.weight_packed).long()  # [N, K]
+        blocks = self.code[codes].reshape(-1, BLOCK_SIZE) * self.block_absmax()[:, None]  # [numel/64, 64]
+        return blocks.reshape(self.out_features, self.in_features)
+
+    def _bnb_state(self) -> tuple[torch.Tensor, Any] | None:
+        """bitsandbytes' packed weight + QuantState on CUDA, or None when unavailable."""
+        if not self.weight_packed.is_cuda or importlib.util.find_spec("bitsandbytes") is None:
+            return None
+        if self._bnb is None:
+            import bitsandbytes.functional as bnbf
+
+            w = self.dequantize().to(torch.float16)
+            self._bnb = bnbf.quantize_4bit(
+                w, blocksize=BLOCK_SIZE, compress_statistics=self.double_quant, quant_type=self.quant_type
+            )
+        return self._bnb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bnb_state = self._bnb_state()
+        if bnb_state is not None:
+            import bitsandbytes as bnb
+
+            qweight, state = bnb_state
+            y = bnb.matmul_4bit(x.to(torch.float16), qweight.t(), quant_state=state).to(x.dtype)
+        else:
+            y = torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
+        return self._add_bias(y)
