@@ -10,8 +10,8 @@ Where the conversion is exact and where it is not:
 - Q4_0 / Q4_1 -> `Int4Linear` (group size 32, w = (q - 8) * s + z): the 4-bit codes are copied
   exactly. s = d and z = 0 (Q4_0) or z = m + 8 d (Q4_1) are stored in bfloat16, as the packed int4
   kernels require; bf16 keeps 8 significand bits to fp16's 11, so s is exact only when d's lowest 3
-  significand bits are zero (relative error <= 2^-9 otherwise), and z adds one bf16 rounding of
-  m + 8 d (absolute error <= 2^-9 |m + 8 d|). Dequantized values therefore equal gguf's exactly
+  significand bits are zero (relative error <= 2^-8 otherwise), and z adds one bf16 rounding of
+  m + 8 d (absolute error <= 2^-8 |m + 8 d|). Dequantized values therefore equal gguf's exactly
   when d and m + 8 d are bf16-representable, and within those bounds otherwise.
 - Q8_0 -> `Int8Linear` / `Int8Embedding` (one scale per output row): the int8 kernel has no per-block
   scales, so the blocks are dequantized row by row (exactly, fp16 d x int8 q) and re-quantized per

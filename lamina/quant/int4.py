@@ -3,7 +3,7 @@
 Representation (the layout the packed kernels take): codes q in [0, 15]; per group a scale s and a
 zero z, both bfloat16, and w ~= (q - 8) * s + z. Round-to-nearest quantization picks
 s = (max - min) / 15 and z = min + 8 s per group; round-trip error per element is at most s / 2 plus
-the bf16 rounding of z (<= 2^-9 |z|).
+the bf16 rounding of z (<= 2^-8 |z|).
 
 Kernels: CPU `aten._convert_weight_to_int4pack_for_cpu` + `aten._weight_int4pack_mm_for_cpu`, CUDA
 `aten._convert_weight_to_int4pack` + `aten._weight_int4pack_mm`. Both need bf16 activations with
