@@ -12,7 +12,7 @@ from torch import nn
 
 from lamina.config import ModelConfig
 from lamina.default_model import default_model_path
-from lamina.engine.generate import GenerationStats, generate_tokens
+from lamina.engine.generate import GenerationStats, generate_tokens, input_device_dtype
 from lamina.engine.sampling import SamplingParams
 from lamina.engine.seq2seq import generate_seq2seq_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
@@ -21,6 +21,14 @@ from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
+from lamina.quant.checkpoint import is_quantized_dir
+from lamina.quant.load import (
+    check_quantize_arg,
+    finish_loading,
+    load_saved_quantized,
+    loading_hook,
+    resident_bytes,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,15 +84,28 @@ class LLM:
         *,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "auto",
+        quantize: str | None = None,
+        group_size: int = 128,
     ) -> LLM:
-        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)."""
+        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
+
+        `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8 or gptq, applied layer by layer
+        while loading (`group_size` for int4/gptq). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
+        unless `quantize` says otherwise ("none" expands it to float). See `lamina.quant.load`.
+        """
+        check_quantize_arg(quantize, group_size)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = Path(path).expanduser() if path is not None else default_model_path()
         started = time.perf_counter()
         with open_checkpoint(source) as checkpoint:
             model, config = build_empty(checkpoint)
-            load_weights(model, checkpoint, torch_dtype, torch_device)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
+            if is_quantized_dir(source):
+                load_saved_quantized(model, source, quantize, torch_dtype, torch_device)
+            else:
+                hook = loading_hook(model, checkpoint, quantize, group_size)
+                load_weights(model, checkpoint, torch_dtype, torch_device, on_loaded=hook)
+                finish_loading(model, checkpoint, tokenizer.encode, quantize, group_size)
         model.eval()
         llm = cls(model, tokenizer, config, source)
         llm.load_seconds = time.perf_counter() - started
@@ -92,7 +113,11 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.input_embeddings().weight.device
+        return input_device_dtype(self.model)[0]
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Resident bytes of weights (parameters and buffers) per device, e.g. {"cpu": 98000000}."""
+        return resident_bytes(self.model)
 
     def stream(
         self,

@@ -42,6 +42,13 @@ class GenerationStats:
         )
 
 
+def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the token embeddings (a quantized embedding names its output dtype)."""
+    embed = model.input_embeddings()
+    table = next(embed.buffers(), None) if not isinstance(embed, nn.Embedding) else embed.weight
+    return table.device, getattr(embed, "output_dtype", table.dtype)
+
+
 def check_prompt_fits(prompt_len: int, context: int) -> None:
     """Reject prompts that leave no room for a new token in the model's context window."""
     if prompt_len == 0:
@@ -71,10 +78,9 @@ def generate_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
 
-    embed = model.input_embeddings().weight
-    device = embed.device
+    device, act_dtype = input_device_dtype(model)
     total = len(prompt_ids) + max_new_tokens
-    cache = KVCache.for_model(model, batch=1, max_len=total, dtype=embed.dtype)
+    cache = KVCache.for_model(model, batch=1, max_len=total, dtype=act_dtype)
     tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated, for penalties
     tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -16,6 +16,7 @@ exported form is the same on every machine.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -96,12 +97,23 @@ def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str) 
         )
 
 
-def check_group_size(in_features: int, group_size: int, allowed: tuple[int, ...], where: str) -> None:
-    """Validate a group size for a layer, naming the layer in the error."""
+def layer_group_size(in_features: int, group_size: int, allowed: tuple[int, ...], where: str) -> int:
+    """The group size a layer gets: `group_size` when it divides in_features, else the largest smaller
+    allowed size that does (with a warning, e.g. 576-wide SmolLM2 layers at 128 -> 64); an error naming
+    the layer when none does."""
     if group_size not in allowed:
         raise InvalidArgumentError(f"group size {group_size} is not supported; use one of {list(allowed)}")
-    if in_features % group_size:
+    if in_features % group_size == 0:
+        return group_size
+    fits = [g for g in allowed if g < group_size and in_features % g == 0]
+    if not fits:
         raise InvalidArgumentError(
-            f"group size {group_size} does not divide in_features={in_features} of layer {where}; "
-            f"pick a group size that divides it or leave that layer float"
+            f"group size {group_size} does not divide in_features={in_features} of layer {where}, and no smaller "
+            f"supported group size {list(allowed)} does; leave that layer float"
         )
+    warnings.warn(
+        f"group size {group_size} does not divide in_features={in_features}; layers that wide use group size "
+        f"{max(fits)}",
+        stacklevel=3,
+    )
+    return max(fits)

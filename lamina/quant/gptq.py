@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from lamina.quant.base import check_group_size
+from lamina.quant.base import layer_group_size
 from lamina.quant.int4 import (
     GROUP_SIZES,
     Int4Linear,
@@ -118,6 +118,6 @@ def gptq_linear(
     linear: nn.Linear, hessian: torch.Tensor, group_size: int = 128, act_order: bool = False, name: str = "?"
 ) -> Int4Linear:
     """A GPTQ-quantized `Int4Linear` for one float linear and its calibration Hessian."""
-    check_group_size(linear.in_features, group_size, GROUP_SIZES, name)
+    group_size = layer_group_size(linear.in_features, group_size, GROUP_SIZES, name)
     codes, sz = gptq_quantize(linear.weight, hessian, group_size, act_order)
     return Int4Linear(codes, sz, group_size, linear.bias)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lamina.quant.base import QuantizedLinear, check_group_size, check_shape, require_tensors
+from lamina.quant.base import QuantizedLinear, check_shape, layer_group_size, require_tensors
 
 GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_DTYPE = torch.bfloat16
@@ -139,7 +139,7 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128, name: str = "?", **opts: Any) -> Int4Linear:
-        check_group_size(linear.in_features, group_size, GROUP_SIZES, name)
+        group_size = layer_group_size(linear.in_features, group_size, GROUP_SIZES, name)
         q, sz = quantize_rtn(linear.weight, group_size)
         return cls(q, sz, group_size, linear.bias)
 

@@ -85,9 +85,11 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight_q.shape
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("scales", scales.float())
+        self.output_dtype = torch.float32  # the model's activation dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_q[ids].float() * self.scales[ids].unsqueeze(-1)  # [..., D]
+        rows = self.weight_q[ids].float() * self.scales[ids].unsqueeze(-1)  # [..., D]
+        return rows.to(self.output_dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 table [num_embeddings, embedding_dim]."""

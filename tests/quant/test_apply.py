@@ -42,12 +42,22 @@ def test_unknown_method_lists_the_valid_ones(tiny_model: nn.Module) -> None:
         quantize_model(tiny_model, "int3")
 
 
-def test_group_size_that_does_not_divide_names_the_layer(tiny_model: nn.Module) -> None:
-    with pytest.raises(
-        InvalidArgumentError,
-        match=r"group size 128 does not divide in_features=64 of layer model\.layers\.0\.self_attn\.q_proj",
+def test_group_size_that_does_not_divide_falls_back_with_a_warning(tiny_model: nn.Module) -> None:
+    with pytest.warns(
+        UserWarning, match="group size 128 does not divide in_features=64; .* use group size 64"
     ):
         quantize_model(tiny_model, "int4", group_size=128)
+    assert tiny_model.get_submodule("model.layers.0.mlp.down_proj").group_size == 128  # in_features 128
+    assert tiny_model.get_submodule("model.layers.0.mlp.up_proj").group_size == 64
+
+
+def test_group_size_that_fits_nothing_names_the_layer() -> None:
+    model = nn.Sequential()
+    model.add_module("odd", nn.Linear(80, 16))
+    with pytest.raises(
+        InvalidArgumentError, match=r"group size 64 does not divide in_features=80 of layer odd"
+    ):
+        quantize_model(model, "int4", group_size=64)
 
 
 def test_unsupported_group_size(tiny_model: nn.Module) -> None:

@@ -1,0 +1,68 @@
+"""`lamina perplexity [MODEL]`: perplexity over a text (default: CPython's English docs).
+
+Windows of --context tokens advance by --stride; each token is scored once. With --quantize the
+model is quantized while loading, so the number measures that scheme. --json prints
+{"perplexity": ..., "tokens": ...} on stdout and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lamina.errors import InvalidArgumentError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lamina.cli.common import add_model_args
+
+    from lamina.engine.perplexity import DEFAULT_CONTEXT, DEFAULT_STRIDE
+
+    parser = subparsers.add_parser(
+        "perplexity", help="perplexity of a model over a text", description=__doc__
+    )
+    parser.add_argument(
+        "model_path", nargs="?", metavar="MODEL", help="HF directory or .gguf (same as --model)"
+    )
+    parser.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: CPython's bundled docs)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=4096, metavar="N", help="score the first N tokens (default 4096)"
+    )
+    parser.add_argument(
+        "--context", type=int, default=DEFAULT_CONTEXT, metavar="T", help="window length in tokens"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=DEFAULT_STRIDE, metavar="S", help="window step in tokens"
+    )
+    parser.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    add_model_args(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lamina.cli.common import load_model_from_args
+
+    from lamina.engine.perplexity import default_text, perplexity, read_text
+
+    if args.max_tokens < 2:
+        raise InvalidArgumentError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise InvalidArgumentError("give the model either as MODEL or as --model, not both")
+        args.model = args.model_path
+    text = read_text(args.text) if args.text else default_text()
+    llm = load_model_from_args(args)
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)[: args.max_tokens]
+
+    def show(done: int, total: int) -> None:
+        if not args.json:
+            print(f"\rscored {done}/{total} tokens", end="", file=sys.stderr, flush=True)
+
+    result = perplexity(llm.model, ids, context=args.context, stride=args.stride, progress=show)
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens}))
+    else:
+        print(file=sys.stderr)
+        print(f"perplexity: {result.perplexity:.4f} over {result.tokens} tokens")
+    return 0

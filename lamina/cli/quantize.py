@@ -1,0 +1,122 @@
+"""`lamina quantize MODEL --method ... --out DIR`: write a quantized checkpoint `lamina generate --model DIR` loads.
+
+The model is loaded in float32 on the CPU, its linears are quantized one by one (a progress bar over
+layers on stderr), and DIR gets model.safetensors + quant_config.json + config.json + the tokenizer.
+gptq calibrates on --calibration FILE (default: CPython's bundled English docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lamina.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from lamina.api import LLM
+    from lamina.loading.tokenizer import Tokenizer
+
+CALIBRATION_TOKENS = 4096  # gptq: tokens of calibration text used, in windows of 512
+WINDOW = 512
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE, METHODS
+
+    parser = subparsers.add_parser("quantize", help="quantize a model and save it", description=__doc__)
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="HF directory or .gguf (default: bundled model)"
+    )
+    parser.add_argument("--method", required=True, choices=METHODS, help="quantization scheme")
+    parser.add_argument(
+        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4/gptq group size (32, 64, 128)"
+    )
+    parser.add_argument("--calibration", metavar="FILE", help="gptq calibration text (default: CPython docs)")
+    parser.add_argument(
+        "--act-order", action="store_true", help="gptq: quantize columns by decreasing activation"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lamina.api import LLM
+    from lamina.engine.perplexity import default_text, read_text
+    from lamina.quant.apply import quantizable_linears, quantize_model, validate_method
+    from lamina.quant.checkpoint import save_quantized
+
+    validate_method(args.method, args.group_size)
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise InvalidArgumentError(f"output directory {out} is not empty; choose a new --out DIR")
+    text = (
+        read_text(args.calibration) if args.calibration else default_text() if args.method == "gptq" else ""
+    )
+    llm = LLM.load(args.model, dtype="float32", device="cpu", quantize="none")
+    calibration = None
+    if args.method == "gptq":
+        ids = torch.tensor(llm.tokenizer.encode(text, add_special_tokens=False)[:CALIBRATION_TOKENS])
+        if ids.numel() < 2:
+            raise InvalidArgumentError(
+                f"calibration text {args.calibration} has fewer than 2 tokens; give more text"
+            )
+        calibration = [chunk[None] for chunk in ids.split(WINDOW)]  # [1, <=512] each
+    bar = ProgressBar(len(quantizable_linears(llm.model)), f"quantizing ({args.method})")
+    quantize_model(
+        llm.model,
+        args.method,
+        group_size=args.group_size,
+        calibration=calibration,
+        act_order=args.act_order,
+        progress=bar.step,
+    )
+    bar.close()
+    options = {"group_size": args.group_size} if args.method in ("int4", "gptq") else {}
+    if args.method == "gptq":
+        options["act_order"] = args.act_order
+    save_quantized(llm.model, out, args.method, config=_hf_config(llm), **options)
+    save_tokenizer(llm.tokenizer, out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _hf_config(llm: LLM) -> dict[str, Any]:
+    from lamina.loading.checkpoint import open_checkpoint
+
+    with open_checkpoint(llm.source) as checkpoint:
+        return dict(checkpoint.config)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (special tokens, chat template) as HF writes them."""
+    tokenizer.backend.save(str(out / "tokenizer.json"))
+    config = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "chat_template": tokenizer.chat_template,
+        "add_bos_token": tokenizer.add_bos,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = max(total, 1), label, 0
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        filled = 30 * self.done // self.total
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {name[-40:]:<40}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")

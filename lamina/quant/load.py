@@ -1,0 +1,158 @@
+"""Quantization while loading: the hooks `LLM.load` hands to the loader, one layer at a time.
+
+Three ways a model ends up quantized at load time:
+- `quantize=METHOD` (int8, int4, nf4, ...): each float linear is quantized as soon as the loader has
+  filled its parameters, so at most one float layer exists at a time (peak ~ quantized size + one
+  layer). gptq needs calibration activations of the whole model, so it quantizes after loading.
+- a GGUF file with `quantize=None` (the default): linears stored as Q4_0/Q4_1/Q8_0 are rebuilt from
+  their blocks (`gguf_formats`), and a Q8_0 token embedding becomes an int8 embedding shared with a
+  tied output head. Other GGML types stay float. `quantize="none"` expands everything to float.
+- a directory written by `lamina quantize` (it has a quant_config.json): `load_saved_quantized`,
+  no re-quantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lamina.engine.perplexity import default_text
+from lamina.errors import InvalidArgumentError
+from lamina.loading.checkpoint import Checkpoint
+from lamina.loading.gguf import GGUF_ARCHITECTURES, GGUFCheckpoint, unpermute_qk_rows
+from lamina.quant.apply import (
+    _set_submodule,
+    quantize_linear,
+    quantize_model,
+    should_quantize,
+    validate_method,
+)
+from lamina.quant.checkpoint import load_quantized_into, read_scheme
+from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
+
+#: `quantize=` values besides the methods: keep GGUF blocks (default for GGUF) or expand to float.
+NO_QUANTIZATION = "none"
+GPTQ_CALIBRATION_TOKENS = 2048  # default-text tokens used when gptq runs at load time
+
+ModuleHook = Callable[[str, nn.Module], None]
+
+
+def check_quantize_arg(quantize: str | None, group_size: int | None) -> None:
+    """Validate `quantize=` / `group_size=` before anything is loaded."""
+    if quantize not in (None, NO_QUANTIZATION):
+        validate_method(quantize, group_size)
+
+
+def loading_hook(
+    model: nn.Module, checkpoint: Checkpoint, quantize: str | None, group_size: int
+) -> ModuleHook | None:
+    """The per-module hook for `load_weights`, or None when nothing is quantized while loading."""
+    if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
+        return _gguf_hook(model, checkpoint)
+    if quantize in (None, NO_QUANTIZATION, "gptq"):
+        return None
+
+    def quantize_filled(name: str, module: nn.Module) -> None:
+        if type(module) is nn.Linear and should_quantize(name) and _filled(module):
+            _set_submodule(model, name, quantize_linear(module, quantize, name, group_size))
+
+    return quantize_filled
+
+
+def finish_loading(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    tokenizer_encode: Callable[[str], list[int]],
+    quantize: str | None,
+    group_size: int,
+) -> None:
+    """What can only happen once every weight is in: GGUF embeddings/tied head, or gptq."""
+    if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
+        _gguf_embedding(model, checkpoint)
+    elif quantize == "gptq":
+        ids = torch.tensor(tokenizer_encode(default_text())[:GPTQ_CALIBRATION_TOKENS])
+        device = next(model.parameters()).device
+        batches = [chunk[None].to(device) for chunk in ids.split(512)]  # [1, <=512] each
+        quantize_model(model, "gptq", group_size=group_size, calibration=batches)
+
+
+def _filled(module: nn.Module) -> bool:
+    return not any(p.is_meta for p in module.parameters())
+
+
+def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
+    config = checkpoint.config
+    tied = model.get_submodule("lm_head").weight is model.get_submodule("model.embed_tokens").weight
+    permute_qk = GGUF_ARCHITECTURES[checkpoint.architecture][1]  # llama.cpp permuted q/k rows
+
+    def keep_blocks(name: str, module: nn.Module) -> None:
+        if type(module) is not nn.Linear or not _filled(module) or module.bias is not None:
+            return
+        if name == "lm_head" and tied:
+            return
+        raw = checkpoint.read_raw(f"{name}.weight")
+        if raw.ggml_type not in BLOCK_BYTES:
+            return
+        permute = None
+        if permute_qk and name.endswith(("q_proj", "k_proj")):
+            heads = config["num_attention_heads" if name.endswith("q_proj") else "num_key_value_heads"]
+
+            def permute(t: torch.Tensor, heads: int = heads) -> torch.Tensor:
+                return unpermute_qk_rows(t, heads)
+
+        layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, permute)
+        _set_submodule(model, name, layer.to(module.weight.device))
+
+    return keep_blocks
+
+
+def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
+    """A Q8_0 token embedding -> int8 embedding (+ the tied head on the same int8 tensors)."""
+    raw = checkpoint.read_raw("model.embed_tokens.weight")
+    embed = model.get_submodule("model.embed_tokens")
+    if raw.ggml_type != "Q8_0" or not isinstance(embed, nn.Embedding):
+        return
+    tied = model.get_submodule("lm_head").weight is embed.weight
+    new_embed, head = tied_int8_from_gguf(raw.data, raw.shape)
+    device = embed.weight.device
+    new_embed.output_dtype = embed.weight.dtype
+    _set_submodule(model, "model.embed_tokens", new_embed.to(device))
+    if tied:
+        head = head.to(device)
+        head.weight_q, head.scales = new_embed.weight_q, new_embed.scales  # one copy for both
+        _set_submodule(model, "lm_head", head)
+
+
+def resident_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers per device type ({"cpu": ..., "cuda:0": ...}), shared tensors once."""
+    seen: set[tuple[str, int]] = set()
+    totals: dict[str, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_meta:
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        totals[str(t.device)] = totals.get(str(t.device), 0) + t.untyped_storage().nbytes()
+    return totals
+
+
+def load_saved_quantized(
+    model: nn.Module, directory: Path, quantize: str | None, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Fill `model` (on meta) from a `lamina quantize` directory, float tensors in `dtype` on `device`."""
+    if quantize not in (None, NO_QUANTIZATION):
+        method = read_scheme(directory)["method"]
+        raise InvalidArgumentError(f"{directory} is already quantized ({method}); load it without --quantize")
+    load_quantized_into(model, directory)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    model.to(device)
