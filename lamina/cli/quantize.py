@@ -2,7 +2,8 @@
 
 The model is loaded in float32 on the CPU, its linears are quantized one by one (a progress bar over
 layers on stderr), and DIR gets model.safetensors + quant_config.json + config.json + the tokenizer.
-gptq calibrates on --calibration FILE (default: CPython's bundled English docs).
+gptq calibrates on the last 4096 tokens of --calibration FILE (default: CPython's bundled English docs,
+whose first tokens are what `lamina perplexity` scores by default).
 """
 
 from __future__ import annotations
@@ -13,16 +14,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from lamina.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from lamina.api import LLM
     from lamina.loading.tokenizer import Tokenizer
-
-CALIBRATION_TOKENS = 4096  # gptq: tokens of calibration text used, in windows of 512
-WINDOW = 512
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from lamina.engine.perplexity import default_text, read_text
     from lamina.quant.apply import quantizable_linears, quantize_model, validate_method
     from lamina.quant.checkpoint import save_quantized
+    from lamina.quant.load import CALIBRATION_WINDOW, GPTQ_CALIBRATION_TOKENS, calibration_ids
 
     validate_method(args.method, args.group_size)
     out = Path(args.out).expanduser()
@@ -60,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM.load(args.model, dtype="float32", device="cpu", quantize="none")
     calibration = None
     if args.method == "gptq":
-        ids = torch.tensor(llm.tokenizer.encode(text, add_special_tokens=False)[:CALIBRATION_TOKENS])
+        ids = calibration_ids(llm.tokenizer.encode(text, add_special_tokens=False), GPTQ_CALIBRATION_TOKENS)
         if ids.numel() < 2:
             raise InvalidArgumentError(
                 f"calibration text {args.calibration} has fewer than 2 tokens; give more text"
             )
-        calibration = [chunk[None] for chunk in ids.split(WINDOW)]  # [1, <=512] each
+        calibration = [chunk[None] for chunk in ids.split(CALIBRATION_WINDOW)]  # [1, <=512] each
     bar = ProgressBar(len(quantizable_linears(llm.model)), f"quantizing ({args.method})")
     quantize_model(
         llm.model,

@@ -69,25 +69,26 @@ def gptq_quantize(
     """GPTQ one weight [N, K] -> (codes uint8 [N, K], scales_and_zeros bf16 [K/G, N, 2])."""
     w = weight.detach().float().clone()
     n, k = w.shape
-    h = hessian.float().clone()
+    dev = w.device
+    h = hessian.to(dev).float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
 
     n_groups = k // group_size
-    scales = torch.empty(n, n_groups)
-    zeros = torch.empty(n, n_groups)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    scales = torch.empty(n, n_groups, device=dev)
+    zeros = torch.empty(n, n_groups, device=dev)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
     if act_order:  # static groups from the original weight, in original column order
         s, z = group_params(w.reshape(n, n_groups, group_size))  # [N, K/G] each
         scales.copy_(s)
         zeros.copy_(z)
         w, h = w[:, perm], h[perm][:, perm]
 
-    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(k)
+    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(k, device=dev)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [K, K]
 
-    codes = torch.empty(n, k, dtype=torch.uint8)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
     block = max(BLOCK_COLUMNS, group_size)  # a multiple of the group size, so groups never straddle blocks
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)

@@ -35,7 +35,8 @@ from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_f
 
 #: `quantize=` values besides the methods: keep GGUF blocks (default for GGUF) or expand to float.
 NO_QUANTIZATION = "none"
-GPTQ_CALIBRATION_TOKENS = 2048  # default-text tokens used when gptq runs at load time
+GPTQ_CALIBRATION_TOKENS = 4096  # default-text tokens used when gptq runs at load time
+CALIBRATION_WINDOW = 512
 
 ModuleHook = Callable[[str, nn.Module], None]
 
@@ -73,10 +74,16 @@ def finish_loading(
     if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
         _gguf_embedding(model, checkpoint)
     elif quantize == "gptq":
-        ids = torch.tensor(tokenizer_encode(default_text())[:GPTQ_CALIBRATION_TOKENS])
         device = next(model.parameters()).device
-        batches = [chunk[None].to(device) for chunk in ids.split(512)]  # [1, <=512] each
+        ids = calibration_ids(tokenizer_encode(default_text()), GPTQ_CALIBRATION_TOKENS)
+        batches = [chunk[None].to(device) for chunk in ids.split(CALIBRATION_WINDOW)]  # [1, <=512] each
         quantize_model(model, "gptq", group_size=group_size, calibration=batches)
+
+
+def calibration_ids(token_ids: list[int], n: int) -> torch.Tensor:
+    """The last `n` tokens of a text: disjoint from the first tokens `lamina perplexity` scores by
+    default, so gptq is not calibrated on the text it is measured on (the default text has ~113k)."""
+    return torch.tensor(token_ids[-n:], dtype=torch.long)
 
 
 def _filled(module: nn.Module) -> bool:

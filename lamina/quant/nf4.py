@@ -48,7 +48,8 @@ def quantize_blockwise_4bit(weight: torch.Tensor, code: torch.Tensor) -> tuple[t
     flat = weight.detach().float().reshape(-1, BLOCK_SIZE)  # [numel/64, 64]
     absmax = flat.abs().amax(dim=1).clamp(min=1e-12)
     normed = flat / absmax[:, None]
-    q = torch.empty(flat.shape, dtype=torch.uint8)
+    code = code.to(flat.device)
+    q = torch.empty(flat.shape, dtype=torch.uint8, device=flat.device)
     for start in range(0, flat.shape[0], 4096):  # bounded [rows, 64, 16] temporaries
         chunk = normed[start : start + 4096]
         q[start : start + 4096] = (chunk[..., None] - code).abs().argmin(dim=-1).to(torch.uint8)
@@ -86,7 +87,9 @@ class NF4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.quant_type, self.double_quant = quant_type, double_quant
         self.method = f"{quant_type}-dq" if double_quant else quant_type
-        self.register_buffer("code", torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32))
+        self.register_buffer(
+            "code", torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32, device=codes.device)
+        )
         self.register_buffer("weight_packed", pack_nibbles(codes))
         if double_quant:
             q, scales, offset = double_quantize(absmax)

@@ -1,0 +1,57 @@
+"""CUDA paths of the quantized layers: packed int4/int8 kernels, repacking after a move, NF4 via bitsandbytes."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lamina.quant.apply import quantize_linear
+
+from .conftest import random_linear
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4", "fp4-dq", "llm.int8"])
+def test_cuda_forward_matches_dequantized_weight(method: str) -> None:
+    lin = random_linear(in_features=256, out_features=128).cuda()
+    q = quantize_linear(lin, method, group_size=64)
+    x = torch.randn(20, 256, device="cuda")
+    assert rel_err(q(x), x @ q.dequantize().cuda().t()) < 0.02
+
+
+def test_int4_repacks_when_moved_between_cpu_and_cuda() -> None:
+    lin = random_linear(in_features=256, out_features=128)
+    q = quantize_linear(lin, "int4", group_size=64)
+    codes = q.codes()
+    x = torch.randn(3, 256)
+    y_cpu = q(x)
+    q.cuda()
+    y_cuda = q(x.cuda())
+    assert q.layout == "cuda" and torch.equal(q.codes(), codes)
+    assert rel_err(y_cuda.cpu(), y_cpu) < 0.01
+    q.cpu()
+    assert torch.equal(q(x), y_cpu)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_nf4_uses_bitsandbytes_with_identical_codes() -> None:
+    import bitsandbytes.functional as bnbf
+
+    lin = random_linear(in_features=256, out_features=128).cuda()
+    q = quantize_linear(lin, "nf4")
+    x = torch.randn(4, 256, device="cuda")
+    y = q(x)
+    assert q._bnb is not None
+    qweight, state = q._bnb
+    assert torch.equal(bnbf.dequantize_4bit(qweight, state).float(), q.dequantize().cuda().half().float())
+    assert rel_err(y, x @ q.dequantize().cuda().t()) < 0.01
