@@ -17,6 +17,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_quantize_args(parser)
+
+
+def add_quantize_args(parser: argparse.ArgumentParser) -> None:
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE, METHODS
+
+    group = parser.add_argument_group("quantization")
+    group.add_argument(
+        "--quantize",
+        choices=[*METHODS, "none"],
+        help="quantize while loading; a GGUF keeps its Q4_0/Q4_1/Q8_0 blocks unless set (none = float)",
+    )
+    group.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        metavar="G",
+        help="int4/gptq group size: 32, 64, 128",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -38,7 +57,9 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     """The LLM the model options describe."""
     from lamina.api import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device)
+    return LLM.load(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, group_size=args.group_size
+    )
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

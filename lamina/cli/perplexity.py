@@ -16,7 +16,6 @@ from lamina.errors import InvalidArgumentError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lamina.cli.common import add_model_args
-
     from lamina.engine.perplexity import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
     parser = subparsers.add_parser(
@@ -42,7 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lamina.cli.common import load_model_from_args
-
     from lamina.engine.perplexity import default_text, perplexity, read_text
 
     if args.max_tokens < 2:

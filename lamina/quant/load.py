@@ -22,7 +22,8 @@ from torch import nn
 from lamina.engine.perplexity import default_text
 from lamina.errors import InvalidArgumentError
 from lamina.loading.checkpoint import Checkpoint
-from lamina.loading.gguf import GGUF_ARCHITECTURES, GGUFCheckpoint, unpermute_qk_rows
+from lamina.loading.gguf import GGUFCheckpoint
+from lamina.loading.gguf_names import GGUF_ARCHITECTURES, unpermute_qk_rows
 from lamina.quant.apply import (
     _set_submodule,
     quantize_linear,
