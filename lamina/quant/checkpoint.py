@@ -124,7 +124,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
         for name, entry in scheme["layers"].items():
             prefix = f"{name}."
             names = {k[len(prefix) :] for k in keys if k.startswith(prefix) and "." not in k[len(prefix) :]}
-            tensors = {n: f.get_tensor(prefix + n) for n in names}
+            tensors = {n: _owned(f.get_tensor(prefix + n)) for n in names}
             cls = LAYER_CLASSES[entry["method"]]
             try:
                 layer = cls.from_tensors(
@@ -143,7 +143,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
             keys -= {prefix + n for n in names}
             filled.add(name)
         params = dict(model.named_parameters())
-        floats = {k: f.get_tensor(k) for k in keys if k in params}
+        floats = {k: _owned(f.get_tensor(k)) for k in keys if k in params}
         stray = sorted(keys - set(floats))
         if stray:
             raise CheckpointError(
@@ -152,3 +152,9 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
             )
     model.load_state_dict(floats, strict=False, assign=True)
     return filled | set(floats)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A copy in torch's own (64-byte aligned) memory. safetensors may hand back tensors over a Python
+    buffer aligned to 8 bytes only; the packed int8 CPU kernel crashes on those."""
+    return t.clone()
