@@ -87,9 +87,9 @@ class NF4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.quant_type, self.double_quant = quant_type, double_quant
         self.method = f"{quant_type}-dq" if double_quant else quant_type
-        self.register_buffer(
-            "code", torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32, device=codes.device)
-        )
+        code = torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32, device=codes.device)
+        # byte b -> (CODE[b & 15], CODE[b >> 4]): one gather decodes both nibbles of a packed byte
+        self.register_buffer("byte_table", torch.stack([code.repeat(16), code.repeat_interleave(16)], dim=-1))
         self.register_buffer("weight_packed", pack_nibbles(codes))
         if double_quant:
             q, scales, offset = double_quantize(absmax)
@@ -168,8 +168,8 @@ class NF4Linear(QuantizedLinear):
         return self.absmax
 
     def dequantize(self) -> torch.Tensor:
-        codes = unpack_nibbles(self.weight_packed).long()  # [N, K]
-        blocks = self.code[codes].reshape(-1, BLOCK_SIZE) * self.block_absmax()[:, None]  # [numel/64, 64]
+        values = torch.nn.functional.embedding(self.weight_packed.int(), self.byte_table)  # [N, K/2, 2]
+        blocks = values.reshape(-1, BLOCK_SIZE) * self.block_absmax()[:, None]  # [numel/64, 64]
         return blocks.reshape(self.out_features, self.in_features)
 
     def _bnb_state(self) -> tuple[torch.Tensor, Any] | None:
