@@ -11,7 +11,7 @@ import json, resource, torch
 from lamina import LLM
 torch.ones(1)  # torch's own start-up memory belongs to the baseline
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-llm = LLM.load(device="cpu")
+llm = LLM.load(device="cpu", quantize="none")  # the float32 path; the default keeps GGUF blocks
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
 print(json.dumps({"base": base, "peak": peak, "weights": weights}))

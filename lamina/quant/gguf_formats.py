@@ -30,7 +30,7 @@ import torch
 
 from lamina.errors import UnsupportedModelError
 from lamina.quant.int4 import Int4Linear, make_scales_and_zeros
-from lamina.quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel
+from lamina.quant.int8 import ROW_CHUNK, Int8Embedding, Int8Linear, quantize_per_channel
 
 BLOCK = 32
 #: GGML types this module converts, with their bytes per 32-weight block.
@@ -92,11 +92,21 @@ def int4_linear_from_gguf(
 def int8_from_q8_0(
     data: np.ndarray, shape: tuple[int, int], permute_rows: RowPermutation | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks -> per-row int8 (q int8 [N, K], scales float32 [N]); re-quantized, see module docstring."""
-    values = q8_0_values(data, shape)
+    """Q8_0 blocks -> per-row int8 (q int8 [N, K], scales float32 [N]); re-quantized, see module docstring.
+
+    Goes through rows in chunks, so no float copy of a whole (embedding-sized) tensor exists at once.
+    """
+    n, k = shape
+    rows = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, -1)  # [N, K/32 * 34]
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, ROW_CHUNK):
+        chunk = rows[start : start + ROW_CHUNK]
+        q[start : start + len(chunk)], scales[start : start + len(chunk)] = quantize_per_channel(
+            q8_0_values(chunk, (len(chunk), k))
+        )
     if permute_rows is not None:
-        values = permute_rows(values)
-    q, scales = quantize_per_channel(values)
+        q, scales = permute_rows(q), permute_rows(scales)
     return q, scales
 
 

@@ -21,13 +21,21 @@ from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
 
 #: Activation dtype the int8 kernel is called with (see module docstring).
 KERNEL_DTYPE = torch.bfloat16
+ROW_CHUNK = 4096
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (q int8 [N, K], scales float32 [N])."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    """Symmetric per-row int8: returns (q int8 [N, K], scales float32 [N]).
+
+    Works through rows in chunks so float temporaries stay small next to a large (embedding-sized) weight.
+    """
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        w = weight[start : start + ROW_CHUNK].detach().float()  # [<=ROW_CHUNK, K]
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start : start + ROW_CHUNK] = torch.round(w / s[:, None]).clamp(-127, 127)
+        scales[start : start + ROW_CHUNK] = s
     return q, scales
 
 

@@ -18,6 +18,7 @@ the whole weight and does a float matmul: correct but slow (it expands the weigh
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -56,6 +57,16 @@ def quantize_blockwise_4bit(weight: torch.Tensor, code: torch.Tensor) -> tuple[t
     return q.reshape(weight.shape), absmax
 
 
+@functools.cache
+def byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: byte b -> (CODE[b & 15], CODE[b >> 4]), so one gather decodes a packed byte.
+
+    Shared by every layer of a type on a device (2 KB each), not stored per layer.
+    """
+    code = torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32, device=device)
+    return torch.stack([code.repeat(16), code.repeat_interleave(16)], dim=-1)
+
+
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """absmax float32 [M] -> (int8 [M], float32 scales [ceil(M / 256)], float32 offset [1])."""
     offset = absmax.mean().reshape(1)
@@ -87,9 +98,6 @@ class NF4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.quant_type, self.double_quant = quant_type, double_quant
         self.method = f"{quant_type}-dq" if double_quant else quant_type
-        code = torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32, device=codes.device)
-        # byte b -> (CODE[b & 15], CODE[b >> 4]): one gather decodes both nibbles of a packed byte
-        self.register_buffer("byte_table", torch.stack([code.repeat(16), code.repeat_interleave(16)], dim=-1))
         self.register_buffer("weight_packed", pack_nibbles(codes))
         if double_quant:
             q, scales, offset = double_quantize(absmax)
@@ -168,7 +176,8 @@ class NF4Linear(QuantizedLinear):
         return self.absmax
 
     def dequantize(self) -> torch.Tensor:
-        values = torch.nn.functional.embedding(self.weight_packed.int(), self.byte_table)  # [N, K/2, 2]
+        table = byte_table(self.quant_type, self.weight_packed.device)
+        values = torch.nn.functional.embedding(self.weight_packed.int(), table)  # [N, K/2, 2]
         blocks = values.reshape(-1, BLOCK_SIZE) * self.block_absmax()[:, None]  # [numel/64, 64]
         return blocks.reshape(self.out_features, self.in_features)
 
