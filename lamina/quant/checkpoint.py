@@ -24,8 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lamina.errors import CheckpointError
+from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.quant.apply import LAYER_CLASSES, _set_submodule, quantized_layers
+from lamina.quant.int8 import Int8Embedding
 
 SCHEME_FILE = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,6 +37,11 @@ def save_quantized(
     model: nn.Module, out_dir: str | Path, method: str, config: dict[str, Any] | None = None, **options: Any
 ) -> Path:
     """Write `model` (with quantized layers) to `out_dir`; returns the directory."""
+    if any(isinstance(m, Int8Embedding) for m in model.modules()):
+        raise InvalidArgumentError(
+            "this model keeps a GGUF's blocks quantized, which cannot be saved as a Lamina quantized checkpoint; "
+            "load it with quantize='none' and quantize that"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = quantized_layers(model)

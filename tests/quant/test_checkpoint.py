@@ -96,3 +96,11 @@ def test_corrupt_scheme_file(tiny_model: nn.Module, tmp_path: Path) -> None:
     (quantized_dir(tiny_model, tmp_path) / SCHEME_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read"):
         reload(tmp_path)
+
+
+def test_gguf_kept_model_cannot_be_saved(tiny_model: nn.Module, tmp_path: Path) -> None:
+    from lamina.quant.int8 import Int8Embedding, quantize_per_channel
+
+    tiny_model.model.embed_tokens = Int8Embedding(*quantize_per_channel(tiny_model.model.embed_tokens.weight))
+    with pytest.raises(ValueError, match="quantize='none'"):
+        save_quantized(tiny_model, tmp_path, "int8")
