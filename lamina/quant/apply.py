@@ -1,7 +1,8 @@
 """Replace a model's `nn.Linear` modules with quantized ones: `quantize_model(model, method, ...)`.
 
-Which layers stay float: embeddings (they are lookups, not matmuls) and the output head `lm_head`
-(often tied to the embedding, and the layer most sensitive to quantization). Norms and biases are
+Which layers stay float: embeddings (they are lookups, not matmuls) and the output head (`lm_head`,
+or whatever `model.output_embeddings()` returns; often tied to the embedding, and the layer most
+sensitive to quantization). Norms and biases are
 untouched. Everything else that is an `nn.Linear` (attention and MLP projections) is quantized.
 
 `quantize_linear` is the per-layer entry point the loader uses to quantize while loading, one layer
@@ -68,19 +69,18 @@ def quantize_linear(
     return cls.from_float(linear, name=name, group_size=group_size, **opts)
 
 
+def float_linear_names(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> set[str]:
+    """Qualified names of linears that stay float: the model's output head (whatever its family calls
+    it, via `output_embeddings()`) and any module whose last name component is in `skip`."""
+    head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
+    skipped = set(skip)
+    return {name for name, mod in model.named_modules() if mod is head or name.rsplit(".", 1)[-1] in skipped}
+
+
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, nn.Linear]:
     """The float `nn.Linear` modules `quantize_model` replaces, by qualified name."""
-    skipped = set(skip)
-    return {
-        name: mod
-        for name, mod in model.named_modules()
-        if type(mod) is nn.Linear and name.rsplit(".", 1)[-1] not in skipped
-    }
-
-
-def should_quantize(name: str, skip: Iterable[str] = DEFAULT_SKIP) -> bool:
-    """Whether the linear called `name` is quantized (the loader's per-tensor decision)."""
-    return name.rsplit(".", 1)[-1] not in set(skip)
+    keep = float_linear_names(model, skip)
+    return {name: mod for name, mod in model.named_modules() if type(mod) is nn.Linear and name not in keep}
 
 
 @torch.no_grad()

@@ -23,12 +23,12 @@ from lamina.engine.perplexity import default_text
 from lamina.errors import InvalidArgumentError
 from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf import GGUFCheckpoint
-from lamina.loading.gguf_names import GGUF_ARCHITECTURES, unpermute_qk_rows
+from lamina.loading.gguf_names import unpermute_qk_rows
 from lamina.quant.apply import (
     _set_submodule,
+    float_linear_names,
     quantize_linear,
     quantize_model,
-    should_quantize,
     validate_method,
 )
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
@@ -57,8 +57,10 @@ def loading_hook(
     if quantize in (None, NO_QUANTIZATION, "gptq"):
         return None
 
+    keep = float_linear_names(model)
+
     def quantize_filled(name: str, module: nn.Module) -> None:
-        if type(module) is nn.Linear and should_quantize(name) and _filled(module):
+        if type(module) is nn.Linear and name not in keep and _filled(module):
             _set_submodule(model, name, quantize_linear(module, quantize, name, group_size))
 
     return quantize_filled
@@ -91,22 +93,31 @@ def _filled(module: nn.Module) -> bool:
     return not any(p.is_meta for p in module.parameters())
 
 
+def _module_name(model: nn.Module, target: nn.Module) -> str | None:
+    return next((name for name, mod in model.named_modules() if mod is target), None)
+
+
 def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
-    config = checkpoint.config
-    tied = model.get_submodule("lm_head").weight is model.get_submodule("model.embed_tokens").weight
-    permute_qk = GGUF_ARCHITECTURES[checkpoint.architecture][1]  # llama.cpp permuted q/k rows
+    """Rebuild Q4_0/Q4_1/Q8_0 linears from their blocks. Linears whose stored layout differs from the
+    module's (transposed, renamed, another shape) stay float, as does an output head tied to the
+    embedding (`_gguf_embedding` handles that pair)."""
+    spec, config = checkpoint.spec, checkpoint.config
+    stored = set(checkpoint.tensor_names())
+    head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
+    tied = head is not None and head.weight is model.input_embeddings().weight
 
     def keep_blocks(name: str, module: nn.Module) -> None:
+        weight = f"{name}.weight"
         if type(module) is not nn.Linear or not _filled(module) or module.bias is not None:
             return
-        if name == "lm_head" and tied:
+        if (tied and module is head) or weight not in stored or weight.endswith(spec.transposed):
             return
-        raw = checkpoint.read_raw(f"{name}.weight")
-        if raw.ggml_type not in BLOCK_BYTES:
+        raw = checkpoint.read_raw(weight)
+        if raw.ggml_type not in BLOCK_BYTES or tuple(raw.shape) != tuple(module.weight.shape):
             return
         permute = None
-        if permute_qk and name.endswith(("q_proj", "k_proj")):
-            heads = config["num_attention_heads" if name.endswith("q_proj") else "num_key_value_heads"]
+        if spec.permute_qk and weight.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in weight else "num_key_value_heads"]
 
             def permute(t: torch.Tensor, heads: int = heads) -> torch.Tensor:
                 return unpermute_qk_rows(t, heads)
@@ -119,19 +130,24 @@ def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
 
 def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
     """A Q8_0 token embedding -> int8 embedding (+ the tied head on the same int8 tensors)."""
-    raw = checkpoint.read_raw("model.embed_tokens.weight")
-    embed = model.get_submodule("model.embed_tokens")
-    if raw.ggml_type != "Q8_0" or not isinstance(embed, nn.Embedding):
+    embed = model.input_embeddings() if hasattr(model, "input_embeddings") else None
+    embed_name = _module_name(model, embed) if isinstance(embed, nn.Embedding) else None
+    weight = f"{embed_name}.weight"
+    if embed_name is None or weight not in set(checkpoint.tensor_names()):
         return
-    tied = model.get_submodule("lm_head").weight is embed.weight
-    new_embed, head = tied_int8_from_gguf(raw.data, raw.shape)
+    raw = checkpoint.read_raw(weight)
+    if raw.ggml_type != "Q8_0" or tuple(raw.shape) != tuple(embed.weight.shape):
+        return
+    head = model.output_embeddings()
+    head_name = _module_name(model, head) if head.weight is embed.weight else None
+    new_embed, new_head = tied_int8_from_gguf(raw.data, raw.shape)
     device = embed.weight.device
     new_embed.output_dtype = embed.weight.dtype
-    _set_submodule(model, "model.embed_tokens", new_embed.to(device))
-    if tied:
-        head = head.to(device)
-        head.weight_q, head.scales = new_embed.weight_q, new_embed.scales  # one copy for both
-        _set_submodule(model, "lm_head", head)
+    _set_submodule(model, embed_name, new_embed.to(device))
+    if head_name is not None:
+        new_head = new_head.to(device)
+        new_head.weight_q, new_head.scales = new_embed.weight_q, new_embed.scales  # one copy for both
+        _set_submodule(model, head_name, new_head)
 
 
 def resident_bytes(model: nn.Module) -> dict[str, int]:
