@@ -7,6 +7,9 @@ Rows: the float32 model (a GGUF dequantized), bfloat16, the GGUF kept quantized 
 GGUF), then each `--quantize` method applied to the float32 weights while loading. Perplexity is over
 the first --max-tokens tokens of CPython's English docs (windows of 512, stride 256); gptq calibrates
 on the last 4096 tokens of the same text, so the two do not overlap. Deltas are vs float32.
+A group size that does not divide a layer's width falls back to the largest one that does (SmolLM2's
+576-wide layers run g64 under --group-size 128; its 1536-wide down_proj runs g128), with a warning.
+Weight bytes include whatever stays float (for SmolLM2 the float32 tied embedding/head: 113 MB).
 
 Timings: one process, CPU, --threads torch threads (default 1: on a shared machine extra threads
 spin against other work and distort the result badly). Memory is `LLM.memory_footprint()`.
