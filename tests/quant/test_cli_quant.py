@@ -54,6 +54,8 @@ def test_quantize_writes_a_checkpoint_generate_loads(
         == 0
     )
     assert capsys.readouterr().out.strip() == text.strip()
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM.load(out, device="cpu", quantize="int8")
 
 
 def test_quantize_on_load_shrinks_the_footprint(tiny_llama_dir: Path) -> None:
