@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--calibration", metavar="FILE", help="gptq calibration text (default: CPython docs)")
     parser.add_argument(
-        "--act-order", action="store_true", help="gptq: quantize columns by decreasing activation"
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gptq: quantize columns by decreasing Hessian diagonal (default: on)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.set_defaults(run=run)

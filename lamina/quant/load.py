@@ -3,7 +3,8 @@
 Three ways a model ends up quantized at load time:
 - `quantize=METHOD` (int8, int4, nf4, ...): each float linear is quantized as soon as the loader has
   filled its parameters, so at most one float layer exists at a time (peak ~ quantized size + one
-  layer). gptq needs calibration activations of the whole model, so it quantizes after loading.
+  layer). gptq needs calibration activations of the whole model, so it quantizes after loading,
+  with act-order (SmolLM2, g128: +11% perplexity vs float, +17% without act-order).
 - a GGUF file with `quantize=None` (the default): linears stored as Q4_0/Q4_1/Q8_0 are rebuilt from
   their blocks (`gguf_formats`), and a Q8_0 token embedding becomes an int8 embedding shared with a
   tied output head. Other GGML types stay float. `quantize="none"` expands everything to float.
@@ -80,7 +81,7 @@ def finish_loading(
         device = next(model.parameters()).device
         ids = calibration_ids(tokenizer_encode(default_text()), GPTQ_CALIBRATION_TOKENS)
         batches = [chunk[None].to(device) for chunk in ids.split(CALIBRATION_WINDOW)]  # [1, <=512] each
-        quantize_model(model, "gptq", group_size=group_size, calibration=batches)
+        quantize_model(model, "gptq", group_size=group_size, calibration=batches, act_order=True)
 
 
 def calibration_ids(token_ids: list[int], n: int) -> torch.Tensor:
