@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lamina.engine.perplexity import default_text
-from lamina.errors import InvalidArgumentError
+from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf import GGUFCheckpoint
 from lamina.loading.gguf_names import unpermute_qk_rows
@@ -176,6 +176,12 @@ def load_saved_quantized(
     load_quantized_into(model, directory)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(
+            f"{directory} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}; "
+            "the quantized checkpoint is incomplete, re-run `lamina quantize`"
+        )
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype != dtype:

@@ -9,6 +9,7 @@ import pytest
 
 from lamina.api import LLM
 from lamina.cli import main
+from lamina.errors import CheckpointError
 from lamina.quant.checkpoint import SCHEME_FILE
 
 
@@ -116,3 +117,15 @@ def test_default_gguf_stays_quantized_near_its_file_size(default_gguf: Path) -> 
     resident = llm.memory_footprint()["cpu"]
     assert resident < 1.1 * default_gguf.stat().st_size
     assert "Paris" in llm.generate("The capital of France is", max_new_tokens=4, temperature=0)
+
+
+def test_saved_checkpoint_missing_a_float_weight(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "--method", "int8", "--out", str(out)]) == 0
+    tensors = load_file(out / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"lacks 1 weight\(s\).*model\.norm\.weight"):
+        LLM.load(out, device="cpu")
