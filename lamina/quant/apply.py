@@ -112,7 +112,7 @@ def quantize_model(
             new = gptq_linear(linear, hessians.pop(name), group_size, act_order, name=name)
         else:
             new = quantize_linear(linear, method, name, group_size)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         if progress is not None:
             progress(name)
     return model
@@ -123,6 +123,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (e.g. a linear by its quantized version)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError
-from lamina.quant.apply import LAYER_CLASSES, _set_submodule, quantized_layers
+from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
 from lamina.quant.int8 import Int8Embedding
 
 SCHEME_FILE = "quant_config.json"
@@ -141,7 +141,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
                     f"{SCHEME_FILE}: layer {name} lacks field {exc}; re-run `lamina quantize`"
                 ) from None
             try:
-                _set_submodule(model, name, layer)
+                set_submodule(model, name, layer)
             except AttributeError:
                 raise CheckpointError(
                     f"{SCHEME_FILE} names layer {name}, which this model does not have"

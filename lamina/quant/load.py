@@ -26,10 +26,10 @@ from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf import GGUFCheckpoint
 from lamina.loading.gguf_names import unpermute_qk_rows
 from lamina.quant.apply import (
-    _set_submodule,
     float_linear_names,
     quantize_linear,
     quantize_model,
+    set_submodule,
     validate_method,
 )
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
@@ -62,7 +62,7 @@ def loading_hook(
 
     def quantize_filled(name: str, module: nn.Module) -> None:
         if type(module) is nn.Linear and name not in keep and _filled(module):
-            _set_submodule(model, name, quantize_linear(module, quantize, name, group_size))
+            set_submodule(model, name, quantize_linear(module, quantize, name, group_size))
 
     return quantize_filled
 
@@ -124,7 +124,7 @@ def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
                 return unpermute_qk_rows(t, heads)
 
         layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, permute)
-        _set_submodule(model, name, layer.to(module.weight.device))
+        set_submodule(model, name, layer.to(module.weight.device))
 
     return keep_blocks
 
@@ -144,11 +144,11 @@ def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
     new_embed, new_head = tied_int8_from_gguf(raw.data, raw.shape)
     device = embed.weight.device
     new_embed.output_dtype = embed.weight.dtype
-    _set_submodule(model, embed_name, new_embed.to(device))
+    set_submodule(model, embed_name, new_embed.to(device))
     if head_name is not None:
         new_head = new_head.to(device)
         new_head.weight_q, new_head.scales = new_embed.weight_q, new_embed.scales  # one copy for both
-        _set_submodule(model, head_name, new_head)
+        set_submodule(model, head_name, new_head)
 
 
 def resident_bytes(model: nn.Module) -> dict[str, int]:
