@@ -21,6 +21,8 @@ from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
+from lamina.placement import load_and_dispatch
+from lamina.placement.offload_store import default_offload_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,14 +78,27 @@ class LLM:
         *,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "auto",
+        max_memory: str | dict[str, str | int] | None = None,
+        offload_dir: str | Path | None = None,
     ) -> LLM:
-        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)."""
+        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
+
+        With `max_memory` (`{"cpu": "300MB"}` or `"cpu=300MB,cuda:0=4GB"`) layers are placed on
+        GPU / CPU / disk within those budgets and the rest streamed; `offload_dir` holds converted
+        disk-tier layers (default: a folder under ~/.cache/lamina/offload).
+        """
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = Path(path).expanduser() if path is not None else default_model_path()
         started = time.perf_counter()
         with open_checkpoint(source) as checkpoint:
             model, config = build_empty(checkpoint)
-            load_weights(model, checkpoint, torch_dtype, torch_device)
+            if max_memory is None:
+                load_weights(model, checkpoint, torch_dtype, torch_device)
+            else:
+                folder = offload_dir or default_offload_dir(source, torch_dtype)
+                load_and_dispatch(
+                    model, checkpoint, max_memory=max_memory, offload_dir=folder, dtype=torch_dtype
+                )
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
         model.eval()
         llm = cls(model, tokenizer, config, source)

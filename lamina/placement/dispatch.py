@@ -50,6 +50,7 @@ def dispatch(model: nn.Module, plan: Plan, streamed: Mapping[str, torch.Tensor])
     for placement in plan.placements:
         module = model.get_submodule(placement.prefix)
         device = torch.device(plan.execution_device(placement.tier))
+        module.compute_device = device  # where its activations (and KV cache) live
         if on_gpu:
             module.register_forward_pre_hook(
                 lambda m, a, k, d=device: (move(a, d), move(k, d)), with_kwargs=True

@@ -8,6 +8,7 @@ written once to the offload folder. No full state dict is ever built.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
@@ -89,7 +90,8 @@ class _Loader:
         self.filled: set[str] = set()
 
     def run(self, offload_dir: str | Path | None) -> None:
-        names = self.reader.tensor_names()
+        ignored = [re.compile(p) for p in getattr(self.model, "ignored_checkpoint_keys", ())]
+        names = [n for n in self.reader.tensor_names() if not any(p.search(n) for p in ignored)]
         unknown = [n for n in names if n not in self.canonical]
         if unknown:
             raise CheckpointError(

@@ -24,6 +24,12 @@ from lamina.errors import InvalidArgumentError
 INDEX = "lamina-offload.json"
 
 
+def default_offload_dir(source: Path, dtype: torch.dtype) -> Path:
+    """Per model file and dtype: `$XDG_CACHE_HOME/lamina/offload/<name>-<dtype>`."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lamina" / "offload" / f"{source.stem}-{str(dtype).removeprefix('torch.')}"
+
+
 def prepare_dir(path: str | Path | None) -> Path:
     """Create `path` if needed and prove it writable; a clear error otherwise."""
     if path is None:
