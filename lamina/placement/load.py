@@ -59,7 +59,12 @@ def load_and_dispatch(
         the_plan = plan(model, max_memory, no_split, strategy, run_dtype, prefetch)
     else:
         raise InvalidArgumentError(f"device_map must be 'auto' or a Plan, got {device_map!r}")
-    reader = WeightFiles(checkpoint) if isinstance(checkpoint, str | Path) else checkpoint
+    if isinstance(checkpoint, str | Path):
+        reader: TensorReader = WeightFiles(checkpoint)
+    elif isinstance(getattr(checkpoint, "file_of", None), dict):  # an HF directory: read its shards ourselves
+        reader = WeightFiles(checkpoint.path, checkpoint.file_of)
+    else:
+        reader = checkpoint
     loader = _Loader(model, the_plan, reader, run_dtype)
     loader.run(offload_dir)
     return dispatch(model, the_plan, loader.streamed)

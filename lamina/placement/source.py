@@ -34,9 +34,9 @@ class TensorReader(Protocol):
 class WeightFiles:
     """Tensors of a weights file, directory or index, by name; `shards()` yields one file at a time."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, file_of: dict[str, Path] | None = None) -> None:
         self.path = Path(path).expanduser()
-        self.file_of = _tensor_files(self.path)
+        self.file_of = dict(file_of) if file_of is not None else _tensor_files(self.path)
 
     def tensor_names(self) -> list[str]:
         return list(self.file_of)
