@@ -178,8 +178,10 @@ class _Loader:
         tier = placement.tier
         if not self.plan.is_streamed(tier):
             device = torch.device(self.plan.execution_device(tier))
-            owned = torch.empty(tensor.shape, dtype=self._run_dtype(tensor), device=device)
-            self._assign(name, owned.copy_(tensor))  # owned memory, not the file's pages
+            placed = tensor.to(device=device, dtype=self._run_dtype(tensor))
+            if placed.data_ptr() == tensor.data_ptr() and isinstance(self.reader, WeightFiles):
+                placed = placed.clone()  # own the memory instead of keeping the checkpoint's file pages
+            self._assign(name, placed)
         elif tier == "cpu":
             pinned = torch.empty(tensor.shape, dtype=self._run_dtype(tensor), pin_memory=True)
             self._host(name, pinned.copy_(tensor))

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 import lamina
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.placement.offload_store import INDEX
-from toy_models import Toy, block_bytes
+from tests.placement.toy_models import Toy, block_bytes
 
 D = 32
 EMB = 50 * D * 4
@@ -58,7 +59,7 @@ def test_identical_outputs_streaming_in_place(reference, ckpt_dir, mix, tmp_path
 def test_streamed_weights_are_file_pages_not_copies(ckpt_dir):
     model = load(ckpt_dir, BUDGETS["all-disk"])
     weight = model.layers[0].up.weight
-    maps = open(f"/proc/{os.getpid()}/maps").read()
+    maps = Path(f"/proc/{os.getpid()}/maps").read_text()
     start = weight.data_ptr()
     mapped = [line for line in maps.splitlines() if "model.safetensors" in line]
     ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in mapped]
@@ -107,7 +108,7 @@ def test_sharded_index_and_bin_checkpoints(reference, tmp_path):
 def test_unwritable_offload_dir_is_a_clear_error(ckpt_dir, tmp_path):
     blocker = tmp_path / "a-file"  # a folder under a regular file cannot be created, even by root
     blocker.write_text("")
-    with pytest.raises(InvalidArgumentError, match="offload dir .* not writable"):
+    with pytest.raises(InvalidArgumentError, match=r"offload dir .* not writable"):
         load(ckpt_dir, BUDGETS["all-disk"], offload_dir=blocker / "off", dtype="bfloat16")
 
 

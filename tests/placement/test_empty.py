@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lamina.placement import init_empty
-from toy_models import Toy
+from tests.placement.toy_models import Toy
 
 
 class WithBuffers(nn.Module):

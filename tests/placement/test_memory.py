@@ -5,7 +5,7 @@ import torch
 
 from lamina.errors import InvalidArgumentError
 from lamina.placement.memory import module_nbytes, parse_max_memory, parse_size
-from toy_models import Toy, block_bytes
+from tests.placement.toy_models import Toy, block_bytes
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lamina.placement import PlacementError, plan
-from toy_models import Toy, block_bytes
+from tests.placement.toy_models import Toy, block_bytes
 
 D = 32
 EMB = 50 * D * 4  # 6400 bytes

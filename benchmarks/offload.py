@@ -1,0 +1,234 @@
+"""Offloaded inference: Lamina under `--max-memory cpu=150MB` vs fully in memory vs Accelerate.
+
+On the default model (SmolLM2-135M, float32, ~540 MB) it prints one table:
+  1. greedy tokens with and without the cap (must be identical);
+  2. anonymous peak RSS above the interpreter's baseline, next to the cap;
+  3. decode tokens/s under the cap, the offloaded layers in the page cache (target >= 80% of the
+     unconstrained run), and in a cgroup v1 memory limit so small that every token's offloaded
+     layers are read from disk (target >= 2/3 of sequential read bandwidth / bytes per token);
+  4. transformers + Accelerate, device_map="auto", max_memory={"cpu": "150MB"}, offload_folder
+     (target: Lamina >= 4x).
+Each run is a fresh subprocess, so peaks are its own. The cgroup run needs root and the cgroup v1
+memory controller at /sys/fs/cgroup/memory; without them it is skipped.
+
+Usage: python benchmarks/offload.py [--tokens 32] [--cap 150MB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / ".bench" / "offload"
+PROMPT = "The history of the printing press begins"
+CGROUP = Path("/sys/fs/cgroup/memory/lamina-offload-bench")
+
+
+def anon_bytes() -> int:
+    """This process's anonymous resident memory (heap, tensors), not file pages."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class AnonPeak:
+    """Samples RssAnon every 2 ms on a thread; `peak` is the highest value seen."""
+
+    def __init__(self) -> None:
+        self.peak = anon_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, anon_bytes())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, anon_bytes())
+
+
+def worker_lamina(cap: str | None, tokens: int) -> dict:
+    import torch
+
+    from lamina import LLM
+
+    torch.manual_seed(0)
+    base = anon_bytes()
+    sampler = AnonPeak()
+    max_memory = {"cpu": cap} if cap else None
+    llm = LLM.load(max_memory=max_memory, offload_dir=BENCH / "lamina-offload")
+    ids = list(llm.tokenizer.encode(PROMPT))
+    llm.generate(PROMPT, max_new_tokens=4, temperature=0)  # warm-up: first-touch costs out of the timing
+    from lamina.engine.generate import generate_tokens
+    from lamina.engine.sampling import SamplingParams
+
+    out = list(generate_tokens(llm.model, ids, tokens, SamplingParams(temperature=0.0), stats=llm.last_stats))
+    peak = sampler.stop()
+    plan = getattr(llm.model, "lamina_plan", None)
+    streamed = sum(plan.streamed_bytes().values()) if plan else 0
+    return {
+        "tokens": out,
+        "tok_s": llm.last_stats.decode_tokens_per_s,
+        "anon_peak_above_base": peak - base,
+        "base": base,
+        "streamed_per_token": streamed,
+        "prompt_ids": ids,
+    }
+
+
+def worker_accelerate(cap: str, tokens: int, prompt_ids: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lamina.default_model import default_model_path
+
+    gguf = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        device_map="auto",
+        max_memory={"cpu": cap},
+        offload_folder=str(BENCH / "accelerate-offload"),
+    ).eval()
+    ids = torch.tensor([prompt_ids])
+    kwargs = {"do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        total = time.perf_counter() - start
+    return {"tokens": out[0, len(prompt_ids) :].tolist(), "tok_s": (tokens - 1) / (total - prefill)}
+
+
+def spawn(args: list[str], cgroup: bool = False) -> dict:
+    """Run a worker in a fresh interpreter (optionally inside the benchmark cgroup); its JSON result."""
+
+    def enter_cgroup() -> None:
+        (CGROUP / "cgroup.procs").write_text(str(os.getpid()))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=enter_cgroup if cgroup else None,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Evict our offload files from the page cache (only ours: other users' cache is left alone)."""
+    for file in folder.glob("*.safetensors"):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_into_page_cache(folder: Path) -> None:
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            while f.read(16 * 2**20):
+                pass
+
+
+def make_cgroup(limit: int) -> bool:
+    if not Path("/sys/fs/cgroup/memory").is_dir() or os.geteuid() != 0:
+        return False
+    CGROUP.mkdir(exist_ok=True)
+    (CGROUP / "memory.limit_in_bytes").write_text(str(limit))
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--cap", default="150MB")
+    parser.add_argument("--skip-accelerate", action="store_true")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "lamina":
+            result = worker_lamina(rest[0] if rest[0] != "none" else None, int(rest[1]))
+        else:
+            result = worker_accelerate(rest[0], int(rest[1]), json.loads(rest[2]))
+        print(json.dumps(result))
+        return
+
+    from lamina.placement.memory import disk_read_bandwidth, format_size, parse_size
+
+    BENCH.mkdir(parents=True, exist_ok=True)
+    parse_size(args.cap)  # a bad --cap fails here, before any run
+    n = str(args.tokens)
+    full = spawn(["lamina", "none", n])
+    capped = spawn(["lamina", args.cap, n])  # also writes the offload folder on the first run
+    read_into_page_cache(BENCH / "lamina-offload")
+    cached = spawn(["lamina", args.cap, n])
+    disk_bw = disk_read_bandwidth(BENCH, 256 * 2**20)
+    per_token = capped["streamed_per_token"]
+    rows = [
+        ("in memory (no cap)", full, None),
+        (f"cap cpu={args.cap}, layers in page cache", cached, full["tok_s"] * 0.8),
+    ]
+    # The cgroup holds the interpreter, the resident weights and cap-sized headroom, but not the
+    # 425 MB of streamed layers: every token reads them from disk again.
+    limit = cached["base"] + cached["anon_peak_above_base"] + 48 * 10**6
+    if make_cgroup(limit):
+        try:
+            drop_from_page_cache(BENCH / "lamina-offload")
+            cgroup_run = spawn(["lamina", args.cap, n], cgroup=True)
+            rows.append(
+                (
+                    f"cap, cgroup limit {format_size(limit)} (from disk)",
+                    cgroup_run,
+                    2 / 3 * disk_bw / per_token,
+                )
+            )
+        finally:
+            CGROUP.rmdir()
+    if not args.skip_accelerate:
+        acc = spawn(["accelerate", args.cap, n, json.dumps(full["prompt_ids"])])
+        rows.append(("transformers + Accelerate, same cap, offload_folder", acc, None))
+
+    print(f"\nSmolLM2-135M-Instruct float32, greedy, {args.tokens} new tokens, cap cpu={args.cap}")
+    print(f"disk sequential read {disk_bw / 1e6:.0f} MB/s; streamed per token {format_size(per_token)}")
+    print(f"interpreter+torch baseline anonymous RSS (the overhead): {format_size(full['base'])}\n")
+    print(f"{'run':<52} {'tok/s':>7} {'target':>8} {'same tokens':>12} {'anon peak (cap)':>22}")
+    for name, result, target in rows:
+        same = "yes" if result["tokens"] == full["tokens"] else "NO"
+        peak = result.get("anon_peak_above_base")
+        peak_text = "" if peak is None else format_size(peak)
+        if peak is not None and result is not full:
+            peak_text += f" ({args.cap})"
+        target_text = f">={target:.1f}" if target else ""
+        print(f"{name:<52} {result['tok_s']:>7.1f} {target_text:>8} {same:>12} {peak_text:>22}")
+    if not args.skip_accelerate:
+        print(f"\nLamina (page cache) / Accelerate: {cached['tok_s'] / acc['tok_s']:.1f}x (target >= 4x)")
+    print("Anon peak = anonymous RSS above the baseline; file pages of mapped layers are not counted.")
+
+
+if __name__ == "__main__":
+    main()
