@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's lamina, not an installed one
 BENCH = ROOT / ".bench" / "offload"
 PROMPT = "The history of the printing press begins"
 CGROUP = Path("/sys/fs/cgroup/memory/lamina-offload-bench")

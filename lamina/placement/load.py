@@ -8,6 +8,7 @@ written once to the offload folder. No full state dict is ever built.
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -119,6 +120,7 @@ class _Loader:
             for name, tensor in folder.open().items():
                 self._host(name, tensor)
         self._check_complete()
+        release_free_heap()
 
     def _tensors(self, names: list[str], skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(self.reader, WeightFiles):
@@ -231,3 +233,13 @@ def _submodule(model: nn.Module, prefix: str) -> nn.Module:
         raise InvalidArgumentError(
             f"the plan names module {prefix!r}, which this model does not have"
         ) from None
+
+
+def release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them after big conversions, e.g. GGUF dequant)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+    trim(0)
