@@ -106,8 +106,9 @@ def _resident(start: int, length: int, samples: int = 16) -> bool:
     """
     pages = (length + PAGE - 1) // PAGE
     vec = ctypes.c_uint8()
-    for k in range(min(samples, pages)):
-        page = start + (k * (pages - 1) // max(samples - 1, 1)) * PAGE
+    count = min(samples, pages)
+    for k in range(count):
+        page = start + (k * (pages - 1) // max(count - 1, 1)) * PAGE
         if (
             _libc.mincore(ctypes.c_void_p(page), ctypes.c_size_t(PAGE), ctypes.byref(vec)) != 0
             or not vec.value & 1
