@@ -143,24 +143,40 @@ class Bandwidths:
     ram: float
     disk: float
     host_to_device: float | None
+    gpu: float | None  # device memory read bandwidth of cuda:0
 
 
 def measure_bandwidths(scratch_dir: str | Path | None = None, nbytes: int = 64 * 2**20) -> Bandwidths:
     """Time a RAM copy, a cold sequential file read and (with a GPU) a pinned host-to-device copy."""
     return Bandwidths(
-        ram=_ram_bandwidth(nbytes), disk=disk_read_bandwidth(scratch_dir, nbytes), host_to_device=_h2d(nbytes)
+        ram=_ram_bandwidth(nbytes),
+        disk=disk_read_bandwidth(scratch_dir, nbytes),
+        host_to_device=_h2d(nbytes),
+        gpu=_gpu_bandwidth(nbytes),
     )
 
 
-def _ram_bandwidth(nbytes: int) -> float:
-    src = torch.ones(nbytes // 4)
+def _copy_bandwidth(device: str, nbytes: int) -> float:
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    if device != "cpu":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(4):
         dst.copy_(src)
-    # A copy reads and writes each byte; weights are only read, so count one direction.
+    if device != "cpu":
+        torch.cuda.synchronize()
+    # A copy reads and writes each byte; decoding only reads weights, so count both directions.
     return 4 * nbytes * 2 / (time.perf_counter() - start)
+
+
+def _ram_bandwidth(nbytes: int) -> float:
+    return _copy_bandwidth("cpu", nbytes)
+
+
+def _gpu_bandwidth(nbytes: int) -> float | None:
+    return _copy_bandwidth("cuda:0", nbytes) if torch.cuda.is_available() else None
 
 
 def disk_read_bandwidth(scratch_dir: str | Path | None = None, nbytes: int = 64 * 2**20) -> float:
