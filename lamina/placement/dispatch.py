@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamina.placement.page_streamer import PageStreamer
 from lamina.placement.plan import Plan
-from lamina.placement.streaming import DeviceStreamer, PageStreamer, Slot
+from lamina.placement.streaming import DeviceStreamer, Slot
 from lamina.placement.units import join
 
 

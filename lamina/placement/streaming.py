@@ -1,18 +1,13 @@
 """Streaming offloaded layers to the compute device, the next ones read while this one computes.
 
-Two streamers, one per kind of compute device:
+Shared machinery (forward hooks on each streamed layer, which layers come next) and the GPU
+streamer; the CPU one is in `page_streamer.py`.
 
-- `PageStreamer` (computing on the CPU): a disk-tier layer's weights are memory-mapped safetensors,
-  used in place, with no copy. While layer i computes, a reader thread asks the kernel for the pages
-  of layers i+1..i+k (`madvise(MADV_WILLNEED)`) and touches one byte per page so they are resident
-  (and mapped) before use. The weights live in the page cache, not in the process's anonymous
-  memory, so `max_memory["cpu"]` bounds what the process allocates, and a page-cache-resident
-  layer costs no copy at all: copying it into a buffer would double the memory traffic of decoding.
-- `DeviceStreamer` (computing on a GPU): `prefetch + 1` device buffers, each the size of the largest
-  streamed layer, reused in turn. A reader thread copies layer i+1's host tensors (pinned RAM for the
-  cpu tier; mmap pages into pinned staging buffers for the disk tier) and issues the host-to-device
-  copy on a separate CUDA stream, recording an event that the compute stream waits on right before
-  layer i+1 runs. A buffer is refilled only after the compute stream is done with it.
+`DeviceStreamer` (computing on a GPU): `prefetch + 1` device buffers, each the size of the largest
+streamed layer, reused in turn. A reader thread copies layer i+1's host tensors (pinned RAM for the
+cpu tier; mapped file pages into pinned staging buffers for the disk tier) and issues the
+host-to-device copy on a separate CUDA stream, recording an event that the compute stream waits on
+right before layer i+1 runs. A buffer is refilled only after the compute stream is done with it.
 """
 
 from __future__ import annotations
@@ -25,14 +20,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 PAGE = mmap.PAGESIZE
-MADV_WILLNEED = 3
-MADV_POPULATE_READ = 22
-_populate_read = True  # until the kernel says it lacks MADV_POPULATE_READ
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -58,63 +49,6 @@ class Slot:
 
 
 StreamedLayer = Sequence[Slot]
-
-
-def _will_need(start: int, length: int) -> None:
-    """Read a mapped range's pages in (and map them) unless they are all in the page cache already.
-
-    `MADV_POPULATE_READ` (Linux 5.14+) does it in one call; older kernels get `MADV_WILLNEED` plus a
-    read of one byte per page. No torch op runs on this thread, so it never competes with the
-    compute thread's OpenMP pool.
-    """
-    global _populate_read
-    if _resident(start, length):
-        return
-    if (
-        _populate_read
-        and _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_POPULATE_READ) == 0
-    ):
-        return
-    _populate_read = False
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_WILLNEED)
-    pages = np.frombuffer((ctypes.c_uint8 * length).from_address(start), dtype=np.uint8)
-    int(pages[::PAGE].sum())  # one read per page faults each page in
-
-
-def page_ranges(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """Page-aligned (start, length) ranges covering `tensors`, adjacent ones merged (a layer's
-    tensors from one safetensors file form a single range)."""
-    spans = sorted(
-        (t.data_ptr() // PAGE * PAGE, t.data_ptr() + t.numel() * t.element_size())
-        for t in tensors
-        if t.numel()
-    )
-    merged: list[list[int]] = []
-    for start, end in spans:
-        if merged and start <= merged[-1][1] + PAGE:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(start, end - start) for start, end in merged]
-
-
-def _resident(start: int, length: int, samples: int = 16) -> bool:
-    """Whether `samples` pages spread over [start, start + length) are in the page cache (`mincore`).
-
-    A sample, not every page: checking a cached 14 MB layer page by page costs more than the layer's
-    compute is worth saving. A page the sample misses is simply faulted in by the compute thread.
-    """
-    pages = (length + PAGE - 1) // PAGE
-    vec = ctypes.c_uint8()
-    count = min(samples, pages)
-    for k in range(count):
-        page = start + (k * (pages - 1) // max(count - 1, 1)) * PAGE
-        if (
-            _libc.mincore(ctypes.c_void_p(page), ctypes.c_size_t(PAGE), ctypes.byref(vec)) != 0
-            or not vec.value & 1
-        ):
-            return False
-    return True
 
 
 class _Streamer(ABC):
@@ -147,31 +81,6 @@ class _Streamer(ABC):
         for handle in self.handles:
             handle.remove()
         self.pool.shutdown(wait=True)
-
-
-class PageStreamer(_Streamer):
-    """CPU compute: weights are used in place from mapped files; the next layers' pages are warmed."""
-
-    def __init__(self, layers: Sequence[tuple[nn.Module, StreamedLayer]], prefetch: int) -> None:
-        super().__init__(layers, prefetch)
-        self.pending: dict[int, Future[None]] = {}
-        for slots in self.layers:
-            for slot in slots:
-                slot.bind(slot.host)
-        self.ranges = [page_ranges([slot.host for slot in slots]) for slots in self.layers]
-
-    def _warm(self, index: int) -> None:
-        for start, length in self.ranges[index]:
-            _will_need(start, length)
-
-    def after(self, index: int) -> None:
-        """Nothing to release: the kernel reclaims mapped pages under memory pressure."""
-
-    def before(self, index: int) -> None:
-        self.pending.pop(index, None)
-        for nxt in self.upcoming(index):
-            if nxt not in self.pending:
-                self.pending[nxt] = self.pool.submit(self._warm, nxt)
 
 
 class DeviceStreamer(_Streamer):

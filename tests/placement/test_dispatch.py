@@ -163,3 +163,28 @@ def test_gpu_streaming_from_cpu_and_disk(reference, ckpt_dir, cpu_budget):
             out = model(ids)  # CPU input: output comes back to the CPU
             assert out.device.type == "cpu"
             torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_layers_not_in_page_cache_are_read_into_reused_buffers(reference, ckpt_dir, monkeypatch, prefetch):
+    from lamina.placement import page_streamer
+
+    calls = []
+
+    def alternate(tensors, samples=16):  # cached, then not: exercises reads and re-binding in place
+        calls.append(1)
+        return len(calls) % 3 == 0
+
+    monkeypatch.setattr(page_streamer, "cached", alternate)
+    model = load(ckpt_dir, 2 * BLOCK + 100 + prefetch * BLOCK, prefetch=prefetch)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = reference(ids)
+        for _ in range(3):
+            assert torch.equal(model(ids), expected)
+    streamer = model.lamina_streamer
+    assert 1 <= len(streamer.buffers) <= prefetch + 1
+    first = [b.data_ptr() for b in streamer.buffers]
+    with torch.no_grad():
+        model(ids)
+    assert [b.data_ptr() for b in streamer.buffers] == first  # reused, not reallocated
