@@ -104,3 +104,41 @@ def test_table_lists_modules_tiers_and_totals():
     text = str(plan(empty_toy(), {"cpu": EMB + 4 * BLOCK - 1}))
     assert "layers.3" in text and "disk" in text and "stream buffers" in text
     assert text.splitlines()[0].split() == ["module", "kind", "tier", "size"]
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """Plan for a two-GPU machine on any machine: the planner only needs device names and budgets."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_sequential_fills_first_gpu_then_second_then_cpu(two_fake_gpus):
+    budget = {"cuda:0": EMB + 2 * BLOCK, "cuda:1": 2 * BLOCK, "cpu": "1MB"}
+    p = plan(empty_toy(), budget, strategy="sequential")
+    assert p.compute_device == "cuda:0"
+    t = tiers(p)
+    assert [t["emb"], t["layers.0"], t["layers.1"], t["layers.2"], t["layers.3"]] == [
+        "cuda:0",
+        "cuda:0",
+        "cuda:0",
+        "cuda:1",
+        "cuda:1",
+    ]
+    assert p.reserved == 0
+
+
+def test_balanced_spreads_layers_over_gpus(two_fake_gpus):
+    budget = {"cuda:0": "1MB", "cuda:1": "1MB", "cpu": "1MB"}
+    assert set(tiers(plan(empty_toy(), budget, strategy="sequential")).values()) == {"cuda:0"}
+    balanced = plan(empty_toy(), budget, strategy="balanced")
+    on = [pl.tier for pl in balanced.placements]
+    assert on.count("cuda:0") >= 2 and on.count("cuda:1") >= 2
+    assert plan(empty_toy(), budget).device_map == balanced.device_map  # auto = balanced with 2 GPUs
+
+
+def test_cpu_tier_is_streamed_to_the_gpu_and_room_is_reserved_there(two_fake_gpus):
+    p = plan(empty_toy(), {"cuda:0": EMB + 3 * BLOCK, "cpu": "1MB"})
+    assert p.reserved == 2 * BLOCK
+    assert p.is_streamed("cpu") and p.execution_device("cpu") == "cuda:0"
+    assert p.streamed_bytes() == {"cpu": 3 * BLOCK}
