@@ -5,11 +5,11 @@ looks at layers i+1..i+k:
 
 - if a sample of their pages is in the page cache, the layer runs in place on the mapped file, with
   no copy at all (copying would double the memory traffic of a decoding step);
-- otherwise the thread reads the layer's byte range from the file with `O_DIRECT` into one of
-  `prefetch + 1` reused, page-aligned buffers (`os.preadv`), and the layer runs on views of it.
-
-`O_DIRECT` keeps those reads out of the page cache: under a tight memory limit (a cgroup), filling
-the cache would force the kernel to reclaim page by page, and reading through it would copy twice.
+- otherwise the thread reads the layer's byte range from the file into one of `prefetch + 1` reused,
+  page-aligned buffers (`os.preadv`), and the layer runs on views of it. The first such read goes
+  through the page cache (so with RAM to spare the layer is cached from then on); a layer that
+  misses again is read with `O_DIRECT`: under a tight memory limit (a cgroup), filling the cache
+  would force the kernel to reclaim page by page, and reading through it would copy twice.
 The buffers are the `reserved` bytes of the plan, allocated on the first read from disk; the mapped
 pages are file pages, not the process's anonymous memory. Nothing is allocated per token.
 """
@@ -124,7 +124,8 @@ class PageStreamer(_Streamer):
         self.size = max((r[2] for r in self.reads if r is not None), default=0)
         self.count = min(prefetch, len(self.layers) - 1) + 1
         self.buffers: list[torch.Tensor] = []  # allocated on the first read from disk
-        self.fds: dict[str, tuple[int, bool]] = {}  # path -> (fd, opened with O_DIRECT)
+        self.fds: dict[tuple[str, bool], tuple[int, bool]] = {}  # (path, direct?) -> (fd, O_DIRECT?)
+        self.missed: set[int] = set()  # layers found uncached once: read with O_DIRECT from now on
         self.pending: dict[int, tuple[int, Future[bool]]] = {}  # layer -> (buffer, read into it?)
         self.owner: list[int | None] = [None] * self.count
         self.bound: dict[int, int] = {}  # layer -> buffer its modules now point into
@@ -138,29 +139,38 @@ class PageStreamer(_Streamer):
             self.buffers.append(raw[skip : skip + self.size])
         return self.buffers[index]
 
-    def _fd(self, path: str) -> tuple[int, bool]:
-        if path not in self.fds:
+    def _fd(self, path: str, direct: bool) -> tuple[int, bool]:
+        """A read-only fd for `path`, with O_DIRECT if asked and the file system allows it."""
+        if (path, direct) not in self.fds:
             try:
-                self.fds[path] = (os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), True)
+                flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+                self.fds[path, direct] = (os.open(path, flags), direct)
             except OSError:  # a file system without O_DIRECT (tmpfs): plain reads, dropped after
-                self.fds[path] = (os.open(path, os.O_RDONLY), False)
-        return self.fds[path]
+                self.fds[path, direct] = (os.open(path, os.O_RDONLY), False)
+        return self.fds[path, direct]
 
     def _read(self, index: int, buffer: int) -> bool:
-        """Runs on the reader thread: fill `buffer` with layer `index` unless it is cached."""
+        """Runs on the reader thread: fill `buffer` with layer `index` unless it is cached.
+
+        A layer's first miss is read through the page cache, so with RAM to spare it runs in place
+        from the next token on. A second miss means memory is too tight to keep it cached: from then
+        on its reads bypass the cache (O_DIRECT), sparing the kernel the reclaim they would cause.
+        """
         reads = self.reads[index]
         if reads is None or cached([s.host for s in self.layers[index]]):
             return False
+        direct = index in self.missed
+        self.missed.add(index)
         view = memoryview(self._buffer(buffer).numpy())
         for run in reads[0]:
-            fd, direct = self._fd(run.path)
+            fd, is_direct = self._fd(run.path, direct)
             done = 0
             while done < run.length:
                 n = os.preadv(fd, [view[run.into + done : run.into + run.length]], run.offset + done)
                 if n <= 0:
                     break  # end of file: the aligned range ran past it
                 done += n
-            if not direct:
+            if direct and not is_direct:
                 os.posix_fadvise(fd, run.offset, run.length, os.POSIX_FADV_DONTNEED)
         return True
 
