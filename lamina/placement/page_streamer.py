@@ -28,7 +28,6 @@ from torch import nn
 from lamina.placement.streaming import PAGE, StreamedLayer, _libc, _Streamer
 
 MERGE_GAP = 2**20  # tensors of one file closer than this are read in one request
-SAMPLES = 16  # pages checked per layer to decide whether it is cached
 
 
 @dataclass(frozen=True)
@@ -96,20 +95,34 @@ def plan_reads(tensors: Sequence[torch.Tensor]) -> tuple[list[Run], list[int], i
     return runs, where_in_buffer, size
 
 
-def cached(tensors: Sequence[torch.Tensor], samples: int = SAMPLES) -> bool:
-    """Whether `samples` pages spread over the tensors are in the page cache (`mincore`)."""
-    vec = ctypes.c_uint8()
-    for tensor in tensors:
-        start = tensor.data_ptr() // PAGE * PAGE
-        pages = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - start + PAGE - 1) // PAGE
-        count = min(samples, pages)
-        for k in range(count):
-            page = start + k * (pages - 1) // max(count - 1, 1) * PAGE
-            if _libc.mincore(ctypes.c_void_p(page), ctypes.c_size_t(PAGE), ctypes.byref(vec)) != 0:
+class Residency:
+    """Whether a layer's mapped pages are all in the page cache: one `mincore` call per contiguous
+    range into a vector allocated once, checked in C. Called on the compute thread (tens of
+    microseconds), so the reader thread runs no Python while the compute thread needs the GIL."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        spans = sorted(
+            (t.data_ptr() // PAGE * PAGE, t.data_ptr() + t.numel() * t.element_size())
+            for t in tensors
+            if t.numel()
+        )
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self.ranges = [(start, end - start) for start, end in merged]
+        pages = max((n + PAGE - 1) // PAGE for _, n in self.ranges) if self.ranges else 0
+        self.vec = (ctypes.c_uint8 * max(pages, 1))()
+
+    def __call__(self) -> bool:
+        for start, length in self.ranges:
+            if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), self.vec) != 0:
                 return False
-            if not vec.value & 1:
+            if ctypes.string_at(self.vec, (length + PAGE - 1) // PAGE).count(0):  # bit 0: resident
                 return False
-    return True
+        return True
 
 
 class PageStreamer(_Streamer):
@@ -121,12 +134,13 @@ class PageStreamer(_Streamer):
             for slot in slots:
                 slot.bind(slot.host)
         self.reads = [plan_reads([s.host for s in slots]) for slots in self.layers]
+        self.resident = [Residency([s.host for s in slots]) for slots in self.layers]
         self.size = max((r[2] for r in self.reads if r is not None), default=0)
         self.count = min(prefetch, len(self.layers) - 1) + 1
         self.buffers: list[torch.Tensor] = []  # allocated on the first read from disk
         self.fds: dict[tuple[str, bool], tuple[int, bool]] = {}  # (path, direct?) -> (fd, O_DIRECT?)
         self.missed: set[int] = set()  # layers found uncached once: read with O_DIRECT from now on
-        self.pending: dict[int, tuple[int, Future[bool]]] = {}  # layer -> (buffer, read into it?)
+        self.pending: dict[int, tuple[int, Future[None]]] = {}  # layer -> (buffer, its read)
         self.owner: list[int | None] = [None] * self.count
         self.bound: dict[int, int] = {}  # layer -> buffer its modules now point into
         self.in_use: int | None = None
@@ -149,16 +163,14 @@ class PageStreamer(_Streamer):
                 self.fds[path, direct] = (os.open(path, os.O_RDONLY), False)
         return self.fds[path, direct]
 
-    def _read(self, index: int, buffer: int) -> bool:
-        """Runs on the reader thread: fill `buffer` with layer `index` unless it is cached.
+    def _read(self, index: int, buffer: int) -> None:
+        """Runs on the reader thread: fill `buffer` with layer `index` (not in the page cache).
 
         A layer's first miss is read through the page cache, so with RAM to spare it runs in place
         from the next token on. A second miss means memory is too tight to keep it cached: from then
         on its reads bypass the cache (O_DIRECT), sparing the kernel the reclaim they would cause.
         """
         reads = self.reads[index]
-        if reads is None or cached([s.host for s in self.layers[index]]):
-            return False
         direct = index in self.missed
         self.missed.add(index)
         view = memoryview(self._buffer(buffer).numpy())
@@ -172,9 +184,8 @@ class PageStreamer(_Streamer):
                 done += n
             if direct and not is_direct:
                 os.posix_fadvise(fd, run.offset, run.length, os.POSIX_FADV_DONTNEED)
-        return True
 
-    def _schedule(self, index: int) -> tuple[int, Future[bool]]:
+    def _schedule(self, index: int) -> tuple[int, Future[None]]:
         for step in range(self.count):
             buffer = (self.next_buffer + step) % self.count
             if buffer != self.in_use:
@@ -187,8 +198,12 @@ class PageStreamer(_Streamer):
         return buffer, self.pool.submit(self._read, index, buffer)
 
     def before(self, index: int) -> None:
-        buffer, future = self.pending.pop(index, None) or self._schedule(index)
-        if future.result():
+        entry = self.pending.pop(index, None)
+        if entry is None and self.reads[index] is not None and not self.resident[index]():
+            entry = self._schedule(index)  # a miss nobody read ahead: read it now
+        if entry is not None:
+            buffer, future = entry
+            future.result()
             _, offsets, _ = self.reads[index]
             base = self.buffers[buffer]
             for slot, offset in zip(self.layers[index], offsets, strict=True):
@@ -204,7 +219,7 @@ class PageStreamer(_Streamer):
                     slot.bind(slot.host)
             self.in_use = None
         for nxt in self.upcoming(index):
-            if nxt not in self.pending:
+            if nxt not in self.pending and self.reads[nxt] is not None and not self.resident[nxt]():
                 self.pending[nxt] = self._schedule(nxt)
 
     def after(self, index: int) -> None:

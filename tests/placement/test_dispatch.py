@@ -166,23 +166,22 @@ def test_gpu_streaming_from_cpu_and_disk(reference, ckpt_dir, cpu_budget):
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_layers_not_in_page_cache_are_read_into_reused_buffers(reference, ckpt_dir, monkeypatch, prefetch):
-    from lamina.placement import page_streamer
-
+def test_layers_not_in_page_cache_are_read_into_reused_buffers(reference, ckpt_dir, prefetch):
     calls = []
 
-    def alternate(tensors, samples=16):  # cached, then not: exercises reads and re-binding in place
+    def alternate():  # cached, then not: exercises reads, O_DIRECT re-reads and re-binding in place
         calls.append(1)
         return len(calls) % 3 == 0
 
-    monkeypatch.setattr(page_streamer, "cached", alternate)
     model = load(ckpt_dir, 2 * BLOCK + 100 + prefetch * BLOCK, prefetch=prefetch)
+    model.lamina_streamer.resident = [alternate] * len(model.lamina_streamer.layers)
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         expected = reference(ids)
         for _ in range(3):
             assert torch.equal(model(ids), expected)
     streamer = model.lamina_streamer
+    assert streamer.missed  # some layers were read twice: the second time with O_DIRECT
     assert 1 <= len(streamer.buffers) <= prefetch + 1
     first = [b.data_ptr() for b in streamer.buffers]
     with torch.no_grad():
