@@ -21,6 +21,8 @@ from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
+from lamina.placement import load_and_dispatch
+from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.load import (
     check_quantize_arg,
@@ -86,12 +88,19 @@ class LLM:
         device: str | torch.device = "auto",
         quantize: str | None = None,
         group_size: int = 128,
+        max_memory: str | dict[str, str | int] | None = None,
+        offload_dir: str | Path | None = None,
     ) -> LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
         `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8 or gptq, applied layer by layer
         while loading (`group_size` for int4/gptq). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
         unless `quantize` says otherwise ("none" expands it to float). See `lamina.quant.load`.
+
+        With `max_memory` (`{"cpu": "300MB"}` or `"cpu=300MB,cuda:0=4GB"`) layers are placed on
+        GPU / CPU / disk within those budgets and the rest streamed; `offload_dir` holds converted
+        disk-tier layers (default: a folder under ~/.cache/lamina/offload). Streaming runs float
+        weights: a GGUF is expanded into the offload folder.
         """
         check_quantize_arg(quantize, group_size)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
@@ -100,7 +109,17 @@ class LLM:
         with open_checkpoint(source) as checkpoint:
             model, config = build_empty(checkpoint)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
-            if is_quantized_dir(source):
+            if max_memory is not None:
+                if quantize not in (None, "none") or is_quantized_dir(source):
+                    raise InvalidArgumentError(
+                        "--max-memory streams float weights and cannot be combined with quantization yet; "
+                        "drop --quantize (or use a float checkpoint)"
+                    )
+                folder = offload_dir or default_offload_dir(source, torch_dtype)
+                load_and_dispatch(
+                    model, checkpoint, max_memory=max_memory, offload_dir=folder, dtype=torch_dtype
+                )
+            elif is_quantized_dir(source):
                 load_saved_quantized(model, source, quantize, torch_dtype, torch_device)
             else:
                 hook = loading_hook(model, checkpoint, quantize, group_size)

@@ -161,3 +161,9 @@ def test_process_exit_status_and_no_traceback_for_broken_model(tmp_path):
     result = run_cli("generate", "--model", str(tmp_path / "model.gguf"), "--prompt", "x")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "not a valid GGUF" in result.stderr
+
+
+def test_max_memory_with_quantize_is_a_clear_error(tiny_llama_dir, capsys):
+    args = ["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--max-memory", "cpu=1MB"]
+    assert main([*args, "--quantize", "int8"]) == 2
+    assert "cannot be combined with quantization" in capsys.readouterr().err

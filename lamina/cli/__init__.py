@@ -12,7 +12,7 @@ import sys
 
 from lamina.errors import LaminaError
 
-SUBCOMMANDS = ("generate", "chat", "info", "quantize", "perplexity")
+SUBCOMMANDS = ("generate", "chat", "info", "plan", "quantize", "perplexity")
 
 
 def build_parser() -> argparse.ArgumentParser:

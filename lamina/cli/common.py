@@ -17,6 +17,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    group.add_argument(
+        "--max-memory",
+        metavar="SPEC",
+        help="memory budget per tier, e.g. cpu=300MB,cuda:0=4GB; layers beyond it are streamed from disk",
+    )
+    group.add_argument(
+        "--offload-dir", metavar="DIR", help="folder for converted disk-tier layers (with --max-memory)"
+    )
     add_quantize_args(parser)
 
 
@@ -58,7 +66,13 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     from lamina.api import LLM
 
     return LLM.load(
-        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, group_size=args.group_size
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        max_memory=args.max_memory,
+        offload_dir=args.offload_dir,
     )
 
 

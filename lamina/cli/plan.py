@@ -1,0 +1,82 @@
+"""`lamina plan`: where each layer would go under --max-memory, and the decode time to expect.
+
+Nothing is loaded: the model is built on the meta device from the checkpoint's metadata. The
+prediction times one decoding step from the bytes on each tier and this machine's measured
+bandwidths: resident weights are read once per token at memory speed; streamed layers arrive at
+their tier's speed (disk read, or host-to-device) while the previous layer computes, so a token
+takes the longer of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from lamina.placement.memory import Bandwidths, format_size
+from lamina.placement.plan import STRATEGIES, Plan
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plan", help="show the placement under --max-memory", description=__doc__)
+    parser.add_argument(
+        "model", nargs="?", help="HF model directory or .gguf file (default: the bundled model)"
+    )
+    parser.add_argument(
+        "--max-memory", metavar="SPEC", help="e.g. cpu=300MB,cuda:0=4GB (default: what is free)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    parser.add_argument("--prefetch", type=int, default=1, metavar="K", help="layers read ahead (default: 1)")
+    parser.add_argument(
+        "--offload-dir", metavar="DIR", help="where disk-tier layers would live (bandwidth test)"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lamina.api import resolve_dtype
+    from lamina.default_model import default_model_path
+    from lamina.loading.checkpoint import open_checkpoint
+    from lamina.loading.loader import build_empty
+    from lamina.placement.memory import measure_bandwidths, parse_max_memory
+    from lamina.placement.plan import plan
+
+    budget = parse_max_memory(args.max_memory)  # a bad spec fails before anything is opened
+    with open_checkpoint(args.model or default_model_path()) as checkpoint:
+        model, _ = build_empty(checkpoint)
+    the_plan = plan(
+        model, budget, strategy=args.strategy, dtype=resolve_dtype(args.dtype), prefetch=args.prefetch
+    )
+    print(the_plan)
+    scratch = args.offload_dir or tempfile.gettempdir()
+    print()
+    print(prediction(the_plan, measure_bandwidths(scratch)))
+    return 0
+
+
+def prediction(the_plan: Plan, bw: Bandwidths) -> str:
+    """Measured bandwidths and the predicted time per decoded token, cold disk and page cache."""
+    totals = the_plan.totals()
+    gpu_bytes = sum(n for t, n in totals.items() if t.startswith("cuda"))
+    streamed = the_plan.streamed_bytes()
+    lines = [f"bandwidth: RAM {bw.ram / 1e9:.1f} GB/s, disk read {bw.disk / 1e9:.2f} GB/s"]
+    if bw.host_to_device:
+        lines[0] += f", host-to-device {bw.host_to_device / 1e9:.1f} GB/s, GPU {bw.gpu / 1e9:.0f} GB/s"
+    if the_plan.on_cpu:
+        compute = sum(totals.values()) / bw.ram  # every weight is read from RAM (or page cache) once
+        cold = max(compute, streamed.get("disk", 0) / bw.disk)
+        warm = compute
+    else:
+        compute = (gpu_bytes + sum(streamed.values())) / bw.gpu
+        h2d = sum(streamed.values()) / bw.host_to_device
+        cold = max(compute, h2d, streamed.get("disk", 0) / bw.disk)
+        warm = max(compute, h2d)
+    lines.append(f"streamed per token: {format_size(sum(streamed.values()))}")
+    lines.append(
+        f"predicted decode: {cold * 1e3:.1f} ms/token ({1 / cold:.1f} tok/s) with disk-tier layers read from disk"
+    )
+    if streamed.get("disk"):
+        lines.append(
+            f"                  {warm * 1e3:.1f} ms/token ({1 / warm:.1f} tok/s) with them in the page cache"
+        )
+    return "\n".join(lines)
