@@ -12,6 +12,8 @@ from torch import nn
 
 from lamina.config import ModelConfig
 from lamina.default_model import default_model_path
+from lamina.engine.compiled import CompiledDecoder, should_compile
+from lamina.engine.fusion import fuse_projections
 from lamina.engine.generate import GenerationStats, generate_tokens
 from lamina.engine.sampling import SamplingParams
 from lamina.engine.seq2seq import generate_seq2seq_tokens
@@ -64,6 +66,7 @@ class LLM:
         self.config = config
         self.source = source
         self.load_seconds = 0.0
+        self.decoder: CompiledDecoder | None = None  # the compiled decode step, when enabled
         self.last_stats = GenerationStats()
         self.stop_ids = frozenset(config.eos_token_id) | (
             {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
@@ -76,8 +79,13 @@ class LLM:
         *,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "auto",
+        compile: bool | None = None,
     ) -> LLM:
-        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)."""
+        """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
+
+        `compile`: run each new token through a `torch.compile`d step; None = where it pays off
+        (see `lamina.engine.compiled.should_compile`).
+        """
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = Path(path).expanduser() if path is not None else default_model_path()
         started = time.perf_counter()
@@ -86,7 +94,10 @@ class LLM:
             load_weights(model, checkpoint, torch_dtype, torch_device)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
         model.eval()
+        fuse_projections(model)
         llm = cls(model, tokenizer, config, source)
+        if should_compile(model, torch_device, compile):
+            llm.decoder = CompiledDecoder(model)
         llm.load_seconds = time.perf_counter() - started
         return llm
 
@@ -118,10 +129,21 @@ class LLM:
         self.last_stats = GenerationStats()
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop)
-        loop = (
-            generate_seq2seq_tokens if getattr(self.model, "is_encoder_decoder", False) else generate_tokens
-        )
-        tokens = loop(self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats)
+        if getattr(self.model, "is_encoder_decoder", False):
+            tokens = generate_seq2seq_tokens(
+                self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats
+            )
+        else:
+            tokens = generate_tokens(
+                self.model,
+                prompt_ids,
+                max_new_tokens,
+                params,
+                self.stop_ids,
+                seed,
+                self.last_stats,
+                self.decoder,
+            )
         try:
             for token in tokens:
                 if token in self.stop_ids:

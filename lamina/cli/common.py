@@ -17,6 +17,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    group.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="CPU threads (default: all usable cores)"
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step with torch.compile (default: on CUDA only)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -37,8 +46,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
 def load_model_from_args(args: argparse.Namespace) -> Any:
     """The LLM the model options describe."""
     from lamina.api import LLM
+    from lamina.engine.threads import configure_threads
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device)
+    configure_threads(args.threads)
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
