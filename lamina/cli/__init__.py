@@ -12,7 +12,7 @@ import sys
 
 from lamina.errors import LaminaError
 
-SUBCOMMANDS = ("generate", "chat", "info")
+SUBCOMMANDS = ("generate", "chat", "info", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
