@@ -90,3 +90,16 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir):
     eager = list(generate_tokens(model, PROMPT, 24, GREEDY))
     compiled = list(generate_tokens(model, PROMPT, 24, GREEDY, decoder=CompiledDecoder(model, verbose=False)))
     assert compiled == eager
+
+
+def test_compile_failure_falls_back_to_eager_static_step(tiny_llama_dir, monkeypatch):
+    model = _unfused(tiny_llama_dir)
+    decoder = CompiledDecoder(model, verbose=False)
+
+    def broken(*args):
+        raise RuntimeError("backend cannot lower this op")
+
+    monkeypatch.setattr(decoder, "_step", broken)
+    tokens = list(generate_tokens(model, PROMPT, 12, GREEDY, decoder=decoder))
+    assert decoder.failed
+    assert tokens == list(generate_tokens(model, PROMPT, 12, GREEDY))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lamina.engine.compiled import CompiledDecoder
-from lamina.engine.generate import PREFILL_CHUNK
+from lamina.engine.generate import PREFILL_CHUNK, input_device_dtype
 from lamina.engine.kv_cache import KVCache
 
 
@@ -87,11 +87,9 @@ def run_benchmark(
     decoder: CompiledDecoder | None,
 ) -> dict[str, float]:
     """Greedy generation of `new_tokens` after `prompt` [B, P], timed by phase (no stop tokens)."""
-    device = model.model.embed_tokens.weight.device
+    device, dtype = input_device_dtype(model)
     batch, length = prompt.shape
     total = length + new_tokens
-    dtype = model.model.embed_tokens.weight.dtype
-    dtype = dtype if dtype.is_floating_point else torch.float32
     compile_s = 0.0
     with torch.inference_mode():
         if decoder is not None:

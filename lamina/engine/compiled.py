@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from lamina.engine.generate import input_device_dtype
 from lamina.engine.kv_cache import KVCache
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this: fewer graphs, little waste
@@ -52,13 +53,14 @@ class CompiledDecoder:
 
     def __init__(self, model: nn.Module, verbose: bool = True) -> None:
         self.model = model
-        self.device = model.model.embed_tokens.weight.device
+        self.device = input_device_dtype(model)[0]
         self.verbose = verbose
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"  # CUDA graphs on GPU
         self._step = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
         self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
         self._warm: set[tuple[int, int, torch.dtype]] = set()
         self.compile_s = 0.0  # warm-up time of the last new bucket (0 when nothing was compiled)
+        self.failed = False  # compilation failed (e.g. an op inductor cannot lower): decode eagerly
 
     def cache(self, batch: int, length: int, dtype: torch.dtype) -> KVCache:
         """A zeroed static cache of at least `length` positions, reused across generations."""
@@ -77,6 +79,8 @@ class CompiledDecoder:
 
     def step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token [B, 1] at `position` (a 1-element long tensor) -> logits [B, V]."""
+        if self.failed:
+            return self._forward(token, position, cache)  # the same static-shape step, eagerly
         logits = self._step(token, position, cache)
         return logits.clone() if self.device.type == "cuda" else logits  # graph outputs get reused
 
@@ -96,9 +100,14 @@ class CompiledDecoder:
         with torch.inference_mode():  # the same tensor kind as in generation, or guards recompile
             token = torch.zeros(key[0], 1, dtype=torch.long, device=self.device)
             position = torch.zeros(1, dtype=torch.long, device=self.device)
-            for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record on a later call
-                self.step(token, position, cache)
+            try:
+                for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record later
+                    self.step(token, position, cache)
+            except Exception as exc:  # a backend failure must not stop generation
+                self.failed = True
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                print(f"lamina: compiling failed ({reason}); decoding eagerly", file=sys.stderr, flush=True)
         self.compile_s = time.perf_counter() - started
         self._warm.add(key)
-        if self.verbose:
+        if self.verbose and not self.failed:
             print(f"lamina: decode step ready in {self.compile_s:.1f} s", file=sys.stderr, flush=True)

@@ -9,14 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lamina.engine.compiled import CompiledDecoder
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams, sample
 from lamina.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from lamina.engine.compiled import CompiledDecoder
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 
@@ -42,6 +45,13 @@ class GenerationStats:
             f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
             f"time to first token: {self.ttft_s:.3f} s, decode: {self.decode_tokens_per_s:.1f} tokens/s"
         )
+
+
+def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the token embeddings (a quantized embedding names its output dtype)."""
+    embed = model.input_embeddings()
+    table = next(embed.buffers(), None) if not isinstance(embed, nn.Embedding) else embed.weight
+    return table.device, getattr(embed, "output_dtype", table.dtype)
 
 
 def check_prompt_fits(prompt_len: int, context: int) -> None:
@@ -78,16 +88,15 @@ def generate_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
 
-    embed = model.input_embeddings().weight
-    device = embed.device
+    device, act_dtype = input_device_dtype(model)
     total = len(prompt_ids) + max_new_tokens
     if decoder is not None:
-        cache = decoder.cache(batch=1, length=total, dtype=embed.dtype)  # compiles on a new shape
+        cache = decoder.cache(batch=1, length=total, dtype=act_dtype)  # compiles on a new shape
         stats.compile_s = decoder.compile_s
         position = torch.zeros(1, dtype=torch.long, device=device)  # the step's static inputs
         last = torch.zeros(1, 1, dtype=torch.long, device=device)
     else:
-        cache = KVCache.for_model(model, batch=1, max_len=total, dtype=embed.dtype)
+        cache = KVCache.for_model(model, batch=1, max_len=total, dtype=act_dtype)
     tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated, for penalties
     tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
