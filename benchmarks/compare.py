@@ -7,7 +7,7 @@ engines alternate round by round (machine-load drift hits all of them), and the 
 medians with ratios. llama.cpp runs when `llama-cpp-python` is installed (`pip install -e .[bench]`).
 
     python benchmarks/compare.py [--rounds 3] [--threads 2] [--prompt-len 512] [--new-tokens 128]
-        [--lamina-args "--quantize int4 --dtype bfloat16"] [--engines lamina,transformers,llama.cpp]
+        [--lamina-args "" --lamina-args "--compile"] [--engines lamina,transformers,llama.cpp]
 """
 
 from __future__ import annotations
@@ -110,7 +110,6 @@ def _run(command: list[str]) -> str:
 
 
 ENGINES = {
-    "lamina": run_lamina,
     "transformers": lambda a: run_script(TRANSFORMERS, a),
     "llama.cpp": lambda a: run_script(LLAMA_CPP, a),
 }
@@ -125,7 +124,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--lamina-args", default="", help="extra `lamina bench` options, e.g. '--compile'")
+    parser.add_argument(
+        "--lamina-args",
+        action="append",
+        default=None,
+        help="extra `lamina bench` options, e.g. '--compile'; repeat for several Lamina rows (default: '')",
+    )
     parser.add_argument("--engines", default="lamina,transformers,llama.cpp")
     opts = parser.parse_args()
     from pydoc_data.topics import topics
@@ -139,6 +143,10 @@ def main() -> None:
             "llama-cpp-python is not installed (pip install -e .[bench]): skipping llama.cpp", file=sys.stderr
         )
         engines.remove("llama.cpp")
+    lamina_rows = {f"lamina {extra}".strip(): extra for extra in opts.lamina_args or [""]}
+    if "lamina" in engines:  # one row per Lamina configuration
+        at = engines.index("lamina")
+        engines[at : at + 1] = list(lamina_rows)
     args = {
         "path": path,
         "dir": os.path.dirname(path),
@@ -147,13 +155,16 @@ def main() -> None:
         "threads": opts.threads,
         "prompt_len": opts.prompt_len,
         "new_tokens": opts.new_tokens,
-        "lamina_args": opts.lamina_args,
     }
     load = os.getloadavg()[0]
     results: dict[str, list[dict]] = {name: [] for name in engines}
     for round_ in range(opts.rounds):
         for name in engines:
-            r = ENGINES[name](args)
+            r = (
+                run_lamina({**args, "lamina_args": lamina_rows[name]})
+                if name in lamina_rows
+                else ENGINES[name](args)
+            )
             results[name].append(r)
             print(
                 f"round {round_ + 1} {name:12s} decode {r['decode_tps']:6.1f} tok/s, "
@@ -170,7 +181,6 @@ def _print_table(results: dict[str, list[dict]], opts: argparse.Namespace, path:
     print(
         f"\n{os.path.basename(path)}: greedy, {opts.new_tokens} new tokens after a {opts.prompt_len}-token "
         f"prompt, {opts.threads} threads, medians of {opts.rounds} alternating rounds"
-        + (f"; lamina {opts.lamina_args}" if opts.lamina_args else "")
     )
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {_cpu_name()}, "
