@@ -18,7 +18,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     group.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="CPU threads (default: all usable cores)"
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: cores not busy with other processes)",
     )
     group.add_argument(
         "--compile",
