@@ -55,8 +55,11 @@ class CompiledDecoder:
         self.model = model
         self.device = input_device_dtype(model)[0]
         self.verbose = verbose
-        mode = "reduce-overhead" if self.device.type == "cuda" else "default"  # CUDA graphs on GPU
-        self._step = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
+        # CUDA graphs on GPU (what mode="reduce-overhead" sets). emulate_precision_casts: round
+        # bf16/fp16 intermediates where eager does, so greedy tokens match the eager path (fused
+        # kernels otherwise keep them in float32 and the two drift apart within tens of tokens).
+        options = {"emulate_precision_casts": True, "triton.cudagraphs": self.device.type == "cuda"}
+        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
         self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
         self._warm: set[tuple[int, int, torch.dtype]] = set()
         self.compile_s = 0.0  # warm-up time of the last new bucket (0 when nothing was compiled)
