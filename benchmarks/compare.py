@@ -60,8 +60,9 @@ import numpy as np
 from llama_cpp import Llama
 a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-llm = Llama(model_path=a["path"], n_ctx=a["prompt_len"] + a["new_tokens"] + 16, n_threads=a["threads"],
-    n_threads_batch=a["threads"], n_batch=512, verbose=False)
+n_ctx = a["prompt_len"] + a["new_tokens"] + 16  # n_batch = n_ctx: the logits buffer has n_batch rows
+llm = Llama(model_path=a["path"], n_ctx=n_ctx, n_threads=a["threads"], n_threads_batch=a["threads"],
+    n_batch=n_ctx, n_ubatch=512, verbose=False)
 load_s = time.perf_counter() - t0
 ids = llm.tokenize(a["text"].encode(), add_bos=False, special=False)[: a["prompt_len"]]
 llm.eval(ids[:16]); llm.reset()  # warm-up
