@@ -12,6 +12,8 @@ from torch import nn
 
 from lamina.config import ModelConfig
 from lamina.default_model import default_model_path
+from lamina.engine.compiled import CompiledDecoder, should_compile
+from lamina.engine.fusion import fuse_projections
 from lamina.engine.generate import GenerationStats, generate_tokens, input_device_dtype
 from lamina.engine.sampling import SamplingParams
 from lamina.engine.seq2seq import generate_seq2seq_tokens
@@ -74,6 +76,7 @@ class LLM:
         self.config = config
         self.source = source
         self.load_seconds = 0.0
+        self.decoder: CompiledDecoder | None = None  # the compiled decode step, when enabled
         self.last_stats = GenerationStats()
         self.stop_ids = frozenset(config.eos_token_id) | (
             {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
@@ -90,6 +93,8 @@ class LLM:
         group_size: int = 128,
         max_memory: str | dict[str, str | int] | None = None,
         offload_dir: str | Path | None = None,
+        compile: bool | None = None,
+        fuse: bool = True,
     ) -> LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
@@ -101,8 +106,14 @@ class LLM:
         GPU / CPU / disk within those budgets and the rest streamed; `offload_dir` holds converted
         disk-tier layers (default: a folder under ~/.cache/lamina/offload). Streaming runs float
         weights: a GGUF is expanded into the offload folder.
+
+        `compile`: run each new token through a `torch.compile`d step; None = where it pays off
+        (see `lamina.engine.compiled.should_compile`). `fuse`: merge q/k/v and gate/up projections
+        after loading for speed; False keeps the checkpoint's module layout, for code that saves the model.
         """
         check_quantize_arg(quantize, group_size)
+        if max_memory is not None and compile:
+            raise InvalidArgumentError("--compile cannot be combined with --max-memory yet; drop one of them")
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = Path(path).expanduser() if path is not None else default_model_path()
         started = time.perf_counter()
@@ -127,6 +138,11 @@ class LLM:
                 finish_loading(model, checkpoint, tokenizer.encode, quantize, group_size)
         model.eval()
         llm = cls(model, tokenizer, config, source)
+        if max_memory is None:  # fusing streamed layers would pull them back into resident memory
+            if fuse:
+                fuse_projections(model)
+            if should_compile(model, torch_device, compile):
+                llm.decoder = CompiledDecoder(model)
         llm.load_seconds = time.perf_counter() - started
         return llm
 
@@ -162,10 +178,21 @@ class LLM:
         self.last_stats = GenerationStats()
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop)
-        loop = (
-            generate_seq2seq_tokens if getattr(self.model, "is_encoder_decoder", False) else generate_tokens
-        )
-        tokens = loop(self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats)
+        if getattr(self.model, "is_encoder_decoder", False):
+            tokens = generate_seq2seq_tokens(
+                self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats
+            )
+        else:
+            tokens = generate_tokens(
+                self.model,
+                prompt_ids,
+                max_new_tokens,
+                params,
+                self.stop_ids,
+                seed,
+                self.last_stats,
+                self.decoder,
+            )
         try:
             for token in tokens:
                 if token in self.stop_ids:

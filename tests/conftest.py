@@ -103,3 +103,12 @@ def default_gguf() -> Path:
     from lamina.default_model import default_model_path
 
     return default_model_path()  # `make test` installs it; a missing model is a setup error here
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLI tests set torch's thread count (`--threads`, or the idle cores); don't leak it to other tests."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import sys
 
 from lamina.errors import LaminaError
 
-SUBCOMMANDS = ("generate", "chat", "info", "plan", "quantize", "perplexity")
+SUBCOMMANDS = ("generate", "chat", "info", "plan", "quantize", "perplexity", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

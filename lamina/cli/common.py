@@ -18,6 +18,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: cores not busy with other processes)",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step with torch.compile (default: on CUDA only)",
+    )
+    group.add_argument(
         "--max-memory",
         metavar="SPEC",
         help="memory budget per tier, e.g. cpu=300MB,cuda:0=4GB; layers beyond it are streamed from disk",
@@ -64,7 +77,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
 def load_model_from_args(args: argparse.Namespace) -> Any:
     """The LLM the model options describe."""
     from lamina.api import LLM
+    from lamina.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     return LLM.load(
         args.model,
         dtype=args.dtype,
@@ -73,6 +88,7 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
         group_size=args.group_size,
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
+        compile=args.compile,
     )
 
 

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     text = (
         read_text(args.calibration) if args.calibration else default_text() if args.method == "gptq" else ""
     )
-    llm = LLM.load(args.model, dtype="float32", device="cpu", quantize="none")
+    llm = LLM.load(args.model, dtype="float32", device="cpu", quantize="none", fuse=False)  # saves HF names
     calibration = None
     if args.method == "gptq":
         ids = calibration_ids(llm.tokenizer.encode(text, add_special_tokens=False), GPTQ_CALIBRATION_TOKENS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from torch import nn
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams, sample
 from lamina.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from lamina.engine.compiled import CompiledDecoder
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 
@@ -26,6 +30,7 @@ class GenerationStats:
     new_tokens: int = 0
     ttft_s: float = 0.0  # prompt in -> first new token out (prefill + one sample)
     decode_s: float = 0.0  # time spent producing the tokens after the first
+    compile_s: float = 0.0  # warm-up of a compiled decode step before the prompt was read (0 if none)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -68,8 +73,13 @@ def generate_tokens(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     seed: int | None = None,
     stats: GenerationStats | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` sampled ids; stops after yielding a token in `stop_ids`."""
+    """Yield up to `max_new_tokens` sampled ids; stops after yielding a token in `stop_ids`.
+
+    The prompt runs eagerly in chunks (big batched matmuls); each new token runs through
+    `decoder`'s compiled step when one is given, else through the eager model.
+    """
     if max_new_tokens < 1:
         raise InvalidArgumentError(f"max new tokens must be >= 1, got {max_new_tokens}")
     context = model.config.max_position_embeddings
@@ -80,7 +90,13 @@ def generate_tokens(
 
     device, act_dtype = input_device_dtype(model)
     total = len(prompt_ids) + max_new_tokens
-    cache = KVCache.for_model(model, batch=1, max_len=total, dtype=act_dtype)
+    if decoder is not None:
+        cache = decoder.cache(batch=1, length=total, dtype=act_dtype)  # compiles on a new shape
+        stats.compile_s = decoder.compile_s
+        position = torch.zeros(1, dtype=torch.long, device=device)  # the step's static inputs
+        last = torch.zeros(1, 1, dtype=torch.long, device=device)
+    else:
+        cache = KVCache.for_model(model, batch=1, max_len=total, dtype=act_dtype)
     tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated, for penalties
     tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -105,4 +121,9 @@ def generate_tokens(
         yield token
         if token in stop_ids or step == max_new_tokens - 1:
             return
-        logits = model(tokens[:, length - 1 : length], cache=cache, start_pos=length - 1)
+        if decoder is not None:
+            last.copy_(next_id.view(1, 1))
+            position.fill_(length - 1)
+            logits = decoder.step(last, position, cache)[:, None]  # [B, V] -> [B, 1, V]
+        else:
+            logits = model(tokens[:, length - 1 : length], cache=cache, start_pos=length - 1)

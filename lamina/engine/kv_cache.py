@@ -37,11 +37,21 @@ class KVCache:
         return cls(model.cache_layout(), batch, max_len, dtype, devices)
 
     def update(
-        self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+        self, layer_idx: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, Hkv, T, D] at positions start_pos..; return all keys/values so far [B, Hkv, L, D]."""
-        end = start_pos + k.shape[2]
+        """Store k/v [B, Hkv, T, D] at positions start_pos..; return all keys/values so far [B, Hkv, L, D].
+
+        With a tensor `start_pos` (the compiled decode step) the write is an index_copy_ and the
+        whole cache comes back ([B, Hkv, max_len, D]), so shapes never depend on the position;
+        attention masks the unwritten tail.
+        """
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(k.shape[2], device=start_pos.device)  # [T]
+            keys.index_copy_(2, positions, k)
+            values.index_copy_(2, positions, v)
+            return keys, values
+        end = start_pos + k.shape[2]
         keys[:, :, start_pos:end] = k
         values[:, :, start_pos:end] = v
         return keys[:, :, :end], values[:, :, :end]

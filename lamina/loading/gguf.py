@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format), read with the `gguf` package over a memory map.
+"""GGUF files (llama.cpp's format), read over a memory map with a lean header parser.
 
 The metadata becomes an HF-style config dict and llama.cpp's tensor names become HF parameter
 names, so the rest of Lamina treats a GGUF like any other checkpoint. `read` dequantizes one tensor
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from gguf.constants import GGMLQuantizationType
 
 from lamina.errors import CheckpointError, UnsupportedModelError
 from lamina.loading.checkpoint import Checkpoint
+from lamina.loading.gguf_dequant import dequantize
+from lamina.loading.gguf_header import TensorEntry, read_gguf
 from lamina.loading.gguf_names import GGUF_ARCHITECTURES, hf_config_from_gguf
 
 
@@ -33,14 +35,11 @@ class GGUFCheckpoint(Checkpoint):
     """A .gguf file: metadata as an HF config, tensors by HF name."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+            self.metadata, tensors = read_gguf(path)
+        except Exception as exc:  # the parser raises ValueError/IndexError/struct errors on bad bytes
             raise CheckpointError(f"{path} is not a valid GGUF file, truncated or corrupt ({exc})") from None
-        self.metadata = {name: _field_value(f) for name, f in self.reader.fields.items()}
         arch = self.metadata.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             supported = ", ".join(sorted(GGUF_ARCHITECTURES))
@@ -49,7 +48,7 @@ class GGUFCheckpoint(Checkpoint):
             )
         self.architecture = arch
         self.spec = GGUF_ARCHITECTURES[arch]
-        self._tensors = {self.spec.hf_tensor_name(t.name): t for t in self.reader.tensors}
+        self._tensors = {self.spec.hf_tensor_name(name): t for name, t in tensors.items()}
         self.config = hf_config_from_gguf(self.metadata, arch, tied="lm_head.weight" not in self._tensors)
 
     def tensor_names(self) -> list[str]:
@@ -58,11 +57,10 @@ class GGUFCheckpoint(Checkpoint):
     def read_raw(self, name: str) -> RawTensor:
         """The stored blocks of one tensor (no dequantization, no layout fixes: see GGUFArchitecture)."""
         t = self._tensor(name)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        return RawTensor(t.tensor_type.name, shape, t.data)
+        return RawTensor(t.ggml_type.name, tuple(reversed(t.dims)), t.data)
 
     def stored_type(self, name: str) -> str:
-        return self._tensor(name).tensor_type.name
+        return self._tensor(name).ggml_type.name
 
     def read(self, name: str) -> torch.Tensor:
         raw = self.read_raw(name)
@@ -74,7 +72,7 @@ class GGUFCheckpoint(Checkpoint):
             elif raw.ggml_type in ("F32", "F16"):
                 tensor = torch.from_numpy(np.array(raw.data, dtype=np.float32))
             else:
-                tensor = _dequantize_by_rows(raw.data, self._tensor(name).tensor_type)
+                tensor = _dequantize_by_rows(raw.data, self._tensor(name).ggml_type, raw.shape[-1])
         except (NotImplementedError, ValueError) as exc:
             raise CheckpointError(
                 f"cannot dequantize {name} ({raw.ggml_type}) from {self.path.name}: {exc}"
@@ -84,7 +82,7 @@ class GGUFCheckpoint(Checkpoint):
     def close(self) -> None:
         self._tensors.clear()
 
-    def _tensor(self, name: str) -> Any:
+    def _tensor(self, name: str) -> TensorEntry:
         t = self._tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path.name} has no tensor for {name!r}")
@@ -94,24 +92,22 @@ class GGUFCheckpoint(Checkpoint):
 DEQUANT_ROWS_BYTES = 8 << 20  # float32 output per dequantization step
 
 
-def _dequantize_by_rows(blocks: np.ndarray, qtype: Any) -> torch.Tensor:
+def _dequantize_by_rows(blocks: np.ndarray, qtype: GGMLQuantizationType, cols: int) -> torch.Tensor:
     """Dequantize [rows, bytes] blocks to float32 [rows, cols] a few MB at a time.
 
-    `gguf.quants.dequantize` makes several full-size float temporaries; on a large matrix (the
-    embedding) that would briefly double the memory a load needs.
+    Dequantizing makes several full-size temporaries; on a large matrix (the embedding) that would
+    briefly double the memory a load needs. Q4_0/Q4_1/Q8_0 use torch (fast, multi-threaded), the
+    rest `gguf.quants`.
     """
     import gguf
 
-    first = gguf.quants.dequantize(blocks[:1], qtype)
-    cols = first.shape[-1]
+    blocks = blocks.reshape(-1, blocks.shape[-1])  # [..., row bytes] -> [rows, row bytes]
     out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
     step = max(1, DEQUANT_ROWS_BYTES // (4 * cols))
     for start in range(0, blocks.shape[0], step):
-        rows = gguf.quants.dequantize(blocks[start : start + step], qtype)
-        out[start : start + step] = torch.from_numpy(rows.reshape(-1, cols))
+        chunk = blocks[start : start + step]
+        rows = dequantize(chunk, qtype.name)
+        if rows is None:
+            rows = torch.from_numpy(gguf.quants.dequantize(chunk, qtype))
+        out[start : start + step] = rows.reshape(-1, cols)  # [n * cols] -> [n, cols]
     return out
-
-
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    return value.tolist() if isinstance(value, np.ndarray) else value

@@ -20,7 +20,7 @@ class LayerCache(Protocol):
     """What attention needs from a KV cache: write new keys/values, get all of them back."""
 
     def update(
-        self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+        self, layer_idx: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -70,9 +70,41 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
+        self.gate_up_proj: nn.Linear | None = None  # set by `fuse`
+
+    def fuse(self) -> bool:
+        """Replace gate/up by one [2I, H] projection (one mat-vec per token instead of two).
+
+        A pass after loading, so checkpoints keep loading by HF name. Only plain float layers fuse.
+        """
+        fused = None if self.gate_up_proj is not None else _fuse_linears(self.gate_proj, self.up_proj)
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, 2I] -> 2 x [B, T, I]
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse_linears(*layers: nn.Module) -> nn.Linear | None:
+    """One nn.Linear computing all `layers` (outputs concatenated), or None if any is not a plain Linear."""
+    if any(type(layer) is not nn.Linear or layer.weight.device.type == "meta" for layer in layers):
+        return None
+    has_bias = [layer.bias is not None for layer in layers]
+    weight = torch.cat([layer.weight for layer in layers])  # [sum(out), in]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if any(has_bias):
+        biases = [
+            layer.bias if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers
+        ]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -182,18 +214,38 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+        self.qkv_proj: nn.Linear | None = None  # set by `fuse`
+
+    def fuse(self) -> bool:
+        """Replace q/k/v by one projection (one mat-vec per token instead of three); see GatedMLP.fuse."""
+        fused = None if self.qkv_proj is not None else _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, T, H*D], k and v [B, T, Hkv*D]."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_width = self.num_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ) -> torch.Tensor:
+        """`start_pos` is an int, or a 1-element tensor for the static-shape (compiled) decode step."""
         batch, seq, _ = x.shape
+        q, k, v = self._project(x)
         # [B, T, H*D] -> [B, T, H, D] -> [B, H, T, D]
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -214,33 +266,58 @@ class Attention(nn.Module):
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor, window: int | None
 ) -> torch.Tensor:
     """Causal attention of q [B, H, T, D] (positions start_pos..) over k/v [B, Hkv, L, D] (positions 0..L-1).
 
     Picks the cheapest exact form: no mask for one new token, SDPA's built-in causal mask for a
     fresh prompt, an explicit [T, L] boolean mask otherwise (a window, or a prompt continuing a cache).
+    A tensor `start_pos` means k/v are a whole static-size cache: always masked, shapes never change.
     """
     batch, heads, seq, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    if isinstance(start_pos, torch.Tensor):
+        if seq == 1:
+            mask = _causal_mask(start_pos, 1, kv_len, window, q.device)  # [1, L]
+            # [B, H, 1, D] -> [B, Hkv, group, D]: the group's queries share the one-row mask
+            out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), k, v, attn_mask=mask)
+            return out.reshape(batch, heads, 1, dim)  # [B, Hkv, group, D] -> [B, H, 1, D]
+        k, v = _repeat_kv(k, v, group)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(start_pos, seq, kv_len, window, q.device)
+        )
     needs_window = window is not None and kv_len > window
     if seq == 1 and not needs_window:
         # One query per head: fold the query heads of a KV group together, so GQA needs no copies.
         # [B, H, 1, D] -> [B, Hkv, group, D]
         out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), k, v)
         return out.reshape(batch, heads, 1, dim)  # [B, Hkv, group, D] -> [B, H, 1, D]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)  # [B, Hkv, L, D] -> [B, H, L, D]
-        v = v.repeat_interleave(group, dim=1)
+    k, v = _repeat_kv(k, v, group)
     if start_pos == 0 and seq == kv_len and not needs_window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    q_pos = torch.arange(start_pos, start_pos + seq, device=q.device)[:, None]  # [T, 1]
-    k_pos = torch.arange(kv_len, device=q.device)[None, :]  # [1, L]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=_causal_mask(start_pos, seq, kv_len, window if needs_window else None, q.device)
+    )
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Hkv, L, D] -> [B, H, L, D]: each KV head repeated for the `group` query heads sharing it."""
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def _causal_mask(
+    start_pos: int | torch.Tensor, seq: int, kv_len: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[T, L] boolean: query at start_pos + t sees keys at positions <= it (and within `window`)."""
+    q_pos = (start_pos + torch.arange(seq, device=device))[:, None]  # [T, 1]
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # [1, L]
     mask = k_pos <= q_pos
-    if needs_window:
+    if window is not None:
         mask &= k_pos > q_pos - window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return mask
 
 
 def cached_attend(
@@ -249,7 +326,7 @@ def cached_attend(
     v: torch.Tensor,
     cache: LayerCache | None,
     layer_idx: int,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     window: int | None = None,
     *,
     scale: float | None = None,
@@ -275,7 +352,7 @@ def attend_eager(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     window: int | None,
     scale: float | None = None,
     softcap: float | None = None,
@@ -291,14 +368,9 @@ def attend_eager(
     scores = torch.matmul(q, k.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)  # [B, H, T, L]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    k_pos = torch.arange(kv_len, device=q.device)
     if bias is not None:
         scores = scores + bias
-    q_pos = torch.arange(start_pos, start_pos + seq, device=q.device)[:, None]  # [T, 1]
-    mask = k_pos[None, :] <= q_pos
-    if window is not None:
-        mask &= k_pos[None, :] > q_pos - window
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~_causal_mask(start_pos, seq, kv_len, window, q.device), float("-inf"))
     return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 

@@ -77,7 +77,7 @@ class LlamaDecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache | None,
-        start_pos: int,
+        start_pos: int | torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -97,6 +97,7 @@ class LlamaForCausalLM(CausalLM):
 
     config_class = LlamaConfig
     no_split_modules = ("LlamaDecoderLayer",)
+    supports_static_decode = True  # forward accepts a tensor start_pos (lamina.engine.compiled)
     # Names some checkpoints carry that the model computes itself.
     ignored_checkpoint_keys = (r"\.rotary_emb\.inv_freq$",)
 
@@ -121,12 +122,15 @@ class LlamaForCausalLM(CausalLM):
         self,
         input_ids: torch.Tensor,
         cache: LayerCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or [B, 1, V] if last_only)."""
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or [B, 1, V] if last_only).
+
+        `start_pos` may be a 1-element tensor: the static-shape form the compiled decode step uses.
+        """
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=x.device)
+        positions = start_pos + torch.arange(input_ids.shape[1], device=x.device)  # [T]
         rope = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, cache, start_pos)

@@ -1,0 +1,116 @@
+"""The decode step under `torch.compile`: one token in, next-token logits out, static shapes.
+
+Eager PyTorch spends 5-20 us of Python and dispatch per op; a 30-layer model has ~600 ops per
+token, milliseconds that dwarf the mat-vecs of a small model. Compiling the step fuses the norms,
+RoPE, activations and residuals into a few generated C++ (CPU) or Triton (GPU) kernels, and on a GPU
+replays the whole step as one CUDA graph (mode "reduce-overhead").
+
+Shapes must not change from token to token, so the step attends over the whole preallocated
+cache (masked past the current position) and takes the position as a tensor. Cache lengths are
+rounded up to a bucket, so one compiled graph serves every generation of similar length; compiled
+code is cached on disk by inductor's FX graph cache, so later processes skip most of the work.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+
+from lamina.engine.generate import input_device_dtype
+from lamina.engine.kv_cache import KVCache
+
+BUCKET = 256  # cache lengths are rounded up to a multiple of this: fewer graphs, little waste
+
+
+def should_compile(model: nn.Module, device: torch.device, requested: bool | None) -> bool:
+    """Whether to compile the decode step: as requested, else on CUDA only; never for a model
+    family whose forward lacks the static-shape form (`supports_static_decode`).
+
+    On CUDA the step becomes one graph replay, several times faster for small models. On CPU the
+    first compile costs minutes and each later process ~20 s (benchmarks/NOTES.md), so eager is
+    the default there and `--compile` opts in.
+    """
+    if not getattr(model, "supports_static_decode", False) or getattr(model, "is_encoder_decoder", False):
+        if requested:
+            print(
+                f"lamina: {type(model).__name__} has no compiled decode step; decoding eagerly",
+                file=sys.stderr,
+            )
+        return False
+    return requested if requested is not None else device.type == "cuda"
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """`length` rounded up to a multiple of BUCKET, but never past the model's context `limit`."""
+    return min(-(-length // BUCKET) * BUCKET, max(limit, length))
+
+
+class CompiledDecoder:
+    """Compiled decode steps for one model, with one static KV cache per (batch, bucket, dtype)."""
+
+    def __init__(self, model: nn.Module, verbose: bool = True) -> None:
+        self.model = model
+        self.device = input_device_dtype(model)[0]
+        self.verbose = verbose
+        # CUDA graphs on GPU (what mode="reduce-overhead" sets). emulate_precision_casts: round
+        # bf16/fp16 intermediates where eager does, so greedy tokens match the eager path (fused
+        # kernels otherwise keep them in float32 and the two drift apart within tens of tokens).
+        options = {"emulate_precision_casts": True, "triton.cudagraphs": self.device.type == "cuda"}
+        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+        self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
+        self._warm: set[tuple[int, int, torch.dtype]] = set()
+        self.compile_s = 0.0  # warm-up time of the last new bucket (0 when nothing was compiled)
+        self.failed = False  # compilation failed (e.g. an op inductor cannot lower): decode eagerly
+
+    def cache(self, batch: int, length: int, dtype: torch.dtype) -> KVCache:
+        """A zeroed static cache of at least `length` positions, reused across generations."""
+        key = (batch, bucket_length(length, self.model.config.max_position_embeddings), dtype)
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = KVCache.for_model(self.model, batch, key[1], dtype)
+            if self.device.type == "cuda":  # CUDA graphs need fixed addresses for mutated inputs
+                for tensor in cache.keys + cache.values:
+                    torch._dynamo.mark_static_address(tensor)
+            self._caches[key] = cache
+        self.compile_s = 0.0
+        if key not in self._warm:
+            self._warm_up(cache, key)
+        return cache
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """token [B, 1] at `position` (a 1-element long tensor) -> logits [B, V]."""
+        if self.failed:
+            return self._forward(token, position, cache)  # the same static-shape step, eagerly
+        logits = self._step(token, position, cache)
+        return logits.clone() if self.device.type == "cuda" else logits  # graph outputs get reused
+
+    def _forward(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.model(token, cache=cache, start_pos=position)[:, -1]  # [B, 1, V] -> [B, V]
+
+    def _warm_up(self, cache: KVCache, key: tuple[int, int, torch.dtype]) -> None:
+        """Compile (or load from the on-disk cache) by running steps on dummy input; prints progress."""
+        if self.verbose:
+            print(
+                f"lamina: compiling the decode step for batch {key[0]}, cache {key[1]} "
+                "(once per shape; reused from the on-disk cache later)...",
+                file=sys.stderr,
+                flush=True,
+            )
+        started = time.perf_counter()
+        with torch.inference_mode():  # the same tensor kind as in generation, or guards recompile
+            token = torch.zeros(key[0], 1, dtype=torch.long, device=self.device)
+            position = torch.zeros(1, dtype=torch.long, device=self.device)
+            try:
+                for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record later
+                    self.step(token, position, cache)
+            except Exception as exc:  # a backend failure must not stop generation
+                self.failed = True
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                print(f"lamina: compiling failed ({reason}); decoding eagerly", file=sys.stderr, flush=True)
+        self.compile_s = time.perf_counter() - started
+        self._warm.add(key)
+        if self.verbose and not self.failed:
+            print(f"lamina: decode step ready in {self.compile_s:.1f} s", file=sys.stderr, flush=True)
