@@ -23,8 +23,9 @@ import json, resource, sys, time, torch
 from lamina import LLM
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-llm = LLM.load(dtype=args["dtype"], device="cpu")
+llm = LLM.load(dtype=args["dtype"], device="cpu", quantize="none")  # dequantized, like transformers
 load_s = time.perf_counter() - t0
+llm.stop_ids = frozenset()  # a fixed number of new tokens: ignore end-of-sequence
 llm.generate(args["prompt"], max_new_tokens=8, temperature=0)  # warm-up
 text = llm.generate(args["prompt"], max_new_tokens=args["new_tokens"], temperature=0)
 s = llm.last_stats
@@ -55,10 +56,10 @@ class Clock(BaseStreamer):
         pass
 
 ids = tok(args["prompt"], return_tensors="pt").input_ids
-model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
+model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)  # warm-up
 clock = Clock()
 start = time.perf_counter()
-out = model.generate(ids, max_new_tokens=args["new_tokens"], do_sample=False, streamer=clock)
+out = model.generate(ids, max_new_tokens=args["new_tokens"], do_sample=False, eos_token_id=None, streamer=clock)
 new = out.shape[1] - ids.shape[1]
 first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt being handed over
 print(json.dumps({"load_s": load_s, "ttft_s": first - start, "decode_tps": (new - 1) / (last - first),
@@ -94,7 +95,7 @@ def main() -> None:
         return statistics.median(r[key] for r in results[name])
 
     print(
-        f"\nDefault model (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to {opts.dtype}), greedy, "
+        f"\nDefault model (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to {opts.dtype} by both engines), greedy, "
         f"{opts.new_tokens} new tokens, medians of {opts.rounds} alternating rounds"
     )
     print(

@@ -49,6 +49,9 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
+        # The kernel takes its scales in the activation dtype: convert once, not on every call
+        # (a per-call conversion also keeps inductor from compiling the kernel call).
+        self.register_buffer("kernel_scales", self.scales.to(KERNEL_DTYPE), persistent=False)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **opts: Any) -> Int8Linear:
@@ -77,7 +80,7 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [B*T, K]
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.scales.to(KERNEL_DTYPE))
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.kernel_scales)
         return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
 
 
