@@ -24,6 +24,7 @@ from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
 from lamina.placement import load_and_dispatch
+from lamina.placement.memory import release_free_heap
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.load import (
@@ -140,7 +141,7 @@ class LLM:
         llm = cls(model, tokenizer, config, source)
         if max_memory is None:  # fusing streamed layers would pull them back into resident memory
             if fuse:
-                fuse_projections(model)
+                fuse_projections(model, after_each=release_free_heap)
             if should_compile(model, torch_device, compile):
                 llm.decoder = CompiledDecoder(model)
         llm.load_seconds = time.perf_counter() - started

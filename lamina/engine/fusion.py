@@ -7,12 +7,23 @@ and Python dispatch; the arithmetic is the same rows of the same weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 
-def fuse_projections(model: nn.Module) -> int:
+def fuse_projections(model: nn.Module, after_each: Callable[[], None] | None = None) -> int:
     """Fuse every module that offers `fuse()` (attention, gated MLP); returns how many fused.
 
     Quantized or offloaded layers decline (their `fuse` returns False) and keep working unfused.
+    `after_each` runs after each fusion, e.g. to hand the unfused matrices' pages back to the OS
+    before the next layer allocates (otherwise the allocator keeps them and RSS grows by the
+    size of every fused matrix).
     """
-    return sum(1 for module in list(model.modules()) if hasattr(module, "fuse") and module.fuse())
+    fused = 0
+    for module in list(model.modules()):
+        if hasattr(module, "fuse") and module.fuse():
+            fused += 1
+            if after_each is not None:
+                after_each()
+    return fused

@@ -8,7 +8,6 @@ written once to the offload folder. No full state dict is ever built.
 
 from __future__ import annotations
 
-import ctypes
 import re
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.placement.dispatch import dispatch, tensor_slots
+from lamina.placement.memory import release_free_heap
 from lamina.placement.offload_store import OffloadFolder, prepare_dir
 from lamina.placement.plan import Placement, Plan, plan
 from lamina.placement.source import TensorReader, WeightFiles, open_file, read_from
@@ -233,13 +233,3 @@ def _submodule(model: nn.Module, prefix: str) -> nn.Module:
         raise InvalidArgumentError(
             f"the plan names module {prefix!r}, which this model does not have"
         ) from None
-
-
-def release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them after big conversions, e.g. GGUF dequant)."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return
-    trim(0)
