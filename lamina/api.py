@@ -19,18 +19,19 @@ from lamina.engine.sampling import SamplingParams
 from lamina.engine.seq2seq import generate_seq2seq_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
 from lamina.errors import InvalidArgumentError
+from lamina.heap import release_free_heap
 from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
 from lamina.placement import load_and_dispatch
-from lamina.placement.memory import release_free_heap
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.load import (
     check_quantize_arg,
     finish_loading,
     load_saved_quantized,
+    loading_claim,
     loading_hook,
     resident_bytes,
 )
@@ -135,7 +136,8 @@ class LLM:
                 load_saved_quantized(model, source, quantize, torch_dtype, torch_device)
             else:
                 hook = loading_hook(model, checkpoint, quantize, group_size)
-                load_weights(model, checkpoint, torch_dtype, torch_device, on_loaded=hook)
+                claim = loading_claim(model, checkpoint, quantize, torch_device)
+                load_weights(model, checkpoint, torch_dtype, torch_device, on_loaded=hook, claim=claim)
                 finish_loading(model, checkpoint, tokenizer.encode, quantize, group_size)
         model.eval()
         llm = cls(model, tokenizer, config, source)

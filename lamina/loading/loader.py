@@ -18,12 +18,21 @@ from torch import nn
 
 from lamina.config import ModelConfig
 from lamina.errors import CheckpointError
+from lamina.heap import release_free_heap
 from lamina.loading.checkpoint import Checkpoint
 from lamina.models.registry import resolve
 
 # Called after each parameter is filled, with the owning module's name and the module; lets a
-# caller transform a layer (quantize it, move it) as soon as its weights are complete.
-ModuleHook = Callable[[str, nn.Module], None]
+# caller transform a layer (quantize it, move it) as soon as its weights are complete. Returns
+# True when it replaced the module.
+ModuleHook = Callable[[str, nn.Module], bool]
+# Called before a module's first tensor is read; returning True means the callee filled (or
+# replaced) the whole module itself, so the loader reads none of its tensors. Keeps a format's own
+# representation (GGUF blocks kept quantized) from first being expanded to float and thrown away.
+ModuleClaim = Callable[[str, nn.Module], bool]
+# A claim or hook that rebuilds modules frees large temporaries; glibc keeps them in the heap, so
+# the heap is trimmed every this many rebuilt modules (about one decoder block; ~1 ms a trim).
+TRIM_EVERY = 8
 
 
 def build_empty(checkpoint: Checkpoint) -> tuple[nn.Module, ModelConfig]:
@@ -40,6 +49,7 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     on_loaded: ModuleHook | None = None,
+    claim: ModuleClaim | None = None,
 ) -> None:
     """Fill every parameter of `model` from `checkpoint`, converting to `dtype` on `device`."""
     params = dict(model.named_parameters())  # tied weights appear once, under their first name
@@ -48,6 +58,7 @@ def load_weights(
     sanitize = getattr(model, "sanitize", lambda _name, tensor: tensor)
     unexpected = []
     filled: set[str] = set()
+    rebuilt = 0  # modules a claim or hook replaced, for heap trimming
     prefix = getattr(model, "base_model_prefix", "")
     for name in checkpoint.tensor_names():
         target = parameter_name(name, params, tied_aliases, prefix)
@@ -57,6 +68,14 @@ def load_weights(
             continue
         if target in filled:  # a tied weight stored under both names: the first copy wins
             continue
+        module_name, _, attr = target.rpartition(".")
+        module = model.get_submodule(module_name)
+        if claim is not None and claim(module_name, module):
+            filled.update(n for n in params if n.rpartition(".")[0] == module_name)
+            rebuilt += 1
+            if rebuilt % TRIM_EVERY == 0:
+                release_free_heap()
+            continue
         tensor = sanitize(target, checkpoint.read(name))
         expected = params[target].shape
         if tuple(tensor.shape) != tuple(expected):
@@ -64,12 +83,12 @@ def load_weights(
                 f"tensor {name} has shape {tuple(tensor.shape)} in {checkpoint.path} but the model "
                 f"config implies {tuple(expected)}; the config and the weights disagree"
             )
-        module_name, _, attr = target.rpartition(".")
-        module = model.get_submodule(module_name)
         module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
         filled.add(target)
-        if on_loaded is not None:
-            on_loaded(module_name, module)
+        if on_loaded is not None and on_loaded(module_name, module):
+            rebuilt += 1
+            if rebuilt % TRIM_EVERY == 0:
+                release_free_heap()
     if unexpected:
         raise CheckpointError(
             f"{checkpoint.path.name} has {len(unexpected)} tensor(s) the model does not use, "

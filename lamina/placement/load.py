@@ -17,8 +17,8 @@ from safetensors import safe_open
 from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError
+from lamina.heap import release_free_heap
 from lamina.placement.dispatch import dispatch, tensor_slots
-from lamina.placement.memory import release_free_heap
 from lamina.placement.offload_store import OffloadFolder, prepare_dir
 from lamina.placement.plan import Placement, Plan, plan
 from lamina.placement.source import TensorReader, WeightFiles, open_file, read_from

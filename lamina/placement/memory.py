@@ -7,7 +7,6 @@ typo such as `cuda:3` on a one-GPU box fails at once with a one-line error, not 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import tempfile
@@ -209,13 +208,3 @@ def _h2d(nbytes: int) -> float | None:
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     return 4 * nbytes / (time.perf_counter() - start)
-
-
-def release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them after big conversions, e.g. GGUF dequant)."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return
-    trim(0)

@@ -25,6 +25,7 @@ from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf import GGUFCheckpoint
 from lamina.loading.gguf_names import unpermute_qk_rows
+from lamina.loading.loader import ModuleClaim, ModuleHook
 from lamina.quant.apply import (
     float_linear_names,
     quantize_linear,
@@ -40,8 +41,6 @@ NO_QUANTIZATION = "none"
 GPTQ_CALIBRATION_TOKENS = 4096  # default-text tokens used when gptq runs at load time
 CALIBRATION_WINDOW = 512
 
-ModuleHook = Callable[[str, nn.Module], None]
-
 
 def check_quantize_arg(quantize: str | None, group_size: int | None) -> None:
     """Validate `quantize=` / `group_size=` before anything is loaded."""
@@ -52,19 +51,29 @@ def check_quantize_arg(quantize: str | None, group_size: int | None) -> None:
 def loading_hook(
     model: nn.Module, checkpoint: Checkpoint, quantize: str | None, group_size: int
 ) -> ModuleHook | None:
-    """The per-module hook for `load_weights`, or None when nothing is quantized while loading."""
-    if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
-        return _gguf_hook(model, checkpoint)
+    """The per-module hook for `load_weights`, or None when nothing is quantized from float while loading."""
     if quantize in (None, NO_QUANTIZATION, "gptq"):
         return None
 
     keep = float_linear_names(model)
 
-    def quantize_filled(name: str, module: nn.Module) -> None:
+    def quantize_filled(name: str, module: nn.Module) -> bool:
         if type(module) is nn.Linear and name not in keep and _filled(module):
             set_submodule(model, name, quantize_linear(module, quantize, name, group_size))
+            return True
+        return False
 
     return quantize_filled
+
+
+def loading_claim(
+    model: nn.Module, checkpoint: Checkpoint, quantize: str | None, device: torch.device
+) -> ModuleClaim | None:
+    """The `claim` for `load_weights`: a GGUF's Q4_0/Q4_1/Q8_0 linears built straight from their
+    blocks (never expanded to float), unless `quantize` asks for something else."""
+    if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
+        return _gguf_claim(model, checkpoint, device)
+    return None
 
 
 def finish_loading(
@@ -98,8 +107,8 @@ def _module_name(model: nn.Module, target: nn.Module) -> str | None:
     return next((name for name, mod in model.named_modules() if mod is target), None)
 
 
-def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
-    """Rebuild Q4_0/Q4_1/Q8_0 linears from their blocks. Linears whose stored layout differs from the
+def _gguf_claim(model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device) -> ModuleClaim:
+    """Build Q4_0/Q4_1/Q8_0 linears from their blocks. Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding (`_gguf_embedding` handles that pair)."""
     spec, config = checkpoint.spec, checkpoint.config
@@ -107,15 +116,15 @@ def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
     head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
     tied = head is not None and head.weight is model.input_embeddings().weight
 
-    def keep_blocks(name: str, module: nn.Module) -> None:
+    def keep_blocks(name: str, module: nn.Module) -> bool:
         weight = f"{name}.weight"
-        if type(module) is not nn.Linear or not _filled(module) or module.bias is not None:
-            return
+        if type(module) is not nn.Linear or module.bias is not None:
+            return False
         if (tied and module is head) or weight not in stored or weight.endswith(spec.transposed):
-            return
+            return False
         raw = checkpoint.read_raw(weight)
         if raw.ggml_type not in BLOCK_BYTES or tuple(raw.shape) != tuple(module.weight.shape):
-            return
+            return False
         permute = None
         if spec.permute_qk and weight.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in weight else "num_key_value_heads"]
@@ -124,7 +133,8 @@ def _gguf_hook(model: nn.Module, checkpoint: GGUFCheckpoint) -> ModuleHook:
                 return unpermute_qk_rows(t, heads)
 
         layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, permute)
-        set_submodule(model, name, layer.to(module.weight.device))
+        set_submodule(model, name, layer.to(device))
+        return True
 
     return keep_blocks
 
