@@ -114,25 +114,26 @@ class LLM:
         after loading for speed; False keeps the checkpoint's module layout, for code that saves the model.
         """
         check_quantize_arg(quantize, group_size)
-        if max_memory is not None and compile:
-            raise InvalidArgumentError("--compile cannot be combined with --max-memory yet; drop one of them")
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = Path(path).expanduser() if path is not None else default_model_path()
+        saved_quantized = is_quantized_dir(source)
+        if max_memory is not None and compile:
+            raise InvalidArgumentError("--compile cannot be combined with --max-memory yet; drop one of them")
+        if max_memory is not None and (quantize not in (None, "none") or saved_quantized):
+            raise InvalidArgumentError(
+                "--max-memory streams float weights and cannot be combined with quantization yet; "
+                "drop --quantize (or use a float checkpoint)"
+            )
         started = time.perf_counter()
         with open_checkpoint(source) as checkpoint:
             model, config = build_empty(checkpoint)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
             if max_memory is not None:
-                if quantize not in (None, "none") or is_quantized_dir(source):
-                    raise InvalidArgumentError(
-                        "--max-memory streams float weights and cannot be combined with quantization yet; "
-                        "drop --quantize (or use a float checkpoint)"
-                    )
                 folder = offload_dir or default_offload_dir(source, torch_dtype)
                 load_and_dispatch(
                     model, checkpoint, max_memory=max_memory, offload_dir=folder, dtype=torch_dtype
                 )
-            elif is_quantized_dir(source):
+            elif saved_quantized:
                 load_saved_quantized(model, source, quantize, torch_dtype, torch_device)
             else:
                 hook = loading_hook(model, checkpoint, quantize, group_size)

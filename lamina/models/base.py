@@ -7,13 +7,15 @@ through these methods, so a family whose checkpoint says `transformer.wte` / `tr
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
 from lamina.config import ModelConfig
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, ABC):
     """Base of the causal language models: token ids in, next-token logits out.
 
     A family sets `config_class`, `no_split_modules` (blocks placement must keep whole) and
@@ -30,21 +32,21 @@ class CausalLM(nn.Module):
     base_model_prefix: str = "model"
     config: ModelConfig
 
+    @abstractmethod
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding table (its device and dtype are the model's input side)."""
-        raise NotImplementedError
 
     def output_embeddings(self) -> nn.Linear:
         """The output projection to vocabulary logits."""
         return self.lm_head
 
+    @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
         """The repeated blocks, in order; the KV cache keeps one slot per entry."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cache_layout(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of each decoder layer, for sizing a KV cache."""
-        raise NotImplementedError
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the output layer when the config says so."""

@@ -361,10 +361,7 @@ def attend_eager(
     """`attend` with the scores materialized: capped to softcap * tanh(s / softcap), plus `bias` [H, 1, L]."""
     heads, seq, dim = q.shape[1], q.shape[2], q.shape[3]
     kv_len = k.shape[2]
-    group = heads // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)  # [B, Hkv, L, D] -> [B, H, L, D]
-        v = v.repeat_interleave(group, dim=1)
+    k, v = _repeat_kv(k, v, heads // k.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)  # [B, H, T, L]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -385,12 +382,14 @@ class ALiBi:
 
     def __init__(self, num_heads: int, scale: float = 1.0, bf16_products: bool = False) -> None:
         self.num_heads, self.scale, self.bf16_products = num_heads, scale, bf16_products
+        self._slopes: torch.Tensor | None = None  # built on first use (models are built on "meta")
 
     def __call__(self, kv_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         positions = torch.arange(kv_len, device=device)
-        slopes = alibi_slopes(self.num_heads).to(device)  # computed here: models are built on "meta"
-        if self.bf16_products:
-            slopes = slopes.bfloat16()
+        if self._slopes is None or self._slopes.device != device:  # once, not per layer and token
+            slopes = alibi_slopes(self.num_heads).to(device)
+            self._slopes = slopes.bfloat16() if self.bf16_products else slopes
+        slopes = self._slopes
         bias = (slopes[:, None] * positions[None, :]).to(dtype)  # [H, L]
         return (bias * self.scale)[:, None, :]  # [H, 1, L]
 

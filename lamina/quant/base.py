@@ -17,6 +17,7 @@ exported form is the same on every machine.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from lamina.errors import CheckpointError, InvalidArgumentError
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """Base class: a linear layer whose weight is stored quantized."""
 
     #: Scheme name as written in the scheme file and accepted by `--quantize`.
@@ -38,28 +39,28 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
+    @abstractmethod
     def from_float(cls, linear: nn.Linear, **opts: Any) -> QuantizedLinear:
         """Quantize a float `nn.Linear` into this scheme."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def from_tensors(
         cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> QuantizedLinear:
         """Rebuild a layer from `export_tensors()` output and its `scheme_config()`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """Portable tensors (CPU, device-independent layout) that `from_tensors` accepts."""
-        raise NotImplementedError
 
     def scheme_config(self) -> dict[str, Any]:
         """JSON-able description of the scheme and its options, e.g. {"method": "int4", "group_size": 128}."""
         return {"method": self.method}
 
+    @abstractmethod
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out_features, in_features] this layer represents."""
-        raise NotImplementedError
 
     def weight_bytes(self) -> int:
         """Bytes of every tensor this layer keeps resident (quantized weight, scales, bias)."""
