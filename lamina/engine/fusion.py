@@ -15,7 +15,8 @@ from torch import nn
 def fuse_projections(model: nn.Module, after_each: Callable[[], None] | None = None) -> int:
     """Fuse every module that offers `fuse()` (attention, gated MLP); returns how many fused.
 
-    Quantized or offloaded layers decline (their `fuse` returns False) and keep working unfused.
+    Layers that cannot merge (offloaded, mixed or unfusable quantization schemes) decline (their
+    `fuse` returns False) and keep working unfused.
     `after_each` runs after each fusion, e.g. to hand the unfused matrices' pages back to the OS
     before the next layer allocates (otherwise the allocator keeps them and RSS grows by the
     size of every fused matrix).

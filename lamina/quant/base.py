@@ -62,12 +62,32 @@ class QuantizedLinear(nn.Module, ABC):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out_features, in_features] this layer represents."""
 
+    @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+        """One layer computing all `layers` (same scheme, same input), outputs concatenated in order;
+        None where the scheme cannot merge them (the default). Used to fuse q/k/v and gate/up."""
+        return None
+
     def weight_bytes(self) -> int:
         """Bytes of every tensor this layer keeps resident (quantized weight, scales, bias)."""
         return sum(t.numel() * t.element_size() for t in self._resident_tensors())
 
     def _resident_tensors(self) -> list[torch.Tensor]:
         return [*self.buffers(), *self.parameters()]
+
+    @staticmethod
+    def concatenated_bias(layers: list[QuantizedLinear]) -> torch.Tensor | None:
+        """The biases of `layers` end to end (zeros where one has none), or None when none has one."""
+        present = [layer.bias for layer in layers if layer.bias is not None]
+        if not present:
+            return None
+        like = present[0].detach()
+        return torch.cat(
+            [
+                layer.bias.detach() if layer.bias is not None else like.new_zeros(layer.out_features)
+                for layer in layers
+            ]
+        )
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)

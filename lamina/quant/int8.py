@@ -68,6 +68,21 @@ class Int8Linear(QuantizedLinear):
         check_shape(s, (out_features,), "scales", where)
         return cls(q.to(torch.int8), s, tensors.get("bias"))
 
+    @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> Int8Linear | None:
+        """Stack the layers' rows and row scales (per-row int8 merges exactly), when they share input
+        width and device."""
+        first = layers[0]
+        if not all(
+            type(layer) is cls
+            and (layer.in_features, layer.weight_q.device) == (first.in_features, first.weight_q.device)
+            for layer in layers
+        ):
+            return None
+        weight_q = torch.cat([layer.weight_q for layer in layers])  # [sum N, K]
+        scales = torch.cat([layer.scales for layer in layers])  # [sum N]
+        return cls(weight_q, scales, cls.concatenated_bias(layers))
+
     def export_tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight_q": self.weight_q.cpu(), "scales": self.scales.cpu()}
         if self.bias is not None:
