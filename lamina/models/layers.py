@@ -38,6 +38,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and not self.offset:  # skip the no-op casts: each still costs a dispatch
+            return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
         x = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one op
         if self.offset:
             return (x * (self.offset + self.weight.float())).to(dtype)
@@ -183,8 +185,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if cos.shape[-1] < x.shape[-1]:
         rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
         return torch.cat((apply_rotary(rot, cos, sin), rest), dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
     return x * cos + rotated * sin
 
 
@@ -247,8 +249,9 @@ class Attention(nn.Module):
         cos, sin = rope[0][:, None], rope[1][:, None]  # [T, D] -> [T, 1, D], broadcast over heads
         if self.qkv_proj is not None and self.q_norm is None:
             qkv = self.qkv_proj(x).view(batch, seq, heads + 2 * kv_heads, dim)  # [B, T, H+2Hkv, D]
-            qk = apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin)  # [B, T, H+Hkv, D]
-            return qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
+            qk, v = qkv.split([heads + kv_heads, kv_heads], dim=2)
+            q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=2)  # rotated [B, T, H+Hkv, D]
+            return q, k, v
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         else:

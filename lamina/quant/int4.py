@@ -199,11 +199,11 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_layout(self.weight_packed.device.type)
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [B*T, K]
+        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [..., K] -> [B*T, K]
         if self.layout == "plain":
             w = dequantize_codes(unpack_nibbles(self.weight_packed), self.scales_and_zeros, self.group_size)
             y = x2 @ w.to(KERNEL_DTYPE).t()
         else:
             y = _mm(self.layout, x2, self.weight_packed, self.group_size, self.scales_and_zeros)
-        return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [B*T, N] -> [..., N]
+        return self._add_bias(y)

@@ -93,10 +93,10 @@ class Int8Linear(QuantizedLinear):
         return self.weight_q.float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [B*T, K]
+        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [..., K] -> [B*T, K]
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.kernel_scales)
-        return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [B*T, N] -> [..., N]
+        return self._add_bias(y)
 
 
 class Int8Embedding(nn.Module):
