@@ -88,3 +88,16 @@ def test_longrope_without_original_context_is_named(tmp_path):
     _phi3_longrope_as_first_released(directory, tmp_path, original_max_position_embeddings=None)
     with pytest.raises(CheckpointError, match="longrope' needs original_max_position_embeddings"):
         load_lamina(tmp_path)
+
+
+def test_gemma2_config_without_layer_types_slides_every_other_layer(tmp_path):
+    """Gemma 2's first config.json files have a window but no `layer_types`."""
+    directory = tmp_path / "saved"
+    reference = save_tiny("gemma2", directory)
+    config = json.loads((directory / "config.json").read_text())
+    del config["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(load_file(directory / "model.safetensors"), tmp_path / "model.safetensors")
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))  # past the window
+    with torch.no_grad():
+        torch.testing.assert_close(load_lamina(tmp_path)(ids), reference(ids).logits)
