@@ -113,8 +113,11 @@ def test_gemma_score_scale_follows_llama_cpp(arch, layers, hidden, heads, head_d
     assert config["query_pre_attn_scalar"] == scalar
 
 
-def test_gemma3_without_window_has_only_global_layers():
-    config = _config("gemma3", block_count=6, embedding_length=64, **{"attention.head_count": 4})
+def test_gemma3_slides_five_layers_per_global_one_when_the_file_has_a_window():
+    head = {"block_count": 6, "embedding_length": 64, "attention.head_count": 4}
+    config = _config("gemma3", **head, **{"attention.sliding_window": 512})
+    assert (config["sliding_window_pattern"], config["rope_local_base_freq"]) == (6, 10000.0)
+    config = _config("gemma3", **head)
     assert "sliding_window_pattern" not in config and "rope_local_base_freq" not in config
 
 
