@@ -57,7 +57,7 @@ class GGUFCheckpoint(Checkpoint):
         self._tensors = dict(self._by_hf_name(tensors))
 
     def _by_hf_name(self, tensors: dict[str, TensorEntry]) -> Iterator[tuple[str, TensorEntry]]:
-        """The file's tensors under HF names; a fused q/k/v the HF model keeps apart becomes three row views."""
+        """The file's tensors under HF names; a fused q/k/v the HF model keeps apart becomes 3 row views."""
         for name, t in tensors.items():
             parts = self.spec.split_rows(name, t.dims[-1], self.config)
             if parts is None:

@@ -238,7 +238,7 @@ def _gemma2_config(config: dict[str, Any]) -> None:
 
 
 def _gemma3_config(config: dict[str, Any]) -> None:
-    """llama.cpp's Gemma 3: with a window, five sliding layers (RoPE base 10000 unless stored) per global one."""
+    """llama.cpp's Gemma 3: with a window, 5 sliding layers (RoPE base 10000 unless stored) per global one."""
     if config.get("sliding_window"):
         config["sliding_window_pattern"] = 6
         config.setdefault("rope_local_base_freq", 10000.0)
@@ -402,7 +402,8 @@ def _longrope_scaling(
     original = metadata.get(prefix + "rope.scaling.original_context_length")
     if original is None:
         raise CheckpointError(
-            "the GGUF has LongRoPE factors but no rope.scaling.original_context_length; the file is incomplete"
+            "the GGUF has LongRoPE factors but no rope.scaling.original_context_length; "
+            "the file is incomplete"
         )
     scaling = {"rope_type": "longrope", **factors, "original_max_position_embeddings": original}
     if (attention_factor := metadata.get(prefix + "rope.scaling.attn_factor")) is not None:

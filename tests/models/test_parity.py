@@ -70,7 +70,7 @@ def test_chunked_cached_decode_equals_uncached(pair):
 
 
 def test_longrope_past_the_original_context_uses_the_long_factors(tmp_path):
-    """A prompt longer than original_max_position_embeddings rotates by the long factors, as in transformers."""
+    """A prompt past original_max_position_embeddings rotates by the long factors, as in transformers."""
     reference = save_tiny("phi3_longrope", tmp_path)
     model = load_lamina(tmp_path)
     ids = torch.randint(
