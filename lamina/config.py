@@ -85,5 +85,27 @@ def _normalize(hf: dict[str, Any]) -> dict[str, Any]:
     if isinstance(scaling, dict):
         scaling = dict(scaling)
         scaling.setdefault("rope_type", scaling.pop("type", "default"))
+        if scaling["rope_type"] in ("longrope", "su"):  # "su": the first Phi-3 configs' name for it
+            scaling = _complete_longrope(scaling, values)
         values["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
     return values
+
+
+def _complete_longrope(scaling: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """LongRoPE's scaling dict with all its frequencies need. Phi-3 configs keep the original context
+    beside `rope_scaling` and leave `factor` to be derived as context / original context."""
+    original = scaling.get("original_max_position_embeddings") or values.get(
+        "original_max_position_embeddings"
+    )
+    if not original:
+        raise CheckpointError(
+            "rope_scaling 'longrope' needs original_max_position_embeddings, which the config lacks"
+        )
+    context = values.get("max_position_embeddings") or ModelConfig.max_position_embeddings
+    factor = scaling.get("factor") or context / original
+    return {
+        **scaling,
+        "rope_type": "longrope",
+        "original_max_position_embeddings": original,
+        "factor": factor,
+    }

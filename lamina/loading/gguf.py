@@ -8,6 +8,7 @@ to float32 and undoes what llama.cpp's converter changed (see `GGUFArchitecture.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from lamina.errors import CheckpointError, UnsupportedModelError
 from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf_dequant import dequantize
 from lamina.loading.gguf_header import TensorEntry, read_gguf
-from lamina.loading.gguf_names import GGUF_ARCHITECTURES, hf_config_from_gguf
+from lamina.loading.gguf_names import GGUF_ARCHITECTURES, ROPE_FACTOR_TENSORS, hf_config_from_gguf
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,22 @@ class GGUFCheckpoint(Checkpoint):
                 f"GGUF architecture {arch!r} in {path.name} is not supported; supported: {supported}"
             )
         self.architecture = arch
-        self.spec = GGUF_ARCHITECTURES[arch]
-        self._tensors = {self.spec.hf_tensor_name(name): t for name, t in tensors.items()}
-        self.config = hf_config_from_gguf(self.metadata, arch, tied="lm_head.weight" not in self._tensors)
+        self.spec = GGUF_ARCHITECTURES[arch].for_file(tensors)
+        # LongRoPE factors are HF config values: read them now, and they are not weights
+        rope_factors = {
+            key: _vector(tensors.pop(name)) for name, key in ROPE_FACTOR_TENSORS.items() if name in tensors
+        }
+        self.config = hf_config_from_gguf(self.metadata, self.spec, tensors, rope_factors)
+        self._tensors = dict(self._by_hf_name(tensors))
+
+    def _by_hf_name(self, tensors: dict[str, TensorEntry]) -> Iterator[tuple[str, TensorEntry]]:
+        """The file's tensors under HF names; a fused q/k/v the HF model keeps apart becomes 3 row views."""
+        for name, t in tensors.items():
+            parts = self.spec.split_rows(name, t.dims[-1], self.config)
+            if parts is None:
+                yield self.spec.hf_tensor_name(name), t
+            else:
+                yield from ((hf_name, _rows(t, start, end)) for hf_name, start, end in parts)
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -87,6 +101,18 @@ class GGUFCheckpoint(Checkpoint):
         if t is None:
             raise CheckpointError(f"{self.path.name} has no tensor for {name!r}")
         return t
+
+
+def _rows(t: TensorEntry, start: int, end: int) -> TensorEntry:
+    """Rows start..end of a tensor, as a view (quantized blocks never straddle rows)."""
+    return TensorEntry(t.name, t.ggml_type, (*t.dims[:-1], end - start), t.data[start:end])
+
+
+def _vector(t: TensorEntry) -> list[float]:
+    """A small float tensor (F32/F16) as a list."""
+    if t.ggml_type.name not in ("F32", "F16"):
+        raise CheckpointError(f"{t.name} is stored as {t.ggml_type.name}; llama.cpp writes it as F32")
+    return np.asarray(t.data, dtype=np.float32).reshape(-1).tolist()
 
 
 DEQUANT_ROWS_BYTES = 8 << 20  # float32 output per dequantization step

@@ -7,17 +7,20 @@ argument here, not a copy of the block in another file.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.errors import UnsupportedModelError
+from lamina.errors import CheckpointError, UnsupportedModelError
 
 
 class LayerCache(Protocol):
     """What attention needs from a KV cache: write new keys/values, get all of them back."""
+
+    max_len: int  # positions it holds: the longest sequence it serves
 
     def update(
         self, layer_idx: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -119,10 +122,20 @@ def _fuse_linears(*layers: nn.Module) -> nn.Module | None:
     return fused
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Per-pair rotation frequencies [head_dim/2] for the RoPE variants HF configs describe."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None, long: bool = False
+) -> torch.Tensor:
+    """Per-pair rotation frequencies [head_dim/2] for the RoPE variants HF configs describe.
+
+    `long` picks LongRoPE's factors for sequences past its original context (else its short ones).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "longrope":
+        return 1.0 / (
+            _longrope_factors(scaling, "long_factor" if long else "short_factor", head_dim) * theta**exponents
+        )
+    inv_freq = 1.0 / (theta**exponents)
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":
@@ -130,8 +143,33 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
     if rope_type == "llama3":
         return _llama3_frequencies(inv_freq, scaling)
     raise UnsupportedModelError(
-        f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3"
+        f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3, longrope"
     )
+
+
+def _longrope_factors(scaling: dict[str, Any], key: str, head_dim: int) -> torch.Tensor:
+    """LongRoPE's per-frequency divisors [head_dim/2] (Phi-3 128k, Phi-3.5, Phi-4-mini)."""
+    factors = scaling.get(key)
+    if factors is None or len(factors) != head_dim // 2:
+        found = "none" if factors is None else f"{len(factors)} values"
+        raise CheckpointError(
+            f"rope_scaling 'longrope' needs {head_dim // 2} {key} values for a rotary width of {head_dim}, "
+            f"found {found}; the config is inconsistent"
+        )
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """LongRoPE's scale on cos/sin, 1.0 for the other variants: the config's `attention_factor`, else
+    sqrt(1 + ln(factor) / ln(original context)) once the context was extended (transformers' default)."""
+    if (scaling or {}).get("rope_type") != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+    factor = scaling["factor"]
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(scaling["original_max_position_embeddings"]))
 
 
 def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -149,22 +187,50 @@ def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torc
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions, computed on the fly (no [context, dim] buffer)."""
+    """cos/sin tables for given positions, computed on the fly (no [context, dim] buffer).
+
+    LongRoPE has two sets of frequencies: the long one for a sequence longer than
+    `original_max_position_embeddings`, the short one otherwise, for all of its positions. A call
+    with a KV cache passes the cache's length as the sequence's (as llama.cpp picks by context size),
+    so every key in a cache is rotated alike however the prompt is chunked; a call without one
+    counts up to its last position, as transformers does (chosen on the device: no host sync).
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self._inv_freq: torch.Tensor | None = None  # built on first use, on the positions' device
+        self.attention_factor = rope_attention_factor(scaling)
+        longrope = (scaling or {}).get("rope_type") == "longrope"
+        self._long_from = scaling["original_max_position_embeddings"] if longrope else None
+        # (short or only, long) frequencies, built on first use on the positions' device
+        self._inv_freq: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, head_dim], computed in float32 and returned in `dtype`."""
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = rope_inverse_frequencies(self.head_dim, self.theta, self.scaling).to(
-                positions.device
-            )
-        freqs = positions.float()[:, None] * self._inv_freq[None, :]  # [T, head_dim/2]
+    def _frequencies(self, positions: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+        """The frequencies [head_dim/2] for `positions` [T] (ascending) of a sequence of `seq_len`."""
+        if self._inv_freq is None or self._inv_freq[0].device != positions.device:
+            build = partial(rope_inverse_frequencies, self.head_dim, self.theta, self.scaling)
+            long = build(long=True).to(positions.device) if self._long_from is not None else None
+            self._inv_freq = (build().to(positions.device), long)
+        short, long = self._inv_freq
+        if long is None:
+            return short
+        if seq_len is not None:
+            return long if seq_len > self._long_from else short
+        return torch.where(positions[-1] >= self._long_from, long, short)  # last position + 1 > original
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, head_dim], computed in float32 and returned in `dtype`.
+
+        `seq_len`: the length of the sequence the positions belong to (default: up to the last one).
+        """
+        freqs = positions.float()[:, None] * self._frequencies(positions, seq_len)[None, :]  # [T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
 
 def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:

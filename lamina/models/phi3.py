@@ -2,7 +2,8 @@
 
 The fused matrices stay fused, as HF stores them (`self_attn.qkv_proj`, `mlp.gate_up_proj`): one
 matmul each, split afterwards, and each remains a plain nn.Linear for quantization. Partial rotary
-(Phi-4-mini) and a sliding window (Phi-3-mini-4k) are config fields.
+(Phi-4-mini), LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini) and a sliding window (Phi-3-mini-4k) are
+config fields.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class Phi3ForCausalLM(CausalLM):
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or [B, 1, V] if last_only)."""
         x = self.model.embed_tokens(input_ids)
         positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=x.device)
-        rope = self.model.rotary_emb(positions, x.dtype)
+        # with a cache, LongRoPE picks its factors by the cache's length (see RotaryEmbedding)
+        rope = self.model.rotary_emb(positions, x.dtype, cache.max_len if cache is not None else None)
         for layer in self.model.layers:
             x = layer(x, rope, cache, start_pos)
         if last_only:

@@ -37,7 +37,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture(LlamaForCausalLM, {"qkv_bias": True, "attention_bias": False}),
     "Qwen3ForCausalLM": Architecture(LlamaForCausalLM, {"qk_norm": True}),
     "GemmaForCausalLM": Architecture(GemmaForCausalLM),
-    "Gemma2ForCausalLM": Architecture(GemmaForCausalLM, {"sandwich_norms": True}),
+    # Gemma 2 slides on every other layer; its first config.json files predate `layer_types`
+    "Gemma2ForCausalLM": Architecture(
+        GemmaForCausalLM, {"sandwich_norms": True, "sliding_window_pattern": 2}
+    ),
     "Gemma3ForCausalLM": Architecture(GemmaForCausalLM, {"sandwich_norms": True, "qk_norm": True}),
     "Phi3ForCausalLM": Architecture(Phi3ForCausalLM),
     "PhiForCausalLM": Architecture(PhiForCausalLM),

@@ -79,7 +79,7 @@ def int4_linear_from_gguf(
 ) -> Int4Linear:
     """A Q4_0/Q4_1 weight as an `Int4Linear` (group size 32); see the module docstring for exactness.
 
-    `permute_rows` reorders output rows (llama.cpp's q/k permutation); it commutes with per-row
+    `permute_rows` reorders output rows (llama.cpp's q/k or fused qkv reorderings); it commutes with per-row
     block quantization, so it is applied to codes and scales alike.
     """
     codes, d, m = q4_codes(data, ggml_type, shape)

@@ -24,7 +24,6 @@ from lamina.engine.perplexity import default_text
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf import GGUFCheckpoint
-from lamina.loading.gguf_names import unpermute_qk_rows
 from lamina.loading.loader import ModuleClaim, ModuleHook
 from lamina.quant.apply import (
     float_linear_names,
@@ -125,14 +124,7 @@ def _gguf_claim(model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.devi
         raw = checkpoint.read_raw(weight)
         if raw.ggml_type not in BLOCK_BYTES or tuple(raw.shape) != tuple(module.weight.shape):
             return False
-        permute = None
-        if spec.permute_qk and weight.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config["num_attention_heads" if "q_proj" in weight else "num_key_value_heads"]
-
-            def permute(t: torch.Tensor, heads: int = heads) -> torch.Tensor:
-                return unpermute_qk_rows(t, heads)
-
-        layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, permute)
+        layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, spec.row_order(weight, config))
         set_submodule(model, name, layer.to(device))
         return True
 

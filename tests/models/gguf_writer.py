@@ -1,12 +1,18 @@
 """Write a tiny transformers model as a GGUF the way llama.cpp's converter does, for round-trip tests.
 
 Names come from the `gguf` package's own HF -> llama.cpp tensor map (independent of Lamina's
-tables), and the converter's layout changes are applied here: Llama's q/k row permutation,
-Gemma's (1 + w) norms, GPT-2's transposed Conv1D weights and its duplicated output matrix.
+tables). Metadata keys and tensor changes follow llama.cpp's `convert_hf_to_gguf.py`, one function
+per architecture: Llama's q/k row permutation, Gemma's (1 + w) norms, GPT-2's transposed Conv1D
+weights, BLOOM's and GPT-NeoX's fused qkv regrouped to [q | k | v], Falcon's per-KV-group qkv
+likewise, the output matrix GPT-2 and BLOOM duplicate from the embedding, and Phi-3's LongRoPE
+factors as tensors.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,29 @@ def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
+def per_head_qkv_to_blocks(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's BLOOM/GPT-NeoX converter: per-head [q_h | k_h | v_h] rows -> [all q | all k | all v]."""
+    qkv = tensor.reshape(heads, 3, tensor.shape[0] // heads // 3, *tensor.shape[1:])  # [H, 3, D, ...]
+    return torch.cat([qkv[:, i].reshape(-1, *tensor.shape[1:]) for i in range(3)])
+
+
+def falcon_qkv_to_blocks(tensor: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """llama.cpp's Falcon converter: per-KV-group [q_1 .. q_g | k | v] rows -> [all q | all k | all v]."""
+    head_dim = tensor.shape[0] // (heads + 2 * kv_heads)
+    qkv = tensor.view(kv_heads, heads // kv_heads + 2, head_dim, tensor.shape[1])
+    q = qkv[:, :-2].reshape(heads * head_dim, tensor.shape[1])
+    k = qkv[:, [-2]].reshape(kv_heads * head_dim, tensor.shape[1])
+    v = qkv[:, [-1]].reshape(kv_heads * head_dim, tensor.shape[1])
+    return torch.cat((q, k, v)).reshape_as(tensor)
+
+
+def falcon_kv_heads(cfg) -> int:
+    """The KV heads the converter reads from a Falcon's original config.json: `num_kv_heads` for the
+    new decoder architecture, else none written, so 1 (transformers' re-saved configs add
+    num_kv_heads = num_attention_heads to multi-query models, which the converter would misread)."""
+    return cfg.num_kv_heads if cfg.new_decoder_architecture else 1
+
+
 def f16_rounded(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with its matrices rounded to float16 and back, as `write_gguf` stores them."""
     with torch.no_grad():
@@ -33,30 +62,203 @@ def f16_rounded(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def write_hparams(writer, arch: str, cfg) -> None:
-    """The `{arch}.*` keys llama.cpp's converter writes for these tiny configs."""
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    if arch == "gpt2":
-        writer.add_context_length(cfg.n_positions)
-        writer.add_feed_forward_length(4 * cfg.hidden_size)
-        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
-        return
+def _rope(cfg) -> dict:
+    return getattr(cfg, "rope_parameters", None) or {}
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _llama_hparams(writer, cfg) -> None:
+    """Llama, Mistral, Qwen2/3, Gemma (the converter's generic TextModel keys)."""
     writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if arch == "phi3":
-        writer.add_rope_dimension_count(int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0)))
-        if cfg.sliding_window:
-            writer.add_sliding_window(cfg.sliding_window)
-    else:
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(_rope(cfg)["rope_theta"])
+    writer.add_rope_dimension_count(_head_dim(cfg))
+    writer.add_key_length(_head_dim(cfg))
+    writer.add_value_length(_head_dim(cfg))
+
+
+def _phi3_hparams(writer, cfg) -> None:
+    """Phi3MiniModel: partial rotary width, window 0 for none, LongRoPE's original context and scale."""
+    rope = _rope(cfg)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(
+        int(rope.get("partial_rotary_factor", 1.0) * cfg.hidden_size) // cfg.num_attention_heads
+    )
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_sliding_window(cfg.sliding_window or 0)
+    if rope.get("rope_type") == "longrope":
+        scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+        original = cfg.original_max_position_embeddings
+        writer.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        )
+
+
+def _gemma2_hparams(writer, cfg) -> None:
+    """Gemma2Model: no RoPE base (llama.cpp's 10000), soft-caps and window stored."""
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    writer.add_sliding_window(cfg.sliding_window)
+
+
+def _gemma3_hparams(writer, cfg) -> None:
+    """Gemma3Model: the generic keys with the global layers' RoPE (linear scaling), the local base as
+    rope.freq_base_swa, and the window; no layer pattern (llama.cpp fixes 5 sliding : 1 global)."""
+    full, local = _rope(cfg)["full_attention"], _rope(cfg)["sliding_attention"]
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    if full.get("rope_type") == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
+    writer.add_rope_freq_base(full["rope_theta"])
+    writer.add_rope_freq_base_swa(local["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_sliding_window(cfg.sliding_window)
+
+
+def _gpt2_hparams(writer, cfg) -> None:
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+
+
+def _phi2_hparams(writer, cfg) -> None:
+    """Phi2Model: feed-forward length written as 4 * hidden, rotary width int(fraction * hidden) // heads."""
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_attention_heads)
+    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    writer.add_rope_dimension_count(
+        int(_rope(cfg)["partial_rotary_factor"] * cfg.hidden_size) // cfg.num_attention_heads
+    )
+
+
+def _gptneox_hparams(writer, cfg) -> None:
+    """GPTNeoXModel: rotary width from the rotary fraction, parallel residual flag, no RoPE base."""
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_rope_dimension_count(int(_rope(cfg)["partial_rotary_factor"] * _head_dim(cfg)))
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_parallel_residual(cfg.use_parallel_residual)
+    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+
+
+def _bloom_hparams(writer, cfg) -> None:
+    """BloomModel: context length falls back to the width (BLOOM has no positions)."""
+    writer.add_context_length(cfg.hidden_size)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_attention_heads)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+
+
+def _falcon_hparams(writer, cfg) -> None:
+    """FalconModel: fixed context 2048, feed-forward 4 * hidden, no RoPE base."""
+    writer.add_context_length(2048)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(falcon_kv_heads(cfg))
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+
+
+HPARAMS = {
+    "phi3": _phi3_hparams,
+    "gemma2": _gemma2_hparams,
+    "gemma3": _gemma3_hparams,
+    "gpt2": _gpt2_hparams,
+    "phi2": _phi2_hparams,
+    "gptneox": _gptneox_hparams,
+    "bloom": _bloom_hparams,
+    "falcon": _falcon_hparams,
+}
+
+
+def to_llama_cpp(arch: str, hf_name: str, tensor: torch.Tensor, cfg) -> torch.Tensor:
+    """What the converter's `modify_tensors` does to one HF tensor."""
+    if arch in ("llama", "mistral") and hf_name.endswith("q_proj.weight"):
+        return llama_cpp_permute(tensor, cfg.num_attention_heads)
+    if arch in ("llama", "mistral") and hf_name.endswith("k_proj.weight"):
+        return llama_cpp_permute(tensor, cfg.num_key_value_heads)
+    if arch in ("gemma", "gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+        return tensor + 1
+    if arch == "gpt2" and hf_name.endswith(CONV1D):
+        return tensor.t()
+    if arch in ("bloom", "gptneox") and ".query_key_value." in hf_name:
+        return per_head_qkv_to_blocks(tensor, cfg.num_attention_heads)
+    if arch == "falcon" and hf_name.endswith("query_key_value.weight"):
+        return falcon_qkv_to_blocks(tensor, cfg.num_attention_heads, falcon_kv_heads(cfg))
+    return tensor
+
+
+def hf_tensors(model: torch.nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors a converter reads from the model's checkpoint: tied heads once, no mask buffers,
+    and the output matrix GPT-2's and BLOOM's converters add as a copy of the embedding."""
+    duplicated_head = arch in ("gpt2", "bloom")
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith(".attn.bias") or hf_name.endswith(".masked_bias"):
+            continue
+        if hf_name == "lm_head.weight" and model.config.tie_word_embeddings and not duplicated_head:
+            continue  # llama.cpp writes no output matrix for tied models
+        if arch == "bloom":
+            hf_name = hf_name.removeprefix("transformer.")  # the converter strips it before mapping
+        yield hf_name, tensor.detach().float()
+
+
+def fuse_qkv(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Phi's q/k/v projections as Phi-2's first checkpoint stored them: one `mixer.Wqkv` [q | k | v],
+    which GGUFs converted from it keep as one attn_qkv tensor."""
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for name, tensor in tensors:
+        if m := re.match(r"model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", name):
+            parts.setdefault(m.groups(), []).append(tensor)  # state dicts list q, k, v in order
+            if len(parts[m.groups()]) == 3:
+                yield f"transformer.h.{m.group(1)}.mixer.Wqkv.{m.group(2)}", torch.cat(parts.pop(m.groups()))
+        else:
+            yield name, tensor
 
 
 def write_gguf(
@@ -65,11 +267,15 @@ def write_gguf(
     path: Path,
     vocab_size: int,
     spm: tuple[list[str], list[float], list[int]] | None = None,
+    matrix_type: str = "F16",
+    fused_qkv: bool = False,
 ) -> Path:
     """`model`'s weights and config as a llama.cpp-style GGUF of architecture `arch`.
 
     The vocabulary is `vocab_size` placeholder tokens, or `spm`'s (tokens, scores, token types)
-    as a SentencePiece-style ("llama") tokenizer with BOS 1 and EOS 2.
+    as a SentencePiece-style ("llama") tokenizer with BOS 1 and EOS 2. Matrices are stored as
+    `matrix_type` (F16, llama.cpp's usual float type, or Q8_0), vectors as F32. `fused_qkv`: Phi's
+    q/k/v as one tensor, as in GGUFs of Phi-2's first checkpoint.
     """
     import gguf
 
@@ -77,7 +283,7 @@ def write_gguf(
     model_arch = {name: enum for enum, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)
-    write_hparams(writer, arch, cfg)
+    HPARAMS.get(arch, _llama_hparams)(writer, cfg)
     if spm is None:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"<t{i}>" for i in range(vocab_size)])
@@ -89,27 +295,21 @@ def write_gguf(
         writer.add_token_types(types)
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
-    state = model.state_dict()
-    tied = cfg.tie_word_embeddings
-    for hf_name, tensor in state.items():
-        if hf_name == "lm_head.weight" and tied and arch != "gpt2":
-            continue  # llama.cpp writes no output matrix for tied models (GPT-2 excepted)
-        if hf_name.endswith(".attn.bias") or hf_name.endswith(".masked_bias"):
-            continue
-        tensor = tensor.detach().float()
-        if arch in ("llama", "mistral") and hf_name.endswith("q_proj.weight"):
-            tensor = llama_cpp_permute(tensor, cfg.num_attention_heads)
-        if arch in ("llama", "mistral") and hf_name.endswith("k_proj.weight"):
-            tensor = llama_cpp_permute(tensor, cfg.num_key_value_heads)
-        if arch == "gemma" and hf_name.endswith("norm.weight"):
-            tensor = tensor + 1
-        if arch == "gpt2" and hf_name.endswith(CONV1D):
-            tensor = tensor.t()
+    tensors = hf_tensors(model, arch)
+    for hf_name, tensor in fuse_qkv(tensors) if fused_qkv else tensors:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, hf_name
-        # 2-D matrices as F16 (llama.cpp's usual float type), vectors as F32
-        dtype = np.float16 if tensor.ndim == 2 and "norm" not in hf_name else np.float32
-        writer.add_tensor(gguf_name, tensor.contiguous().numpy().astype(dtype))
+        array = to_llama_cpp(arch, hf_name, tensor, cfg).contiguous().numpy()
+        if tensor.ndim == 1 or "norm" in hf_name:
+            writer.add_tensor(gguf_name, array.astype(np.float32))
+        elif matrix_type == "F16":
+            writer.add_tensor(gguf_name, array.astype(np.float16))
+        else:
+            qtype = gguf.GGMLQuantizationType[matrix_type]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    if _rope(cfg).get("rope_type") == "longrope":  # Phi3MiniModel.generate_extra_tensors
+        writer.add_tensor("rope_factors_long.weight", np.array(_rope(cfg)["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(_rope(cfg)["short_factor"], dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

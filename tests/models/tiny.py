@@ -13,6 +13,7 @@ import torch
 
 VOCAB = 320
 WINDOW = 8
+LONGROPE_ORIGINAL_CONTEXT = 64
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 _GQA = dict(_COMMON, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
 
@@ -33,6 +34,25 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             bos_token_id=1,
             eos_token_id=2,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+    ),
+    # Phi-4-mini-like: LongRoPE on a partial rotary width, no window. The tests' prompts stay within
+    # the original 64-token context (short factors); test_longrope_* go past it (long factors).
+    "phi3_longrope": (
+        "Phi3Config",
+        dict(
+            _GQA,
+            original_max_position_embeddings=LONGROPE_ORIGINAL_CONTEXT,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.05, 1.1, 1.2, 1.3, 1.5],
+                "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 12.0],
+            },
         ),
     ),
     # Gemma-2B-like: multi-query, head_dim != hidden/heads
