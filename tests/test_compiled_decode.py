@@ -12,6 +12,8 @@ from lamina.engine.fusion import fuse_projections
 from lamina.engine.generate import generate_tokens
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams
+from lamina.models.layers import _causal_mask
+from lamina.models.sdpa import decode_attention, sdpa
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = [3, 4, 5, 6, 7]
@@ -44,6 +46,21 @@ def test_static_position_step_equals_int_position(tiny_models, family):
             expected = model(ids[:, i : i + 1], dynamic, i)
             actual = model(ids[:, i : i + 1], static, torch.tensor([i]))
             torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_only_the_filled_prefix(window, dtype):
+    """The compiled step's attention op equals the masked form over the whole static cache."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 1, 16, generator=gen).to(dtype)  # 6 query heads sharing 3 KV heads
+    k, v = (torch.randn(2, 3, 32, 16, generator=gen).to(dtype) for _ in range(2))
+    k[:, :, 21:], v[:, :, 21:] = 1e4, float("nan")  # past the position: must not be read
+    position = torch.tensor([20])
+    mask = _causal_mask(position, 1, 32, window or None, q.device)  # [1, 32]
+    expected = sdpa(q.float(), k.float().nan_to_num(0), v.float().nan_to_num(0), mask=mask)
+    tolerance = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}  # bf16 rounding
+    torch.testing.assert_close(decode_attention(q, k, v, position, window).float(), expected, **tolerance)
 
 
 def test_fusion_is_idempotent_and_skips_fused(tiny_llama_dir):

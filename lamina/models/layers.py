@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamina.errors import CheckpointError, UnsupportedModelError
+from lamina.models.sdpa import decode_attention, repeat_kv, sdpa
 
 
 class LayerCache(Protocol):
@@ -361,53 +362,23 @@ def attend(
 
     Picks the cheapest exact form: no mask for one new token, SDPA's built-in causal mask for a
     fresh prompt, an explicit [T, L] boolean mask otherwise (a window, or a prompt continuing a cache).
-    A tensor `start_pos` means k/v are a whole static-size cache: always masked, shapes never change.
+    A tensor `start_pos` means k/v are a whole static-size cache and shapes never change: one token
+    attends over the filled prefix through the opaque `decode_attention` op (on CPU), anything else
+    over the whole cache, masked.
     """
     seq, kv_len = q.shape[2], k.shape[2]
     if isinstance(start_pos, torch.Tensor):
-        return _sdpa(q, k, v, mask=_causal_mask(start_pos, seq, kv_len, window, q.device))
+        if seq == 1 and q.device.type != "cuda":  # CUDA graphs cannot replay the op's host read
+            return decode_attention(q, k, v, start_pos, window or 0)
+        return sdpa(q, k, v, mask=_causal_mask(start_pos, seq, kv_len, window, q.device))
     needs_window = window is not None and kv_len > window
     if seq == 1 and not needs_window:
-        return _sdpa(q, k, v)
+        return sdpa(q, k, v)
     if start_pos == 0 and seq == kv_len and not needs_window:
-        return _sdpa(q, k, v, causal=True)
-    return _sdpa(
+        return sdpa(q, k, v, causal=True)
+    return sdpa(
         q, k, v, mask=_causal_mask(start_pos, seq, kv_len, window if needs_window else None, q.device)
     )
-
-
-# SDPA takes grouped KV heads itself from torch 2.5 (`enable_gqa`); before, KV heads are repeated.
-_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
-) -> torch.Tensor:
-    """SDPA of q [B, H, T, D] over k/v [B, Hkv, L, D] with grouped KV heads, never copying k/v for one token.
-
-    One decode token over 576 cached positions, 30 layers' caches, 2 threads, torch 2.13 CPU, per
-    layer: float32 `enable_gqa` 123 us, group folded into query rows 139 us; bfloat16 400 us and
-    111 us. So float32 uses `enable_gqa`, other dtypes fold; longer queries take `enable_gqa` too.
-    """
-    batch, heads, seq, dim = q.shape
-    kv_heads = k.shape[1]
-    if heads == kv_heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    if _SDPA_GQA and (seq > 1 or q.dtype == torch.float32):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-    if seq == 1:  # the group's queries share their KV head and the one-row mask
-        folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, H, 1, D] -> [B, Hkv, group, D]
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
-        return out.reshape(batch, heads, 1, dim)  # [B, Hkv, group, D] -> [B, H, 1, D]
-    k, v = _repeat_kv(k, v, heads // kv_heads)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-
-
-def _repeat_kv(k: torch.Tensor, v: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, Hkv, L, D] -> [B, H, L, D]: each KV head repeated for the `group` query heads sharing it."""
-    if group == 1:
-        return k, v
-    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
 def _causal_mask(
@@ -463,7 +434,7 @@ def attend_eager(
     """`attend` with the scores materialized: capped to softcap * tanh(s / softcap), plus `bias` [H, 1, L]."""
     heads, seq, dim = q.shape[1], q.shape[2], q.shape[3]
     kv_len = k.shape[2]
-    k, v = _repeat_kv(k, v, heads // k.shape[1])
+    k, v = repeat_kv(k, v, heads // k.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)  # [B, H, T, L]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
