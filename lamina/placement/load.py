@@ -18,10 +18,11 @@ from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.heap import release_free_heap
+from lamina.loading.weight_files import open_weights_file, read_tensor
 from lamina.placement.dispatch import dispatch, tensor_slots
 from lamina.placement.offload_store import OffloadFolder, prepare_dir
 from lamina.placement.plan import Placement, Plan, plan
-from lamina.placement.source import TensorReader, WeightFiles, open_file, read_from
+from lamina.placement.source import TensorReader, WeightFiles
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -128,9 +129,9 @@ class _Loader:
                 wanted = [n for n in in_file if n not in skip]
                 if not wanted:
                     continue
-                handle = open_file(file)
+                handle = open_weights_file(file)
                 for name in wanted:
-                    yield name, read_from(handle, file, name)
+                    yield name, read_tensor(handle, file, name)
                 del handle  # unmaps the shard once its tensors are placed
         else:
             for name in names:
