@@ -68,6 +68,7 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
     from lamina.api import LLM
     from lamina.default_model import default_model_path
     from lamina.engine.generate import GenerationStats, generate_tokens
+    from lamina.engine.kv_cache import KVCache
     from lamina.engine.sampling import SamplingParams
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty, load_weights
@@ -88,6 +89,8 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
             )
         else:
             load_weights(model, checkpoint, torch.float32, "cpu")
+    load_peak = sampler.peak  # the peak while placing and reading weights
+    sampler.peak = anon_bytes()  # from here: the decode phase alone
     llm = LLM(model.eval(), tokenizer, config, source)
     ids = list(tokenizer.encode(PROMPT))
     greedy = SamplingParams(temperature=0.0)
@@ -97,12 +100,18 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
         stats = GenerationStats()
         out = list(generate_tokens(llm.model, ids, tokens, greedy, stats=stats))
         best = max(best, stats.decode_tokens_per_s)
-    peak = sampler.stop()
+    decode_peak = sampler.stop()
     plan = getattr(model, "lamina_plan", None)
+    kv_cache = KVCache.for_model(model, 1, len(ids) + tokens, torch.float32).nbytes()
     return {
         "tokens": out,
         "tok_s": best,
-        "anon_peak_above_base": peak - base,
+        "anon_peak_above_base": max(load_peak, decode_peak) - base,
+        "load_peak_above_base": load_peak - base,
+        "decode_peak_above_base": decode_peak - base,
+        "resident": plan.totals().get("cpu", 0) if plan else 0,
+        "buffers": plan.reserved if plan else 0,
+        "kv_cache": kv_cache,
         "base": base,
         "streamed_per_token": sum(plan.streamed_bytes().values()) if plan else 0,
         "prompt_ids": ids,
@@ -304,6 +313,15 @@ def main() -> None:
             peak_text += f" ({args.cap})"
         target_text = f">={target:.1f}" if target else ""
         print(f"{name:<52} {result['tok_s']:>7.1f} {target_text:>8} {same:>12} {peak_text:>22}")
+    print("\nanon peak above the overhead, by phase and part (MB):")
+    print(f"{'run':<52} {'load':>7} {'decode':>7} {'resident':>9} {'buffers':>8} {'KV cache':>9}")
+    for name, result, _ in rows:
+        if "load_peak_above_base" in result:
+            parts = ("load_peak_above_base", "decode_peak_above_base", "resident", "buffers", "kv_cache")
+            print(
+                f"{name:<52} "
+                + " ".join(f"{result[k] / 1e6:>{w}.1f}" for k, w in zip(parts, (7, 7, 9, 8, 9), strict=True))
+            )
     if not args.skip_accelerate:
         ratio = acc["lamina_tok_s"] / acc["tok_s"]
         print(f"\nLamina / Accelerate, alternated in one process: {ratio:.1f}x (target >= 4x)")
