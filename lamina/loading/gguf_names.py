@@ -153,6 +153,7 @@ def _t5_ffn(layer: int, gated: bool) -> dict[str, str]:
 
 
 def _t5_stacks(gated: bool) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """T5's encoder and decoder blocks: llama.cpp's block prefix -> (HF block prefix, layer table)."""
     return {
         "enc.blk": ("encoder.block", {**_T5_SELF_ATTENTION, **_t5_ffn(1, gated)}),
         "dec.blk": ("decoder.block", {**_T5_SELF_ATTENTION, **_T5_CROSS_ATTENTION, **_t5_ffn(2, gated)}),
