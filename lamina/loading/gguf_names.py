@@ -126,8 +126,42 @@ GPTNEOX_GLOBALS = {
     "output_norm": "gpt_neox.final_layer_norm",
     "output": "embed_out",
 }
-LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
-GLOBAL_NAME = re.compile(r"^([a-z_0-9]+)\.(weight|bias)$")
+# T5's encoder and decoder blocks: `enc.` / `dec.` before `blk.N.`; the final norms `enc.output_norm`, ...
+T5_GLOBALS = {
+    "token_embd": "shared",
+    "enc.output_norm": "encoder.final_layer_norm",
+    "dec.output_norm": "decoder.final_layer_norm",
+    "output": "lm_head",
+}
+_T5_ATTENTION = {"q": "q", "k": "k", "v": "v", "o": "o", "rel_b": "relative_attention_bias"}
+_T5_SELF_ATTENTION = {
+    "attn_norm": "layer.0.layer_norm",
+    **{f"attn_{short}": f"layer.0.SelfAttention.{hf}" for short, hf in _T5_ATTENTION.items()},
+}
+_T5_CROSS_ATTENTION = {
+    "cross_attn_norm": "layer.1.layer_norm",
+    **{f"cross_attn_{short}": f"layer.1.EncDecAttention.{hf}" for short, hf in _T5_ATTENTION.items()},
+}
+
+
+def _t5_ffn(layer: int, gated: bool) -> dict[str, str]:
+    """The feed-forward of T5 layer `layer` (1 in the encoder, 2 in the decoder): llama.cpp's ffn_up is
+    `wi` of a plain one and `wi_1` of a gated one, whose `wi_0` is ffn_gate."""
+    ff = f"layer.{layer}.DenseReluDense"
+    gate = {"ffn_gate": f"{ff}.wi_0", "ffn_up": f"{ff}.wi_1"} if gated else {"ffn_up": f"{ff}.wi"}
+    return {"ffn_norm": f"layer.{layer}.layer_norm", **gate, "ffn_down": f"{ff}.wo"}
+
+
+def _t5_stacks(gated: bool) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """T5's encoder and decoder blocks: llama.cpp's block prefix -> (HF block prefix, layer table)."""
+    return {
+        "enc.blk": ("encoder.block", {**_T5_SELF_ATTENTION, **_t5_ffn(1, gated)}),
+        "dec.blk": ("decoder.block", {**_T5_SELF_ATTENTION, **_T5_CROSS_ATTENTION, **_t5_ffn(2, gated)}),
+    }
+
+
+LAYER_NAME = re.compile(r"^((?:[a-z]+\.)?blk)\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+GLOBAL_NAME = re.compile(r"^([a-z_0-9.]+)\.(weight|bias)$")
 # LongRoPE's per-frequency factors: config values in HF, vectors in a GGUF (Phi-3 128k, Phi-3.5, Phi-4-mini)
 ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 
@@ -152,6 +186,9 @@ class GGUFArchitecture:
     variant: tuple[str, GGUFArchitecture] | None = None
     # llama.cpp short name -> HF names of its [q | k | v] row blocks, where the HF model keeps them apart
     fused_qkv: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    # block name prefix other than `blk` (T5's `enc.blk`, `dec.blk`) -> (HF layer prefix, layer table)
+    stacks: Mapping[str, tuple[str, Mapping[str, str]]] = field(default_factory=dict)
+    required: tuple[str, ...] = ()  # `{arch}.` metadata keys without which the HF config is incomplete
 
     def for_file(self, gguf_names: Collection[str]) -> GGUFArchitecture:
         """The spec for a file with these tensors: this one, or the variant whose marker tensor it holds."""
@@ -162,9 +199,12 @@ class GGUFArchitecture:
     def hf_tensor_name(self, gguf_name: str) -> str:
         """The HF parameter name for a llama.cpp tensor name (unknown names are returned unchanged)."""
         if m := LAYER_NAME.match(gguf_name):
-            layer, short, kind = m.groups()
-            if short in self.layers:
-                return f"{self.layer_prefix}.{layer}.{self.layers[short]}.{kind}"
+            stack, layer, short, kind = m.groups()
+            prefix, layers = self.stacks.get(
+                stack, (self.layer_prefix, self.layers if stack == "blk" else {})
+            )
+            if short in layers:
+                return f"{prefix}.{layer}.{layers[short]}.{kind}"
         elif (m := GLOBAL_NAME.match(gguf_name)) and m.group(1) in self.globals:
             return f"{self.globals[m.group(1)]}.{m.group(2)}"
         return gguf_name  # the loader reports it as unexpected
@@ -174,9 +214,9 @@ class GGUFArchitecture:
     ) -> list[tuple[str, int, int]] | None:
         """(HF name, first row, end row) of each part of a fused q/k/v tensor (None: not one)."""
         m = LAYER_NAME.match(gguf_name)
-        if m is None or m.group(2) not in self.fused_qkv:
+        if m is None or m.group(1) != "blk" or m.group(3) not in self.fused_qkv:
             return None
-        layer, short, kind = m.groups()
+        _, layer, short, kind = m.groups()
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads", heads)
         if rows % (heads + 2 * kv_heads):
@@ -276,6 +316,32 @@ _FALCON = dict(
     # regrouped, is HF's grouped layout (Falcon-7B's multi-query is the one-group case).
     implied={"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1},
 )
+_T5 = dict(
+    globals=T5_GLOBALS,
+    hparams={
+        "context_length": "n_positions",
+        "embedding_length": "d_model",
+        "feed_forward_length": "d_ff",
+        "block_count": "num_layers",
+        "decoder_block_count": "num_decoder_layers",
+        "attention.head_count": "num_heads",
+        "attention.key_length": "d_kv",
+        "attention.layer_norm_epsilon": "layer_norm_epsilon",
+        "attention.layer_norm_rms_epsilon": "layer_norm_epsilon",
+        "attention.relative_buckets_count": "relative_attention_num_buckets",
+        "decoder_start_token_id": "decoder_start_token_id",
+    },
+    required=(
+        "embedding_length",
+        "feed_forward_length",
+        "block_count",
+        "attention.head_count",
+        "attention.key_length",
+    ),
+)
+# llama.cpp's T5 runs a ReLU feed-forward, or a gated GELU one where the file has ffn_gate (T5 v1.1,
+# Flan-T5), and buckets relative positions up to a fixed distance of 128, T5's default.
+_T5_IMPLIED = {"relative_attention_max_distance": 128}
 
 # GGUF `general.architecture` -> how to read it.
 GGUF_ARCHITECTURES = {
@@ -348,6 +414,21 @@ GGUF_ARCHITECTURES = {
             ),
         ),
     ),
+    "t5": GGUFArchitecture(
+        "T5ForConditionalGeneration",
+        **_T5,
+        stacks=_t5_stacks(gated=False),
+        implied={**_T5_IMPLIED, "feed_forward_proj": "relu"},
+        variant=(
+            "enc.blk.0.ffn_gate.weight",
+            GGUFArchitecture(
+                "T5ForConditionalGeneration",
+                **_T5,
+                stacks=_t5_stacks(gated=True),
+                implied={**_T5_IMPLIED, "feed_forward_proj": "gated-gelu"},
+            ),
+        ),
+    ),
 }
 
 
@@ -360,6 +441,8 @@ def hf_config_from_gguf(
     """An HF-style config dict from GGUF metadata, the file's tensor names and its LongRoPE factors."""
     arch = metadata["general.architecture"]
     prefix = f"{arch}."
+    if missing := [prefix + key for key in spec.required if prefix + key not in metadata]:
+        raise CheckpointError(f"the GGUF lacks {', '.join(missing)}; the file is incomplete")
     config: dict[str, Any] = {"architectures": [spec.hf_architecture], "model_type": arch, **spec.implied}
     for key, hf_key in {**_HPARAMS, **spec.hparams}.items():
         if prefix + key in metadata:

@@ -1,4 +1,5 @@
-"""SentencePiece-style GGUF vocabularies (`tokenizer.ggml.model == "llama"`) as `tokenizers` BPE models.
+"""SentencePiece-style GGUF vocabularies as `tokenizers` models: BPE (`tokenizer.ggml.model == "llama"`)
+and T5's Unigram (`"t5"`, see `unigram_from_gguf`).
 
 llama.cpp stores a SentencePiece BPE vocabulary as tokens with scores (and usually no merges).
 This rebuilds what transformers' GGUF conversion builds from the same metadata, so both give the
@@ -12,12 +13,15 @@ tokenizer class transformers picks for the file's architecture:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+SENTINELS = 100  # T5's <extra_id_0> .. <extra_id_99>
+PLACEHOLDER = re.compile(r"^\[PAD\d+\]$")  # llama.cpp's name for ids past the SentencePiece model
 
 
 def sentencepiece_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
@@ -62,6 +66,51 @@ def sentencepiece_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
         ]
     )
     return tokenizer
+
+
+def unigram_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
+    """The Unigram tokenizer a `t5`-type GGUF vocabulary describes, as transformers' conversion builds it.
+
+    That is T5Tokenizer's shape: words split on whitespace, each prefixed with "▁", no byte
+    fallback, EOS appended to every text, and the pad/EOS/unknown tokens and sentinels special.
+    Like transformers it does not apply the file's precompiled charsmap (llama.cpp does: text that
+    NFKC-style normalization changes, such as full-width letters, can tokenize differently there).
+    """
+    tokens = sentinel_names(metadata["tokenizer.ggml.tokens"])
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id", 2)  # T5's id, which transformers assumes
+    tokenizer = Tokenizer(models.Unigram(list(zip(tokens, scores, strict=True)), unk_id=unk_id))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    ids = [metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("padding", "eos")] + [unk_id]
+    special = [tokens[i] for i in ids if i is not None]
+    special += [t for t in tokens if t.startswith("<extra_id_")]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+    if eos_id is not None and metadata.get("tokenizer.ggml.add_eos_token", True):
+        eos = tokens[eos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, eos_id)]
+        )
+    return tokenizer
+
+
+def sentinel_names(tokens: list[str]) -> list[str]:
+    """`tokens` with the first 100 `[PADn]` placeholders named `<extra_id_99>` .. `<extra_id_0>`.
+
+    T5 marks each blank in a prompt with a sentinel, highest id first; llama.cpp's converter writes
+    the ids past the SentencePiece model, where T5 keeps its sentinels, as placeholders.
+    """
+    tokens = list(tokens)
+    placeholders = [i for i, t in enumerate(tokens) if PLACEHOLDER.match(t)][:SENTINELS]
+    for offset, index in enumerate(placeholders):
+        tokens[index] = f"<extra_id_{SENTINELS - 1 - offset}>"
+    return tokens
 
 
 def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:

@@ -3,7 +3,7 @@
 GGUF stores the vocabulary, merges and token types under `tokenizer.ggml.*`. For byte-level BPE
 (`tokenizer.ggml.model == "gpt2"`) this builds the same BPE model, pre-tokenizer split and decoder
 that transformers' GGUF conversion builds, so both give the same ids for the same text; for
-SentencePiece-style vocabularies (`"llama"`) see `gguf_sentencepiece`.
+SentencePiece-style vocabularies (`"llama"` BPE, `"t5"` Unigram) see `gguf_sentencepiece`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lamina.errors import UnsupportedModelError
-from lamina.loading.gguf_sentencepiece import sentencepiece_from_gguf
+from lamina.loading.gguf_sentencepiece import sentencepiece_from_gguf, unigram_from_gguf
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -42,10 +42,12 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     kind = metadata.get("tokenizer.ggml.model")
     if kind == "llama":
         return _with_special_tokens(sentencepiece_from_gguf(metadata), metadata, byte_level=False)
+    if kind == "t5":
+        return _with_special_tokens(unigram_from_gguf(metadata), metadata, byte_level=False)
     if kind != "gpt2":
         raise UnsupportedModelError(
             f"GGUF tokenizer type {kind!r} is not supported; supported: gpt2 (byte-level BPE), "
-            "llama (SentencePiece BPE with scores)"
+            "llama (SentencePiece BPE with scores), t5 (SentencePiece Unigram)"
         )
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
     tokenizer = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [])

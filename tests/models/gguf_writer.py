@@ -205,6 +205,22 @@ def _falcon_hparams(writer, cfg) -> None:
     writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
 
 
+def _t5_hparams(writer, cfg) -> None:
+    """T5Model: context 512 unless n_positions, both epsilon keys, the decoder's start token."""
+    writer.add_context_length(getattr(cfg, "n_positions", None) or 512)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_decoder_block_count(cfg.num_decoder_layers)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_key_length(cfg.d_kv)
+    writer.add_value_length(cfg.d_kv)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    writer.add_relative_attn_buckets_count(cfg.relative_attention_num_buckets)
+    writer.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
+    writer.add_decoder_start_token_id(cfg.decoder_start_token_id)
+
+
 HPARAMS = {
     "phi3": _phi3_hparams,
     "gemma2": _gemma2_hparams,
@@ -214,6 +230,7 @@ HPARAMS = {
     "gptneox": _gptneox_hparams,
     "bloom": _bloom_hparams,
     "falcon": _falcon_hparams,
+    "t5": _t5_hparams,
 }
 
 
@@ -234,6 +251,12 @@ def to_llama_cpp(arch: str, hf_name: str, tensor: torch.Tensor, cfg) -> torch.Te
     return tensor
 
 
+def _tied_head(cfg, arch: str) -> bool:
+    """Whether the checkpoint has no lm_head of its own. transformers >= 5 ties every T5 and tells
+    original T5's tied, scaled head by `scale_decoder_outputs`; Flan-T5's checkpoints store an lm_head."""
+    return cfg.scale_decoder_outputs if arch == "t5" else cfg.tie_word_embeddings
+
+
 def hf_tensors(model: torch.nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors a converter reads from the model's checkpoint: tied heads once, no mask buffers,
     and the output matrix GPT-2's and BLOOM's converters add as a copy of the embedding."""
@@ -241,8 +264,10 @@ def hf_tensors(model: torch.nn.Module, arch: str) -> Iterator[tuple[str, torch.T
     for hf_name, tensor in model.state_dict().items():
         if hf_name.endswith(".attn.bias") or hf_name.endswith(".masked_bias"):
             continue
-        if hf_name == "lm_head.weight" and model.config.tie_word_embeddings and not duplicated_head:
+        if hf_name == "lm_head.weight" and _tied_head(model.config, arch) and not duplicated_head:
             continue  # llama.cpp writes no output matrix for tied models
+        if arch == "t5" and hf_name.endswith("embed_tokens.weight"):
+            continue  # T5Model writes `shared` once; the stacks' copies are the same tensor
         if arch == "bloom":
             hf_name = hf_name.removeprefix("transformer.")  # the converter strips it before mapping
         yield hf_name, tensor.detach().float()
@@ -261,6 +286,23 @@ def fuse_qkv(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str,
             yield name, tensor
 
 
+def add_unigram_vocabulary(writer, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """T5Model.set_vocab: a SentencePiece Unigram vocabulary, tokenizer model "t5", pad 0, EOS 1,
+    unknown 2 (T5's ids), EOS added to each prompt and no BOS."""
+    writer.add_tokenizer_model("t5")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(True)
+    writer.add_remove_extra_whitespaces(True)
+    writer.add_pad_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(True)
+
+
 def write_gguf(
     model: torch.nn.Module,
     arch: str,
@@ -273,7 +315,8 @@ def write_gguf(
     """`model`'s weights and config as a llama.cpp-style GGUF of architecture `arch`.
 
     The vocabulary is `vocab_size` placeholder tokens, or `spm`'s (tokens, scores, token types)
-    as a SentencePiece-style ("llama") tokenizer with BOS 1 and EOS 2. Matrices are stored as
+    as a SentencePiece-style tokenizer: for T5 a Unigram one (see `add_unigram_vocabulary`), else
+    a "llama" one with BOS 1 and EOS 2. Matrices are stored as
     `matrix_type` (F16, llama.cpp's usual float type, or Q8_0), vectors as F32. `fused_qkv`: Phi's
     q/k/v as one tensor, as in GGUFs of Phi-2's first checkpoint.
     """
@@ -287,6 +330,8 @@ def write_gguf(
     if spm is None:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"<t{i}>" for i in range(vocab_size)])
+    elif arch == "t5":
+        add_unigram_vocabulary(writer, *spm)
     else:
         tokens, scores, types = spm
         writer.add_tokenizer_model("llama")

@@ -27,14 +27,15 @@ T5_CONFIGS = {
 }
 
 
-def tiny_t5(variant: str):
+def tiny_t5(variant: str, **overrides):
     import transformers
 
-    config = transformers.T5Config(
+    values = dict(
         vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
         relative_attention_max_distance=20, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
         initializer_factor=1.0, **T5_CONFIGS[variant],
     )  # fmt: skip
+    config = transformers.T5Config(**{**values, **overrides})
     torch.manual_seed(0)
     return transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
 
