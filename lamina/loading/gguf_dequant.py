@@ -11,8 +11,6 @@ import numpy as np
 import torch
 
 BLOCK = 32  # elements per block in all three formats
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-CHUNK_BLOCKS = 2**16  # blocks dequantized at a time: 2M values, 8 MB of float32
 
 
 def _scales(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -26,30 +24,15 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(data: np.ndarray, ggml_type: str) -> torch.Tensor | None:
-    """Float32 values of the blocks in `data` (uint8, [..., row bytes]) flattened, or None if unsupported.
-
-    Works through CHUNK_BLOCKS blocks at a time into the preallocated result, so the temporaries of
-    an embedding-sized tensor stay a few MB instead of several copies of it.
-    """
-    if ggml_type not in BLOCK_BYTES:
+    """Float32 values of the blocks in `data` (uint8, [..., row bytes]) flattened, or None if unsupported."""
+    if ggml_type not in ("Q4_0", "Q4_1", "Q8_0"):
         return None
-    block_bytes = BLOCK_BYTES[ggml_type]
-    raw = np.asarray(data).reshape(-1)  # the mapped bytes, not copied
-    count = raw.size // block_bytes
-    out = torch.empty(count * BLOCK, dtype=torch.float32)
-    for start in range(0, count, CHUNK_BLOCKS):
-        stop = min(count, start + CHUNK_BLOCKS)
-        chunk = torch.from_numpy(raw[start * block_bytes : stop * block_bytes].copy())  # writable bytes
-        blocks = chunk.view(-1, block_bytes)  # [bytes] -> [blocks, block bytes]
-        out[start * BLOCK : stop * BLOCK] = _dequantize_blocks(blocks, ggml_type).reshape(-1)
-    return out
-
-
-def _dequantize_blocks(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
-    """uint8 [N, block bytes] -> float32 [N, 32]."""
+    raw = torch.from_numpy(np.array(data, copy=True).reshape(-1))  # a writable copy of the mapped bytes
+    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[ggml_type]
+    blocks = raw.view(-1, block_bytes)  # [bytes] -> [N blocks, block bytes]
     d = _scales(blocks, 0)
     if ggml_type == "Q8_0":
-        return blocks[:, 2:].contiguous().view(torch.int8).float() * d
+        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(-1)
     if ggml_type == "Q4_0":
-        return d * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float()
-    return d * _nibbles(blocks[:, 4:]).float() + _scales(blocks, 2)
+        return (d * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float()).reshape(-1)
+    return (d * _nibbles(blocks[:, 4:]).float() + _scales(blocks, 2)).reshape(-1)

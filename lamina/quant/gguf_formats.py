@@ -23,19 +23,17 @@ Other GGML types (K-quants, Q5_x, ...) are not converted here; the loader dequan
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from lamina.errors import UnsupportedModelError
+from lamina.loading.gguf_layout import RowOrder
 from lamina.quant.int4 import Int4Linear, make_scales_and_zeros
 from lamina.quant.int8 import ROW_CHUNK, Int8Embedding, Int8Linear, quantize_per_channel
 
 BLOCK = 32
 #: GGML types this module converts, with their bytes per 32-weight block.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-RowPermutation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
@@ -75,7 +73,7 @@ def q8_0_values(data: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def int4_linear_from_gguf(
-    data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowPermutation | None = None
+    data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> Int4Linear:
     """A Q4_0/Q4_1 weight as an `Int4Linear` (group size 32); see the module docstring for exactness.
 
@@ -90,7 +88,7 @@ def int4_linear_from_gguf(
 
 
 def int8_from_q8_0(
-    data: np.ndarray, shape: tuple[int, int], permute_rows: RowPermutation | None = None
+    data: np.ndarray, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 blocks -> per-row int8 (q int8 [N, K], scales float32 [N]); re-quantized, see module docstring.
 
@@ -111,7 +109,7 @@ def int8_from_q8_0(
 
 
 def int8_linear_from_gguf(
-    data: np.ndarray, shape: tuple[int, int], permute_rows: RowPermutation | None = None
+    data: np.ndarray, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> Int8Linear:
     """A Q8_0 linear weight as an `Int8Linear`."""
     q, scales = int8_from_q8_0(data, shape, permute_rows)
@@ -125,7 +123,7 @@ def tied_int8_from_gguf(data: np.ndarray, shape: tuple[int, int]) -> tuple[Int8E
 
 
 def linear_from_gguf(
-    data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowPermutation | None = None
+    data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> Int4Linear | Int8Linear:
     """Dispatch on the GGML type: Q4_0/Q4_1 -> int4, Q8_0 -> int8."""
     if ggml_type == "Q8_0":
