@@ -144,7 +144,7 @@ class LLM:
         llm = cls(model, tokenizer, config, source)
         if max_memory is None:  # fusing streamed layers would pull them back into resident memory
             if fuse:
-                fuse_projections(model, after_each=release_free_heap)
+                fuse_projections(model, release=release_free_heap)
             if should_compile(model, torch_device, compile):
                 llm.decoder = CompiledDecoder(model)
         llm.load_seconds = time.perf_counter() - started
