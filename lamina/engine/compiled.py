@@ -1,14 +1,19 @@
 """The decode step under `torch.compile`: one token in, next-token logits out, static shapes.
 
-Eager PyTorch spends 5-20 us of Python and dispatch per op; a 30-layer model has ~600 ops per
-token, milliseconds that dwarf the mat-vecs of a small model. Compiling the step fuses the norms,
-RoPE, activations and residuals into a few generated C++ (CPU) or Triton (GPU) kernels, and on a GPU
-replays the whole step as one CUDA graph (mode "reduce-overhead").
+Eager PyTorch spends 5-20 us of Python and dispatch per op; a 30-layer model has ~1600 ops per
+token, milliseconds that dwarf the mat-vecs of a small model. Compiling fuses the norms, RoPE,
+activations and residuals into a few generated C++ (CPU) or Triton (GPU) kernels.
 
-Shapes must not change from token to token, so the step attends over the whole preallocated
-cache (masked past the current position) and takes the position as a tensor. Cache lengths are
-rounded up to a bucket, so one compiled graph serves every generation of similar length; compiled
-code is cached on disk by inductor's FX graph cache, so later processes skip most of the work.
+What is compiled differs by device. On a GPU it is the whole step, replayed as one CUDA graph
+(mode "reduce-overhead"): launch overhead, not Python, is what a GPU step loses. On a CPU it is one
+decoder layer, reused for every layer (they share code and shapes): the per-layer call costs about
+what the whole step saves in guard checks, while tracing one layer instead of thirty takes the
+warm-up from minutes to seconds (benchmarks/NOTES.md, finding 12).
+
+Shapes must not change from token to token, so the step takes the position as a tensor and a
+static cache whose length is rounded up to a bucket: one compiled graph serves every generation of
+similar length. Compiled code is cached on disk by inductor's FX graph cache, so later processes
+skip most of the work.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from torch import nn
 
 from lamina.engine.generate import input_device_dtype
-from lamina.engine.kv_cache import KVCache
+from lamina.engine.kv_cache import KVCache, LayerKV
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this: fewer graphs, little waste
 
@@ -29,9 +34,10 @@ def should_compile(model: nn.Module, device: torch.device, requested: bool | Non
     """Whether to compile the decode step: as requested, else on CUDA only; never for a model
     family whose forward lacks the static-shape form (`supports_static_decode`).
 
-    On CUDA the step becomes one graph replay, several times faster for small models. On CPU the
-    first compile costs minutes and each later process ~20 s (benchmarks/NOTES.md), so eager is
-    the default there and `--compile` opts in.
+    On CUDA the step becomes one graph replay, several times faster for small models. On CPU it
+    saves ~15% of a step (~1.7 ms a token on the default model) for a warm-up of ~15 s the first
+    time on a machine and ~3.5 s in every later process (benchmarks/NOTES.md, finding 12): it pays
+    back only after a couple of thousand tokens, so eager is the CPU default and `--compile` opts in.
     """
     if not getattr(model, "supports_static_decode", False) or getattr(model, "is_encoder_decoder", False):
         if requested:
@@ -48,6 +54,13 @@ def bucket_length(length: int, limit: int) -> int:
     return min(-(-length // BUCKET) * BUCKET, max(limit, length))
 
 
+def _run_layer(
+    layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, ...], slot: LayerKV, position: torch.Tensor
+) -> torch.Tensor:
+    """One decoder layer's decode step: the region a CPU compile traces once for all layers."""
+    return layer(x, rope, slot, position)
+
+
 class CompiledDecoder:
     """Compiled decode steps for one model, with one static KV cache per (batch, bucket, dtype)."""
 
@@ -55,11 +68,15 @@ class CompiledDecoder:
         self.model = model
         self.device = input_device_dtype(model)[0]
         self.verbose = verbose
+        # One graph for all layers needs dynamo to treat a layer's weights as inputs rather than
+        # constants of one module (the default from torch 2.5); without it, compile the whole step.
+        self.per_layer = self.device.type != "cuda" and torch._dynamo.config.inline_inbuilt_nn_modules
         # CUDA graphs on GPU (what mode="reduce-overhead" sets). emulate_precision_casts: round
         # bf16/fp16 intermediates where eager does, so greedy tokens match the eager path (fused
         # kernels otherwise keep them in float32 and the two drift apart within tens of tokens).
         options = {"emulate_precision_casts": True, "triton.cudagraphs": self.device.type == "cuda"}
-        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+        compiled = _run_layer if self.per_layer else self._forward
+        self._compiled = torch.compile(compiled, fullgraph=True, dynamic=False, options=options)
         self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
         self._warm: set[tuple[int, int, torch.dtype]] = set()
         self.compile_s = 0.0  # warm-up time of the last new bucket (0 when nothing was compiled)
@@ -72,7 +89,7 @@ class CompiledDecoder:
         if cache is None:
             cache = KVCache.for_model(self.model, batch, key[1], dtype)
             if self.device.type == "cuda":  # CUDA graphs need fixed addresses for mutated inputs
-                for tensor in cache.keys + cache.values:
+                for tensor in cache.tensors():
                     torch._dynamo.mark_static_address(tensor)
             self._caches[key] = cache
         self.compile_s = 0.0
@@ -82,13 +99,18 @@ class CompiledDecoder:
 
     def step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token [B, 1] at `position` (a 1-element long tensor) -> logits [B, V]."""
-        if self.failed:
-            return self._forward(token, position, cache)  # the same static-shape step, eagerly
-        logits = self._step(token, position, cache)
+        if self.per_layer or self.failed:  # compiled layers inside, or the same step eagerly
+            return self._forward(token, position, cache)
+        logits = self._compiled(token, position, cache)
         return logits.clone() if self.device.type == "cuda" else logits  # graph outputs get reused
 
     def _forward(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(token, cache=cache, start_pos=position)[:, -1]  # [B, 1, V] -> [B, V]
+        """The static-shape step: the model's embed -> layers -> head, each layer compiled when per_layer."""
+        run_layer = self._compiled if self.per_layer and not self.failed else _run_layer
+        x, rope = self.model.embed(token, position)
+        for layer, slot in zip(self.model.decoder_layers(), cache.layers, strict=True):
+            x = run_layer(layer, x, rope, slot, position)
+        return self.model.head(x)[:, -1]  # [B, 1, V] -> [B, V]
 
     def _warm_up(self, cache: KVCache, key: tuple[int, int, torch.dtype]) -> None:
         """Compile (or load from the on-disk cache) by running steps on dummy input; prints progress."""

@@ -97,7 +97,9 @@ class LlamaForCausalLM(CausalLM):
 
     config_class = LlamaConfig
     no_split_modules = ("LlamaDecoderLayer",)
-    supports_static_decode = True  # forward accepts a tensor start_pos (lamina.engine.compiled)
+    # forward = embed -> each decoder layer (x, rope, cache, start_pos) -> head, and accepts a
+    # tensor start_pos: what lamina.engine.compiled needs to compile the decode step.
+    supports_static_decode = True
     # Names some checkpoints carry that the model computes itself.
     ignored_checkpoint_keys = (r"\.rotary_emb\.inv_freq$",)
 
@@ -129,11 +131,21 @@ class LlamaForCausalLM(CausalLM):
 
         `start_pos` may be a 1-element tensor: the static-shape form the compiled decode step uses.
         """
-        x = self.model.embed_tokens(input_ids)
-        positions = start_pos + torch.arange(input_ids.shape[1], device=x.device)  # [T]
-        rope = self.model.rotary_emb(positions, x.dtype)
+        x, rope = self.embed(input_ids, start_pos)
         for layer in self.model.layers:
             x = layer(x, rope, cache, start_pos)
         if last_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def embed(
+        self, input_ids: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """input_ids [B, T] -> hidden states [B, T, hidden] and the RoPE (cos, sin) every layer takes."""
+        x = self.model.embed_tokens(input_ids)
+        positions = start_pos + torch.arange(input_ids.shape[1], device=x.device)  # [T]
+        return x, self.model.rotary_emb(positions, x.dtype)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, hidden] -> logits [B, T, V]."""
         return self.lm_head(self.model.norm(x))
