@@ -103,3 +103,50 @@ def test_anonymous_memory_stays_under_the_cpu_budget(sharded):
     # The streamed layers are file pages (page cache), not process memory; 8 MB covers activations
     # and allocator slack.
     assert result["anon"] <= budget + 8 * MB, result
+
+
+GGUF_SCRIPT = r"""
+import json, sys, threading, time, torch
+from lamina.default_model import default_model_path
+from lamina.loading.checkpoint import open_checkpoint
+from lamina.loading.loader import build_empty
+from lamina.placement import load_and_dispatch
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+peak, running = [0], [True]
+def sample():  # RssAnon has no high-water mark: sample it every 2 ms
+    while running[0]:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+with open_checkpoint(default_model_path()) as checkpoint:
+    model, _ = build_empty(checkpoint)
+    base = anon()
+    thread = threading.Thread(target=sample)
+    thread.start()
+    load_and_dispatch(model, checkpoint, max_memory={"cpu": sys.argv[2]}, offload_dir=sys.argv[1],
+                      dtype=torch.float32)
+    running[0] = False
+    thread.join()
+print(json.dumps({"peak": max(peak[0], anon()) - base}))
+"""
+
+
+@pytest.mark.parametrize("run_number", ["writes the offload folder", "reuses it"])
+def test_gguf_capped_load_stays_under_the_budget(tmp_path_factory, run_number):
+    """The default GGUF expanded to float32 under a 150 MB cap: loading (dequantizing the resident
+    113 MB embedding, converting the streamed layers) stays inside the cap, not just decoding."""
+    folder = tmp_path_factory.getbasetemp() / "gguf-offload"  # shared: the second run reuses it
+    out = subprocess.run(
+        [sys.executable, "-c", GGUF_SCRIPT, str(folder), "150MB"],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["peak"] <= 150 * MB, (run_number, out.stdout)
