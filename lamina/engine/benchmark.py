@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lamina.engine.compiled import CompiledDecoder
-from lamina.engine.generate import PREFILL_CHUNK, input_device_dtype
+from lamina.engine.generate import input_device_dtype, prefill
 from lamina.engine.kv_cache import KVCache
 
 
@@ -101,8 +101,7 @@ def run_benchmark(
             cache = KVCache.for_model(model, batch, total, dtype)
         _sync(device)
         started = time.perf_counter()
-        for chunk in range(0, length, PREFILL_CHUNK):
-            logits = model(prompt[:, chunk : chunk + PREFILL_CHUNK], cache, chunk, last_only=True)
+        logits = prefill(model, prompt, cache)
         _sync(device)
         prefill_s = time.perf_counter() - started
         next_ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
