@@ -28,6 +28,8 @@ from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams, process_logits, sample
 from lamina.errors import InvalidArgumentError
 
+DEFAULT_K = 4  # tokens drafted per round; see benchmarks/NOTES.md finding 13 for the trade-off
+
 
 @torch.inference_mode()
 def speculative_tokens(
