@@ -46,7 +46,8 @@ def speculative_tokens(
     """Yield up to `max_new_tokens` ids as `generate_tokens(target, ...)` would, `k` drafted at a time.
 
     Greedy output equals the target's own greedy output; sampled output has the target's
-    distribution. Stops right after yielding a token in `stop_ids`. Both models run eagerly.
+    distribution. Stops right after yielding a token in `stop_ids`, or at the smaller of the two
+    models' context windows. Both models run eagerly.
     """
     if max_new_tokens < 1:
         raise InvalidArgumentError(f"max new tokens must be >= 1, got {max_new_tokens}")
@@ -89,7 +90,8 @@ def speculative_tokens(
         # Draft at most what the budget can still take: the round adds one token beyond the drafts.
         n_draft = min(k, max_new_tokens - stats.new_tokens - 1)
         q = _propose(draft, draft_cache, tokens, length, drafted_len, n_draft, params, generator)
-        drafted_len = length + n_draft - 1  # the draft has processed all but its last proposal
+        if n_draft:
+            drafted_len = length + n_draft - 1  # the draft has processed all but its last proposal
         n_accepted, follow = _verify(target, target_cache, tokens, length, n_draft, q, params, generator)
         drafted_len = min(drafted_len, length + n_accepted)  # drop what followed a rejection
         stats.drafted += n_draft
