@@ -17,6 +17,7 @@ from lamina.engine.fusion import fuse_projections
 from lamina.engine.generate import GenerationStats, generate_tokens, input_device_dtype
 from lamina.engine.sampling import SamplingParams
 from lamina.engine.seq2seq import generate_seq2seq_tokens
+from lamina.engine.speculative import DEFAULT_K, speculative_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
 from lamina.errors import InvalidArgumentError
 from lamina.heap import release_free_heap
@@ -35,6 +36,9 @@ from lamina.quant.load import (
     loading_hook,
     resident_bytes,
 )
+
+# Text both tokenizers must encode alike for a draft to be usable: words, digits, spacing, accents.
+TOKENIZER_PROBE = "Speculative decoding: 12 drafts, 3.5 accepted!\n  Caf\u00e9 na\u00efve \u00c5ngstr\u00f6m"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,6 +83,8 @@ class LLM:
         self.source = source
         self.load_seconds = 0.0
         self.decoder: CompiledDecoder | None = None  # the compiled decode step, when enabled
+        self.draft: LLM | None = None  # speculative decoding's draft model, when set
+        self.speculative_k = DEFAULT_K
         self.last_stats = GenerationStats()
         self.stop_ids = frozenset(config.eos_token_id) | (
             {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
@@ -97,6 +103,9 @@ class LLM:
         offload_dir: str | Path | None = None,
         compile: bool | None = None,
         fuse: bool = True,
+        draft: LLM | str | Path | None = None,
+        draft_quantize: str | None = None,
+        speculative_k: int = DEFAULT_K,
     ) -> LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
@@ -112,8 +121,14 @@ class LLM:
         `compile`: run each new token through a `torch.compile`d step; None = where it pays off
         (see `lamina.engine.compiled.should_compile`). `fuse`: merge q/k/v and gate/up projections
         after loading for speed; False keeps the checkpoint's module layout, for code that saves the model.
+
+        `draft`: a small model with the same tokenizer (an `LLM`, a path, or "default" for the bundled
+        model) that proposes `speculative_k` tokens for this one to verify in one pass; output is
+        unchanged in distribution (see `set_draft`). A path is loaded like this model, quantized by
+        `draft_quantize`. With a draft both models decode eagerly: `compile` is not used.
         """
         check_quantize_arg(quantize, group_size)
+        _check_draft_options(draft, draft_quantize, speculative_k)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = Path(path).expanduser() if path is not None else default_model_path()
         saved_quantized = is_quantized_dir(source)
@@ -145,10 +160,55 @@ class LLM:
         if max_memory is None:  # fusing streamed layers would pull them back into resident memory
             if fuse:
                 fuse_projections(model, release=release_free_heap)
-            if should_compile(model, torch_device, compile):
+            if draft is None and should_compile(model, torch_device, compile):
                 llm.decoder = CompiledDecoder(model)
+        if draft is not None:
+            llm.set_draft(draft, k=speculative_k, quantize=draft_quantize)
         llm.load_seconds = time.perf_counter() - started
         return llm
+
+    def set_draft(
+        self, draft: LLM | str | Path | None, k: int = DEFAULT_K, quantize: str | None = None
+    ) -> None:
+        """Decode speculatively: `draft` proposes `k` tokens at a time and this model verifies them.
+
+        Greedy output stays identical to this model's own; sampled output keeps its distribution
+        (the speculative-sampling rule). The draft must be a decoder-only model with the same
+        vocabulary and tokenization, on the same device. A path (or "default", the bundled model)
+        is loaded on this model's device and activation dtype, quantized by `quantize` (None keeps
+        a GGUF's blocks). A draft is resident even when this model streams under `max_memory`, and
+        its weights are not counted in that budget. None turns speculative decoding off.
+        """
+        if draft is None:
+            self.draft = None
+            return
+        _check_draft_options(draft, quantize, k)
+        _check_decoder_only(self, "target")
+        if not isinstance(draft, LLM):
+            path = default_model_path() if str(draft) == "default" else draft
+            device, dtype = input_device_dtype(self.model)
+            draft = LLM.load(path, dtype=dtype, device=device, quantize=quantize, compile=False)
+        self._check_draft(draft)
+        self.draft, self.speculative_k = draft, k
+
+    def _check_draft(self, draft: LLM) -> None:
+        """Refuse a draft whose tokens would not mean the same as this model's, or that runs elsewhere."""
+        _check_decoder_only(draft, "draft")
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise InvalidArgumentError(
+                f"the draft's vocabulary has {draft.config.vocab_size} tokens but the target's has "
+                f"{self.config.vocab_size}; use a draft from the target's model family (same tokenizer)"
+            )
+        probe = [llm.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False) for llm in (draft, self)]
+        if probe[0] != probe[1]:
+            raise InvalidArgumentError(
+                "the draft's tokenizer encodes text differently from the target's; "
+                "use a draft from the target's model family (same tokenizer)"
+            )
+        if draft.device != self.device:
+            raise InvalidArgumentError(
+                f"the draft is on {draft.device} but the target on {self.device}; load both on the same device"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -185,6 +245,18 @@ class LLM:
         if getattr(self.model, "is_encoder_decoder", False):
             tokens = generate_seq2seq_tokens(
                 self.model, prompt_ids, max_new_tokens, params, self.stop_ids, seed, self.last_stats
+            )
+        elif self.draft is not None:
+            tokens = speculative_tokens(
+                self.model,
+                self.draft.model,
+                prompt_ids,
+                max_new_tokens,
+                params,
+                self.speculative_k,
+                self.stop_ids,
+                seed,
+                self.last_stats,
             )
         else:
             tokens = generate_tokens(
@@ -228,3 +300,24 @@ class LLM:
     def chat(self, messages: list[Message], **kwargs: Any) -> str:
         """The assistant's reply to `messages` as one string."""
         return "".join(self.chat_stream(messages, **kwargs))
+
+
+def _check_draft_options(draft: object, quantize: str | None, k: int) -> None:
+    """Validate the speculative-decoding arguments before anything is loaded."""
+    if k < 1:
+        raise InvalidArgumentError(f"speculative k must be >= 1 (tokens drafted per step), got {k}")
+    if quantize is not None and draft is None:
+        raise InvalidArgumentError("draft_quantize needs a draft model; pass draft=PATH (or drop it)")
+    if quantize is not None and isinstance(draft, LLM):
+        raise InvalidArgumentError(
+            "draft_quantize applies to a draft loaded from a path; pass the path, or load the draft quantized"
+        )
+    check_quantize_arg(quantize, None)
+
+
+def _check_decoder_only(llm: LLM, role: str) -> None:
+    if getattr(llm.model, "is_encoder_decoder", False):
+        raise InvalidArgumentError(
+            f"speculative decoding needs decoder-only models but the {role} {llm.source.name} is "
+            "encoder-decoder; drop the draft"
+        )

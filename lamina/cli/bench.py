@@ -4,6 +4,10 @@ Greedy, no stop tokens, a prompt of real text (CPython's docs) cut to --prompt-l
 warm-up generation runs first (and compiles the decode step with --compile), then --repeat timed
 runs; the median run is reported. --json prints one object (schema: BenchResult in
 lamina/engine/benchmark.py).
+
+With --draft the model decodes speculatively (one sequence, eagerly) and the report adds the share
+of drafted tokens accepted. Weight bytes and bandwidth stay the model's own: the achieved figure is
+then an effective one (tokens/s times the model's bytes a token) and may exceed the machine's.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 
 import torch
 
-from lamina.cli.common import add_model_args
+from lamina.cli.common import add_draft_args, add_model_args
 from lamina.errors import InvalidArgumentError
 
 
@@ -38,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_model_args(parser)
+    add_draft_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -49,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         matvec_bandwidth,
         peak_memory,
         run_benchmark,
+        run_speculative_benchmark,
         weight_bytes,
     )
 
@@ -56,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     args.model = args.model_path or args.model
+    if args.draft is not None and args.batch != 1:
+        raise InvalidArgumentError("--draft decodes one sequence at a time; use --batch 1")
     started = time.perf_counter()
     llm = load_model_from_args(args)
     load_s = time.perf_counter() - started
@@ -66,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     prompt = _prompt_ids(llm, args.prompt_len, args.batch, llm.device)
-    run_benchmark(llm.model, prompt[:, :16], 4, llm.decoder)  # warm-up: allocator, kernels, compile
+    if llm.draft is not None:
+        measure = partial(run_speculative_benchmark, llm.model, llm.draft.model, k=llm.speculative_k)
+    else:
+        measure = partial(run_benchmark, llm.model, decoder=llm.decoder)
+    measure(prompt[:, :16], 4)  # warm-up: allocator, kernels, compile
     compile_s = llm.decoder.compile_s if llm.decoder is not None else 0.0
-    runs = sorted(
-        (run_benchmark(llm.model, prompt, args.new_tokens, llm.decoder) for _ in range(args.repeat)),
-        key=lambda r: r["decode_s"],
-    )
+    runs = sorted((measure(prompt, args.new_tokens) for _ in range(args.repeat)), key=lambda r: r["decode_s"])
     timing = runs[len(runs) // 2]
     total_bytes, step_bytes = weight_bytes(llm.model)
     decode_rate = (args.new_tokens - 1) * args.batch / timing["decode_s"] if args.new_tokens > 1 else 0.0
@@ -101,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         achieved_gb_per_s=achieved,
         machine_gb_per_s=machine,
         bandwidth_share=achieved / machine,
+        draft=str(llm.draft.source) if llm.draft is not None else None,
+        speculative_k=llm.speculative_k if llm.draft is not None else None,
+        acceptance_rate=timing.get("acceptance_rate"),
     )
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -128,6 +141,16 @@ def _print_table(r: object) -> None:
         ("time to first token", f"{r.ttft_s * 1000:.0f} ms ({r.prompt_tokens} prompt tokens x {r.batch})"),
         ("prefill", f"{r.prefill_tokens_per_s:.0f} tokens/s"),
         ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.new_tokens} new tokens x {r.batch})"),
+        *(
+            [
+                (
+                    "speculative decoding",
+                    f"draft {r.draft}, K={r.speculative_k}, {r.acceptance_rate:.0%} accepted",
+                )
+            ]
+            if r.draft is not None
+            else []
+        ),
         ("peak memory", f"{r.peak_rss_bytes / 2**20:.0f} MiB RSS, {r.peak_gpu_bytes / 2**20:.0f} MiB GPU"),
         ("weights", f"{r.weight_bytes / 1e6:.0f} MB, {r.weight_bytes_per_token / 1e6:.0f} MB read per step"),
         (

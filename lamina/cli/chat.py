@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lamina.cli.common import add_model_args, add_sampling_args, load_model_from_args, sampling_kwargs
+from lamina.cli.common import (
+    add_draft_args,
+    add_model_args,
+    add_sampling_args,
+    load_model_from_args,
+    sampling_kwargs,
+)
 from lamina.loading.chat_template import Message
 
 
@@ -20,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--multiline", action="store_true", help="a message ends with a blank line or Ctrl-D, not at Enter"
     )
     add_model_args(parser)
+    add_draft_args(parser)
     add_sampling_args(parser, max_new_tokens=512)
     parser.set_defaults(run=run)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from lamina.errors import InvalidArgumentError
@@ -59,6 +60,31 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_draft_args(parser: argparse.ArgumentParser) -> None:
+    from lamina.engine.speculative import DEFAULT_K
+    from lamina.quant.apply import METHODS
+
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument(
+        "--draft",
+        metavar="MODEL",
+        help="a small model with the same tokenizer that drafts tokens for the model to verify "
+        "(a path, or 'default' for the bundled model)",
+    )
+    group.add_argument(
+        "--speculative-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"tokens the draft proposes per step (default: {DEFAULT_K})",
+    )
+    group.add_argument(
+        "--draft-quantize",
+        choices=[*METHODS, "none"],
+        help="quantize the draft while loading; a GGUF draft keeps its blocks unless set (none = float)",
+    )
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
@@ -88,8 +114,27 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
         group_size=args.group_size,
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
-        compile=args.compile,
+        **_draft_kwargs(args),
     )
+
+
+def _draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`LLM.load` keywords for --compile and the draft options, which --draft changes."""
+    from lamina.engine.speculative import DEFAULT_K
+
+    draft = getattr(args, "draft", None)
+    k, quantize = getattr(args, "speculative_k", None), getattr(args, "draft_quantize", None)
+    if draft is None:
+        for flag, value in (("--speculative-k", k), ("--draft-quantize", quantize)):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} needs --draft MODEL; add a draft model or drop {flag}")
+        return {"compile": args.compile}
+    if args.compile:
+        print(
+            "lamina: --compile is ignored with --draft: the model and its draft decode eagerly",
+            file=sys.stderr,
+        )
+    return {"draft": draft, "draft_quantize": quantize, "speculative_k": k if k is not None else DEFAULT_K}
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lamina.cli.common import add_model_args, add_sampling_args, load_model_from_args, sampling_kwargs
+from lamina.cli.common import (
+    add_draft_args,
+    add_model_args,
+    add_sampling_args,
+    load_model_from_args,
+    sampling_kwargs,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is generated"
     )
     add_model_args(parser)
+    add_draft_args(parser)
     add_sampling_args(parser)
     parser.set_defaults(run=run)
 

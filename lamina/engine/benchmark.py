@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from lamina.engine.compiled import CompiledDecoder
-from lamina.engine.generate import PREFILL_CHUNK, input_device_dtype
+from lamina.engine.generate import GenerationStats, input_device_dtype, prefill
 from lamina.engine.kv_cache import KVCache
+from lamina.engine.sampling import SamplingParams
+from lamina.engine.speculative import speculative_tokens
 
 
 @dataclass
@@ -45,6 +47,9 @@ class BenchResult:
     achieved_gb_per_s: float
     machine_gb_per_s: float
     bandwidth_share: float
+    draft: str | None = None  # speculative decoding's draft model (path), or None
+    speculative_k: int | None = None
+    acceptance_rate: float | None = None  # share of drafted tokens the model accepted
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -101,8 +106,7 @@ def run_benchmark(
             cache = KVCache.for_model(model, batch, total, dtype)
         _sync(device)
         started = time.perf_counter()
-        for chunk in range(0, length, PREFILL_CHUNK):
-            logits = model(prompt[:, chunk : chunk + PREFILL_CHUNK], cache, chunk, last_only=True)
+        logits = prefill(model, prompt, cache)
         _sync(device)
         prefill_s = time.perf_counter() - started
         next_ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
@@ -119,6 +123,28 @@ def run_benchmark(
             next_ids.tolist()  # one host sync per token, as in generation
         decode_s = time.perf_counter() - started - ttft_s
     return {"compile_s": compile_s, "prefill_s": prefill_s, "ttft_s": ttft_s, "decode_s": decode_s}
+
+
+def run_speculative_benchmark(
+    model: nn.Module, draft: nn.Module, prompt: torch.Tensor, new_tokens: int, k: int
+) -> dict[str, float]:
+    """`run_benchmark` with `draft` proposing `k` tokens at a time; prompt [1, P].
+
+    The speculative loop times prefill and the first token together, so `prefill_s` is `ttft_s`.
+    """
+    stats = GenerationStats()
+    tokens = speculative_tokens(
+        model, draft, prompt[0].tolist(), new_tokens, SamplingParams(0.0), k, stats=stats
+    )
+    for _ in tokens:
+        pass
+    return {
+        "compile_s": 0.0,
+        "prefill_s": stats.ttft_s,
+        "ttft_s": stats.ttft_s,
+        "decode_s": stats.decode_s,
+        "acceptance_rate": stats.acceptance_rate,
+    }
 
 
 def peak_memory(device: torch.device) -> tuple[int, int]:

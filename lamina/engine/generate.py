@@ -31,6 +31,8 @@ class GenerationStats:
     ttft_s: float = 0.0  # prompt in -> first new token out (prefill + one sample)
     decode_s: float = 0.0  # time spent producing the tokens after the first
     compile_s: float = 0.0  # warm-up of a compiled decode step before the prompt was read (0 if none)
+    drafted: int = 0  # speculative decoding: tokens the draft model proposed
+    accepted: int = 0  # ... and how many of them the target kept
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -40,11 +42,19 @@ class GenerationStats:
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the target accepted (0 without a draft)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
     def summary(self) -> str:
-        return (
+        text = (
             f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
             f"time to first token: {self.ttft_s:.3f} s, decode: {self.decode_tokens_per_s:.1f} tokens/s"
         )
+        if self.drafted:
+            text += f", draft accepted: {self.accepted}/{self.drafted} ({self.acceptance_rate:.0%})"
+        return text
 
 
 def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -62,6 +72,17 @@ def check_prompt_fits(prompt_len: int, context: int) -> None:
         raise InvalidArgumentError(
             f"the prompt is {prompt_len} tokens but the model's context window is {context}; shorten the prompt"
         )
+
+
+def prefill(model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run prompt `ids` [B, T] (positions 0..T-1) into `cache` in chunks; logits of the last position [B, 1, V].
+
+    Chunks of PREFILL_CHUNK tokens keep batched matmuls big while bounding activation memory.
+    """
+    for chunk_start in range(0, ids.shape[1], PREFILL_CHUNK):
+        chunk = ids[:, chunk_start : chunk_start + PREFILL_CHUNK]
+        logits = model(chunk, cache=cache, start_pos=chunk_start, last_only=True)
+    return logits
 
 
 @torch.inference_mode()
@@ -103,9 +124,7 @@ def generate_tokens(
 
     start = time.perf_counter()
     length = len(prompt_ids)
-    for chunk_start in range(0, length, PREFILL_CHUNK):
-        chunk = tokens[:, chunk_start : min(length, chunk_start + PREFILL_CHUNK)]
-        logits = model(chunk, cache=cache, start_pos=chunk_start, last_only=True)
+    logits = prefill(model, tokens[:, :length], cache)
     for step in range(max_new_tokens):
         next_id = sample(logits[:, -1], params, tokens[:, :length], generator)
         tokens[:, length] = next_id

@@ -1,7 +1,9 @@
 """Choosing the next token from logits: pure functions, kept out of the model.
 
-`SamplingParams` validates user input once; `sample` turns logits [B, V] into token ids [B].
-Greedy decoding is temperature 0.
+`SamplingParams` validates user input once; `process_logits` applies the user's settings (repetition
+penalty, temperature, top-k, top-p) and `sample` picks token ids from the result. Speculative
+decoding compares target and draft distributions after the same `process_logits`, so the two paths
+cannot drift apart. Greedy decoding is temperature 0.
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 logits [B, V] after the repetition penalty and, unless greedy, temperature, top-k, top-p.
+
+    `seen` [B, N] are the ids so far (for the penalty). Softmax of the result is the distribution
+    `sample` draws from; greedy decoding takes its argmax.
+    """
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    return filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -74,11 +92,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = process_logits(logits, params, seen)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

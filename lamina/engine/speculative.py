@@ -1,0 +1,154 @@
+"""Speculative decoding: a small draft model proposes K tokens, the target verifies them in one pass.
+
+Decoding one stream on a CPU or GPU is bound by reading the weights, so the target scoring K + 1
+positions costs about what one position does. Each round the draft proposes K tokens one at a
+time, the target runs once over [last accepted token, K proposals], `acceptance.py` keeps a prefix
+of the proposals and supplies the token after it (a correction, or a bonus when all K survive),
+so every round yields 1..K+1 tokens distributed exactly as the target's own sampling would.
+
+Both models keep their own `KVCache`. Rolling back rejected proposals needs no copying: a cache
+holds positions 0..n-1 valid when the next forward starts at n, and entries past that are
+overwritten. The target's cache holds every accepted token but the newest (which the next verify
+pass starts with, as a plain decode step would); the draft's holds the accepted tokens it has
+processed, which after a round where all K survive lags two behind (its last proposal and the
+bonus token), so the next round feeds it both at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lamina.engine.acceptance import greedy_accept, speculative_accept
+from lamina.engine.generate import GenerationStats, check_prompt_fits, input_device_dtype, prefill
+from lamina.engine.kv_cache import KVCache
+from lamina.engine.sampling import SamplingParams, process_logits, sample
+from lamina.errors import InvalidArgumentError
+
+DEFAULT_K = 4  # tokens drafted per round; see benchmarks/NOTES.md finding 13 for the trade-off
+
+
+@torch.inference_mode()
+def speculative_tokens(
+    target: nn.Module,
+    draft: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    k: int,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    seed: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids as `generate_tokens(target, ...)` would, `k` drafted at a time.
+
+    Greedy output equals the target's own greedy output; sampled output has the target's
+    distribution. Stops right after yielding a token in `stop_ids`, or at the smaller of the two
+    models' context windows. Both models run eagerly.
+    """
+    if max_new_tokens < 1:
+        raise InvalidArgumentError(f"max new tokens must be >= 1, got {max_new_tokens}")
+    if k < 1:
+        raise InvalidArgumentError(f"speculative k must be >= 1, got {k}")
+    context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+    check_prompt_fits(len(prompt_ids), context)
+    max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, stats.new_tokens, stats.drafted, stats.accepted = len(prompt_ids), 0, 0, 0
+
+    device, target_dtype = input_device_dtype(target)
+    total = len(prompt_ids) + max_new_tokens
+    target_cache = KVCache.for_model(target, batch=1, max_len=total, dtype=target_dtype)
+    draft_cache = KVCache.for_model(draft, batch=1, max_len=total, dtype=input_device_dtype(draft)[1])
+    tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated
+    tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    start = time.perf_counter()
+    length = len(prompt_ids)  # tokens so far; the target's cache holds all but the newest
+    logits = prefill(target, tokens[:, :length], target_cache)
+    prefill(draft, tokens[:, :length], draft_cache)
+    drafted_len = length  # positions the draft's cache holds
+    new = [int(sample(logits[:, -1], params, tokens[:, :length], generator).item())]
+    while True:
+        for token in new:  # the round's tokens, checked one by one against the stop ids and budget
+            tokens[0, length] = token
+            length += 1
+            stats.new_tokens += 1
+            now = time.perf_counter()
+            if stats.new_tokens == 1:
+                stats.ttft_s = now - start
+                decode_start = now
+            else:
+                stats.decode_s = now - decode_start
+            yield token
+            if token in stop_ids or stats.new_tokens == max_new_tokens:
+                return
+        # Draft at most what the budget can still take: the round adds one token beyond the drafts.
+        n_draft = min(k, max_new_tokens - stats.new_tokens - 1)
+        q = _propose(draft, draft_cache, tokens, length, drafted_len, n_draft, params, generator)
+        if n_draft:
+            drafted_len = length + n_draft - 1  # the draft has processed all but its last proposal
+        n_accepted, follow = _verify(target, target_cache, tokens, length, n_draft, q, params, generator)
+        drafted_len = min(drafted_len, length + n_accepted)  # drop what followed a rejection
+        stats.drafted += n_draft
+        stats.accepted += n_accepted
+        new = [*tokens[0, length : length + n_accepted].tolist(), follow]
+
+
+def _propose(
+    draft: nn.Module,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    length: int,
+    cached: int,
+    n_draft: int,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor | None:
+    """Write `n_draft` draft proposals into tokens[0, length:]; return their distributions q [n_draft, V].
+
+    The draft first catches up on tokens[cached:length] (the newest token, or two of them after a
+    round where all proposals were accepted). Greedy decoding returns None: only the ids matter.
+    """
+    if n_draft == 0:
+        return None
+    q = []
+    feed_from = cached
+    for i in range(n_draft):
+        logits = draft(tokens[:, feed_from : length + i], cache=cache, start_pos=feed_from, last_only=True)
+        feed_from = length + i
+        scores = process_logits(logits[:, -1], params, tokens[:, : length + i])  # [1, V]
+        if params.greedy:
+            tokens[:, length + i] = scores.argmax(dim=-1)
+            continue
+        probs = scores.softmax(dim=-1)  # [1, V]
+        tokens[:, length + i] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        q.append(probs)
+    return torch.cat(q) if q else None
+
+
+def _verify(
+    target: nn.Module,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    length: int,
+    n_draft: int,
+    q: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Score [newest token, proposals] with the target in one pass: (accepted count, next token)."""
+    logits = target(tokens[:, length - 1 : length + n_draft], cache=cache, start_pos=length - 1)
+    # Row i is the target's view after tokens[:length + i], penalized by exactly those tokens.
+    scores = torch.cat(
+        [process_logits(logits[:, i], params, tokens[:, : length + i]) for i in range(n_draft + 1)]
+    )  # [n_draft + 1, V]
+    draft_ids = tokens[0, length : length + n_draft]  # [n_draft]
+    if params.greedy:
+        return greedy_accept(draft_ids, scores.argmax(dim=-1))
+    p = scores.softmax(dim=-1)  # [n_draft + 1, V]
+    return speculative_accept(draft_ids, p[:0] if q is None else q, p, generator)  # no drafts: q is [0, V]
