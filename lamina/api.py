@@ -15,9 +15,10 @@ from lamina.default_model import default_model_path
 from lamina.engine.compiled import CompiledDecoder, should_compile
 from lamina.engine.fusion import fuse_projections
 from lamina.engine.generate import GenerationStats, generate_tokens, input_device_dtype
+from lamina.engine.prompt_lookup import DEFAULT_LOOKUP_K, PromptLookupDrafter
 from lamina.engine.sampling import SamplingParams
 from lamina.engine.seq2seq import generate_seq2seq_tokens
-from lamina.engine.speculative import DEFAULT_K, speculative_tokens
+from lamina.engine.speculative import DEFAULT_K, Drafter, speculative_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
 from lamina.errors import InvalidArgumentError
 from lamina.heap import release_free_heap
@@ -37,6 +38,8 @@ from lamina.quant.load import (
     resident_bytes,
 )
 
+#: The `draft` that drafts by prompt lookup (n-grams of the prompt and output) instead of a model.
+PROMPT_LOOKUP = "prompt-lookup"
 # Text both tokenizers must encode alike for a draft to be usable: words, digits, spacing, accents.
 TOKENIZER_PROBE = "Speculative decoding: 12 drafts, 3.5 accepted!\n  Caf\u00e9 na\u00efve \u00c5ngstr\u00f6m"
 
@@ -83,7 +86,7 @@ class LLM:
         self.source = source
         self.load_seconds = 0.0
         self.decoder: CompiledDecoder | None = None  # the compiled decode step, when enabled
-        self.draft: LLM | None = None  # speculative decoding's draft model, when set
+        self.draft: LLM | str | None = None  # speculative decoding's draft model or PROMPT_LOOKUP, when set
         self.speculative_k = DEFAULT_K
         self.last_stats = GenerationStats()
         self.stop_ids = frozenset(config.eos_token_id) | (
@@ -105,7 +108,7 @@ class LLM:
         fuse: bool = True,
         draft: LLM | str | Path | None = None,
         draft_quantize: str | None = None,
-        speculative_k: int = DEFAULT_K,
+        speculative_k: int | None = None,
     ) -> LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
@@ -123,7 +126,9 @@ class LLM:
         after loading for speed; False keeps the checkpoint's module layout, for code that saves the model.
 
         `draft`: a small model with the same tokenizer (an `LLM`, a path, or "default" for the bundled
-        model) that proposes `speculative_k` tokens for this one to verify in one pass; output is
+        model) that proposes `speculative_k` tokens (None: 4) for this one to verify in one pass, or
+        "prompt-lookup" to propose up to `speculative_k` (None: 2) tokens that followed earlier
+        occurrences of the last tokens; output is
         unchanged in distribution (see `set_draft`). A path is loaded like this model, quantized by
         `draft_quantize`. With a draft both models decode eagerly: `compile` is not used.
         """
@@ -168,7 +173,7 @@ class LLM:
         return llm
 
     def set_draft(
-        self, draft: LLM | str | Path | None, k: int = DEFAULT_K, quantize: str | None = None
+        self, draft: LLM | str | Path | None, k: int | None = None, quantize: str | None = None
     ) -> None:
         """Decode speculatively: `draft` proposes `k` tokens at a time and this model verifies them.
 
@@ -177,19 +182,24 @@ class LLM:
         vocabulary and tokenization, on the same device. A path (or "default", the bundled model)
         is loaded on this model's device and activation dtype, quantized by `quantize` (None keeps
         a GGUF's blocks). A draft is resident even when this model streams under `max_memory`, and
-        its weights are not counted in that budget. None turns speculative decoding off.
+        its weights are not counted in that budget. "prompt-lookup" drafts without a model (see
+        `lamina.engine.prompt_lookup`). `k` None: 4 for a model, 2 for prompt lookup. None as
+        `draft` turns speculative decoding off.
         """
         if draft is None:
             self.draft = None
             return
         _check_draft_options(draft, quantize, k)
         _check_decoder_only(self, "target")
+        if str(draft) == PROMPT_LOOKUP:
+            self.draft, self.speculative_k = PROMPT_LOOKUP, DEFAULT_LOOKUP_K if k is None else k
+            return
         if not isinstance(draft, LLM):
             path = default_model_path() if str(draft) == "default" else draft
             device, dtype = input_device_dtype(self.model)
             draft = LLM.load(path, dtype=dtype, device=device, quantize=quantize, compile=False)
         self._check_draft(draft)
-        self.draft, self.speculative_k = draft, k
+        self.draft, self.speculative_k = draft, DEFAULT_K if k is None else k
 
     def _check_draft(self, draft: LLM) -> None:
         """Refuse a draft whose tokens would not mean the same as this model's, or that runs elsewhere."""
@@ -209,6 +219,17 @@ class LLM:
             raise InvalidArgumentError(
                 f"the draft is on {draft.device} but the target on {self.device}; load both on the same device"
             )
+
+    def drafter(self) -> nn.Module | Drafter | None:
+        """What proposes tokens for speculative decoding: the draft model, a prompt-lookup drafter, or None."""
+        if isinstance(self.draft, LLM):
+            return self.draft.model
+        return PromptLookupDrafter() if self.draft == PROMPT_LOOKUP else None
+
+    @property
+    def draft_name(self) -> str | None:
+        """The draft as reports name it: its checkpoint path, "prompt-lookup", or None."""
+        return str(self.draft.source) if isinstance(self.draft, LLM) else self.draft
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +270,7 @@ class LLM:
         elif self.draft is not None:
             tokens = speculative_tokens(
                 self.model,
-                self.draft.model,
+                self.drafter(),
                 prompt_ids,
                 max_new_tokens,
                 params,
@@ -302,12 +323,14 @@ class LLM:
         return "".join(self.chat_stream(messages, **kwargs))
 
 
-def _check_draft_options(draft: object, quantize: str | None, k: int) -> None:
+def _check_draft_options(draft: object, quantize: str | None, k: int | None) -> None:
     """Validate the speculative-decoding arguments before anything is loaded."""
-    if k < 1:
+    if k is not None and k < 1:
         raise InvalidArgumentError(f"speculative k must be >= 1 (tokens drafted per step), got {k}")
     if quantize is not None and draft is None:
         raise InvalidArgumentError("draft_quantize needs a draft model; pass draft=PATH (or drop it)")
+    if quantize is not None and str(draft) == PROMPT_LOOKUP:
+        raise InvalidArgumentError("draft_quantize needs a draft model; prompt lookup has none (drop it)")
     if quantize is not None and isinstance(draft, LLM):
         raise InvalidArgumentError(
             "draft_quantize applies to a draft loaded from a path; pass the path, or load the draft quantized"

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     prompt = _prompt_ids(llm, args.prompt_len, args.batch, llm.device)
     if llm.draft is not None:
-        measure = partial(run_speculative_benchmark, llm.model, llm.draft.model, k=llm.speculative_k)
+        measure = partial(run_speculative_benchmark, llm.model, llm.drafter(), k=llm.speculative_k)
     else:
         measure = partial(run_benchmark, llm.model, decoder=llm.decoder)
     measure(prompt[:, :16], 4)  # warm-up: allocator, kernels, compile
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         achieved_gb_per_s=achieved,
         machine_gb_per_s=machine,
         bandwidth_share=achieved / machine,
-        draft=str(llm.draft.source) if llm.draft is not None else None,
+        draft=llm.draft_name,
         speculative_k=llm.speculative_k if llm.draft is not None else None,
         acceptance_rate=timing.get("acceptance_rate"),
     )

@@ -61,6 +61,7 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
+    from lamina.engine.prompt_lookup import DEFAULT_LOOKUP_K
     from lamina.engine.speculative import DEFAULT_K
     from lamina.quant.apply import METHODS
 
@@ -69,14 +70,15 @@ def add_draft_args(parser: argparse.ArgumentParser) -> None:
         "--draft",
         metavar="MODEL",
         help="a small model with the same tokenizer that drafts tokens for the model to verify "
-        "(a path, or 'default' for the bundled model)",
+        "(a path, or 'default' for the bundled model), or 'prompt-lookup' to draft what followed "
+        "earlier occurrences of the last tokens (no model)",
     )
     group.add_argument(
         "--speculative-k",
         type=int,
         default=None,
         metavar="K",
-        help=f"tokens the draft proposes per step (default: {DEFAULT_K})",
+        help=f"tokens the draft proposes per step (default: {DEFAULT_K}; {DEFAULT_LOOKUP_K} for prompt-lookup)",
     )
     group.add_argument(
         "--draft-quantize",
@@ -120,8 +122,6 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
 
 def _draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`LLM.load` keywords for --compile and the draft options, which --draft changes."""
-    from lamina.engine.speculative import DEFAULT_K
-
     draft = getattr(args, "draft", None)
     k, quantize = getattr(args, "speculative_k", None), getattr(args, "draft_quantize", None)
     if draft is None:
@@ -134,7 +134,7 @@ def _draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "lamina: --compile is ignored with --draft: the model and its draft decode eagerly",
             file=sys.stderr,
         )
-    return {"draft": draft, "draft_quantize": quantize, "speculative_k": k if k is not None else DEFAULT_K}
+    return {"draft": draft, "draft_quantize": quantize, "speculative_k": k}
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from lamina.engine.compiled import CompiledDecoder
 from lamina.engine.generate import GenerationStats, input_device_dtype, prefill
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams
-from lamina.engine.speculative import speculative_tokens
+from lamina.engine.speculative import Drafter, speculative_tokens
 
 
 @dataclass
@@ -126,9 +126,10 @@ def run_benchmark(
 
 
 def run_speculative_benchmark(
-    model: nn.Module, draft: nn.Module, prompt: torch.Tensor, new_tokens: int, k: int
+    model: nn.Module, draft: nn.Module | Drafter, prompt: torch.Tensor, new_tokens: int, k: int
 ) -> dict[str, float]:
-    """`run_benchmark` with `draft` proposing `k` tokens at a time; prompt [1, P].
+    """`run_benchmark` with `draft` (a draft model or a `Drafter`) proposing up to `k` tokens at a time;
+    prompt [1, P].
 
     The speculative loop times prefill and the first token together, so `prefill_s` is `ttft_s`.
     """

@@ -12,12 +12,17 @@ overwritten. The target's cache holds every accepted token but the newest (which
 pass starts with, as a plain decode step would); the draft's holds the accepted tokens it has
 processed, which after a round where all K survive lags two behind (its last proposal and the
 bonus token), so the next round feeds it both at once.
+
+What proposes is a `Drafter`: a draft model (`ModelDrafter`) or prompt lookup
+(`prompt_lookup.PromptLookupDrafter`, no model). A drafter may propose fewer than K tokens, or
+none: the round is then a plain decode step.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,7 +39,7 @@ DEFAULT_K = 4  # tokens drafted per round; see benchmarks/NOTES.md finding 13 fo
 @torch.inference_mode()
 def speculative_tokens(
     target: nn.Module,
-    draft: nn.Module,
+    draft: nn.Module | Drafter,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     params: SamplingParams,
@@ -43,7 +48,8 @@ def speculative_tokens(
     seed: int | None = None,
     stats: GenerationStats | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` ids as `generate_tokens(target, ...)` would, `k` drafted at a time.
+    """Yield up to `max_new_tokens` ids as `generate_tokens(target, ...)` would, up to `k` drafted at a
+    time by `draft` (a draft model, or any `Drafter`).
 
     Greedy output equals the target's own greedy output; sampled output has the target's
     distribution. Stops right after yielding a token in `stop_ids`, or at the smaller of the two
@@ -53,7 +59,9 @@ def speculative_tokens(
         raise InvalidArgumentError(f"max new tokens must be >= 1, got {max_new_tokens}")
     if k < 1:
         raise InvalidArgumentError(f"speculative k must be >= 1, got {k}")
-    context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+    context = target.config.max_position_embeddings
+    draft_context = draft.config.max_position_embeddings if isinstance(draft, nn.Module) else draft.context
+    context = min(context, draft_context or context)
     check_prompt_fits(len(prompt_ids), context)
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     stats = stats if stats is not None else GenerationStats()
@@ -62,7 +70,7 @@ def speculative_tokens(
     device, target_dtype = input_device_dtype(target)
     total = len(prompt_ids) + max_new_tokens
     target_cache = KVCache.for_model(target, batch=1, max_len=total, dtype=target_dtype)
-    draft_cache = KVCache.for_model(draft, batch=1, max_len=total, dtype=input_device_dtype(draft)[1])
+    drafter = ModelDrafter(draft, total) if isinstance(draft, nn.Module) else draft
     tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated
     tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -70,8 +78,7 @@ def speculative_tokens(
     start = time.perf_counter()
     length = len(prompt_ids)  # tokens so far; the target's cache holds all but the newest
     logits = prefill(target, tokens[:, :length], target_cache)
-    prefill(draft, tokens[:, :length], draft_cache)
-    drafted_len = length  # positions the draft's cache holds
+    drafter.start(tokens, length)
     new = [int(sample(logits[:, -1], params, tokens[:, :length], generator).item())]
     while True:
         for token in new:  # the round's tokens, checked one by one against the stop ids and budget
@@ -88,47 +95,82 @@ def speculative_tokens(
             if token in stop_ids or stats.new_tokens == max_new_tokens:
                 return
         # Draft at most what the budget can still take: the round adds one token beyond the drafts.
-        n_draft = min(k, max_new_tokens - stats.new_tokens - 1)
-        q = _propose(draft, draft_cache, tokens, length, drafted_len, n_draft, params, generator)
-        if n_draft:
-            drafted_len = length + n_draft - 1  # the draft has processed all but its last proposal
+        n_draft, q = drafter.propose(
+            tokens, length, min(k, max_new_tokens - stats.new_tokens - 1), params, generator
+        )
         n_accepted, follow = _verify(target, target_cache, tokens, length, n_draft, q, params, generator)
-        drafted_len = min(drafted_len, length + n_accepted)  # drop what followed a rejection
+        drafter.accepted(length, n_accepted)
         stats.drafted += n_draft
         stats.accepted += n_accepted
         new = [*tokens[0, length : length + n_accepted].tolist(), follow]
 
 
-def _propose(
-    draft: nn.Module,
-    cache: KVCache,
-    tokens: torch.Tensor,
-    length: int,
-    cached: int,
-    n_draft: int,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-) -> torch.Tensor | None:
-    """Write `n_draft` draft proposals into tokens[0, length:]; return their distributions q [n_draft, V].
+class Drafter(Protocol):
+    """What proposes tokens for the target to verify."""
 
-    The draft first catches up on tokens[cached:length] (the newest token, or two of them after a
-    round where all proposals were accepted). Greedy decoding returns None: only the ids matter.
-    """
-    if n_draft == 0:
-        return None
-    q = []
-    feed_from = cached
-    for i in range(n_draft):
-        logits = draft(tokens[:, feed_from : length + i], cache=cache, start_pos=feed_from, last_only=True)
-        feed_from = length + i
-        scores = process_logits(logits[:, -1], params, tokens[:, : length + i])  # [1, V]
-        if params.greedy:
-            tokens[:, length + i] = scores.argmax(dim=-1)
-            continue
-        probs = scores.softmax(dim=-1)  # [1, V]
-        tokens[:, length + i] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        q.append(probs)
-    return torch.cat(q) if q else None
+    context: int | None  # the longest sequence it can draft for, None = no limit
+
+    def start(self, tokens: torch.Tensor, length: int) -> None:
+        """Take in the prompt tokens[0, :length]."""
+
+    def propose(
+        self,
+        tokens: torch.Tensor,
+        length: int,
+        n_draft: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[int, torch.Tensor | None]:
+        """Write at most `n_draft` proposals into tokens[0, length:]; return how many, and their
+        distributions q [count, V] when sampling (None: greedy, or deterministic proposals, q one-hot)."""
+
+    def accepted(self, length: int, n_accepted: int) -> None:
+        """The target kept `n_accepted` of the proposals that started at `length`."""
+
+
+class ModelDrafter:
+    """A draft model with its own KV cache: proposals are its own samples, one forward each."""
+
+    def __init__(self, draft: nn.Module, max_len: int) -> None:
+        self.draft = draft
+        self.context = draft.config.max_position_embeddings
+        self.cache = KVCache.for_model(draft, batch=1, max_len=max_len, dtype=input_device_dtype(draft)[1])
+        self.cached = 0  # positions the draft's cache holds
+
+    def start(self, tokens: torch.Tensor, length: int) -> None:
+        prefill(self.draft, tokens[:, :length], self.cache)
+        self.cached = length
+
+    def propose(
+        self,
+        tokens: torch.Tensor,
+        length: int,
+        n_draft: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[int, torch.Tensor | None]:
+        """The draft first catches up on tokens[cached:length] (the newest token, or two of them after
+        a round where all proposals were accepted), then samples `n_draft` tokens."""
+        q = []
+        feed_from = self.cached
+        for i in range(n_draft):
+            logits = self.draft(
+                tokens[:, feed_from : length + i], cache=self.cache, start_pos=feed_from, last_only=True
+            )
+            feed_from = length + i
+            scores = process_logits(logits[:, -1], params, tokens[:, : length + i])  # [1, V]
+            if params.greedy:
+                tokens[:, length + i] = scores.argmax(dim=-1)
+                continue
+            probs = scores.softmax(dim=-1)  # [1, V]
+            tokens[:, length + i] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            q.append(probs)
+        if n_draft:
+            self.cached = length + n_draft - 1  # all but its last proposal
+        return n_draft, torch.cat(q) if q else None
+
+    def accepted(self, length: int, n_accepted: int) -> None:
+        self.cached = min(self.cached, length + n_accepted)  # drop what followed a rejection
 
 
 def _verify(
@@ -151,4 +193,6 @@ def _verify(
     if params.greedy:
         return greedy_accept(draft_ids, scores.argmax(dim=-1))
     p = scores.softmax(dim=-1)  # [n_draft + 1, V]
-    return speculative_accept(draft_ids, p[:0] if q is None else q, p, generator)  # no drafts: q is [0, V]
+    if q is None:  # deterministic proposals (or none): q is one-hot, [n_draft, V]
+        q = torch.nn.functional.one_hot(draft_ids, p.shape[-1]).to(p.dtype)
+    return speculative_accept(draft_ids, q, p, generator)
