@@ -35,9 +35,8 @@ class NgramIndex:
     def __init__(self, min_n: int = MIN_NGRAM, max_n: int = MAX_NGRAM) -> None:
         self.min_n, self.max_n = min_n, max_n
         self.tokens: list[int] = []
-        self._latest_end: dict[
-            tuple[int, ...], int
-        ] = {}  # n-gram -> end (exclusive) of its latest occurrence
+        # n-gram -> end (exclusive) of its latest occurrence
+        self._latest_end: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # n-grams ending at positions <= this are in _latest_end
 
     def extend(self, tokens: list[int]) -> None:
