@@ -20,6 +20,7 @@ none: the round is then a plain decode step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -32,6 +33,7 @@ from lamina.engine.generate import GenerationStats, check_prompt_fits, input_dev
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams, process_logits, sample
 from lamina.errors import InvalidArgumentError
+from lamina.models.sdpa import decode_order_attention
 
 DEFAULT_K = 4  # tokens drafted per round; see benchmarks/NOTES.md finding 13 for the trade-off
 
@@ -183,8 +185,16 @@ def _verify(
     params: SamplingParams,
     generator: torch.Generator | None,
 ) -> tuple[int, int]:
-    """Score [newest token, proposals] with the target in one pass: (accepted count, next token)."""
-    logits = target(tokens[:, length - 1 : length + n_draft], cache=cache, start_pos=length - 1)
+    """Score [newest token, proposals] with the target in one pass: (accepted count, next token).
+
+    Greedy decoding attends one row at a time (`decode_order_attention`), so the target's logits
+    round as in plain decoding and the tokens are its own wherever its other layers are row-exact
+    (the int4/int8 kernels are; float32 matmuls over several rows round differently, rarely enough
+    to flip a token: benchmarks/NOTES.md, finding 15).
+    """
+    ids = tokens[:, length - 1 : length + n_draft]
+    with decode_order_attention() if params.greedy else contextlib.nullcontext():
+        logits = target(ids, cache=cache, start_pos=length - 1)
     # Row i is the target's view after tokens[:length + i], penalized by exactly those tokens.
     scores = torch.cat(
         [process_logits(logits[:, i], params, tokens[:, : length + i]) for i in range(n_draft + 1)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamina.errors import CheckpointError, UnsupportedModelError
-from lamina.models.sdpa import decode_attention, repeat_kv, sdpa
+from lamina.models.sdpa import decode_attention, one_row_at_a_time, repeat_kv, sdpa
 
 
 class LayerCache(Protocol):
@@ -409,10 +409,33 @@ def cached_attend(
     """Write k/v [B, Hkv, T, D] to the cache (if any), then attend: q [B, H, T, D] -> [B, H, T, D].
 
     The common case goes through `attend` (SDPA); score soft-capping and ALiBi need the scores
-    themselves, so they take `attend_eager`.
+    themselves, so they take `attend_eager`. Under `sdpa.decode_order_attention`, several new tokens
+    continuing a cache attend one row at a time, each over its own prefix (as decoding would).
     """
     if cache is not None:
         k, v = cache.update(layer_idx, start_pos, k, v)
+    seq = q.shape[2]
+    if seq > 1 and isinstance(start_pos, int) and start_pos > 0 and one_row_at_a_time():
+        rows = [
+            _attend_filled(q[:, :, t : t + 1], k[:, :, : start_pos + t + 1], v[:, :, : start_pos + t + 1],
+                           start_pos + t, window, scale, softcap, alibi)
+            for t in range(seq)
+        ]  # fmt: skip
+        return torch.cat(rows, dim=2)  # T x [B, H, 1, D] -> [B, H, T, D]
+    return _attend_filled(q, k, v, start_pos, window, scale, softcap, alibi)
+
+
+def _attend_filled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start_pos: int | torch.Tensor,
+    window: int | None,
+    scale: float | None,
+    softcap: float | None,
+    alibi: ALiBi | None,
+) -> torch.Tensor:
+    """`cached_attend` after the cache write: q [B, H, T, D] over k/v [B, Hkv, L, D]."""
     if softcap is None and alibi is None:
         if scale is not None:
             q = q * (scale * math.sqrt(q.shape[-1]))  # SDPA divides by sqrt(D) itself

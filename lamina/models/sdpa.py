@@ -11,11 +11,38 @@ so the graph around it keeps its static shapes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 # SDPA takes grouped KV heads itself from torch 2.5 (`enable_gqa`); before, KV heads are repeated.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+_ONE_ROW_AT_A_TIME = contextvars.ContextVar("lamina_one_row_at_a_time", default=False)
+
+
+@contextlib.contextmanager
+def decode_order_attention() -> Iterator[None]:
+    """Within this block, new tokens continuing a cache attend one query row at a time, each over its
+    own prefix, exactly as decoding them one by one would.
+
+    A multi-row SDPA call rounds differently from one-row calls (CPU, float32: up to ~4e-7), which
+    can flip an argmax near-tie; speculative decoding's greedy verify pass uses this so its tokens
+    are the plain decode's. It costs one attention call per row.
+    """
+    token = _ONE_ROW_AT_A_TIME.set(True)
+    try:
+        yield
+    finally:
+        _ONE_ROW_AT_A_TIME.reset(token)
+
+
+def one_row_at_a_time() -> bool:
+    """Whether `decode_order_attention` is in effect."""
+    return _ONE_ROW_AT_A_TIME.get()
 
 
 def sdpa(
