@@ -4,9 +4,8 @@ Four kinds of prompt: continuing a document (512 tokens of CPython's docs, the p
 `benchmarks/compare.py` uses), summarizing a document (chat template), a story, and code. For each,
 plain greedy decoding and prompt lookup at K = 2 and 4, configurations rotated round by round;
 the table shows median decode tok/s, the speedup, the share of proposals kept, and the first
-position where the tokens differ from plain greedy decoding ("-" = none): the verify pass attends
-over several positions at once, which rounds differently from one position, so a near-tie of the
-argmax can flip (as with `--compile`).
+position where the tokens differ from plain greedy decoding ("-" = none, which is what greedy
+verification attending one row at a time should give: `sdpa.decode_order_attention`).
 
     python benchmarks/prompt_lookup.py [--rounds 3] [--new-tokens 128] [--ks 2,4] [--threads 2]
 """
