@@ -416,11 +416,13 @@ def cached_attend(
         k, v = cache.update(layer_idx, start_pos, k, v)
     seq = q.shape[2]
     if seq > 1 and isinstance(start_pos, int) and start_pos > 0 and one_row_at_a_time():
-        rows = [
-            _attend_filled(q[:, :, t : t + 1], k[:, :, : start_pos + t + 1], v[:, :, : start_pos + t + 1],
-                           start_pos + t, window, scale, softcap, alibi)
-            for t in range(seq)
-        ]  # fmt: skip
+        rows = []
+        for t in range(seq):
+            end = start_pos + t + 1  # row t sees positions 0..start_pos + t, as its decode step would
+            row = _attend_filled(
+                q[:, :, t : t + 1], k[:, :, :end], v[:, :, :end], end - 1, window, scale, softcap, alibi
+            )
+            rows.append(row)
         return torch.cat(rows, dim=2)  # T x [B, H, 1, D] -> [B, H, T, D]
     return _attend_filled(q, k, v, start_pos, window, scale, softcap, alibi)
 
