@@ -128,9 +128,9 @@ class LLM:
         `draft`: a small model with the same tokenizer (an `LLM`, a path, or "default" for the bundled
         model) that proposes `speculative_k` tokens (None: 4) for this one to verify in one pass, or
         "prompt-lookup" to propose up to `speculative_k` (None: 2) tokens that followed earlier
-        occurrences of the last tokens; output is
-        unchanged in distribution (see `set_draft`). A path is loaded like this model, quantized by
-        `draft_quantize`. With a draft both models decode eagerly: `compile` is not used.
+        occurrences of the last tokens; output is unchanged in distribution (see `set_draft`). A path
+        is loaded like this model, quantized by `draft_quantize`. With a draft both models decode
+        eagerly: `compile` is not used.
         """
         check_quantize_arg(quantize, group_size)
         _check_draft_options(draft, draft_quantize, speculative_k)
