@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's lamina, not an installed one
 BENCH = ROOT / ".bench" / "offload"
 PROMPT = "The history of the printing press begins"
 CGROUP = Path("/sys/fs/cgroup/memory/lamina-offload-bench")
+# Offload files younger than this may read back from the VM host's cache (7.6 GB/s once, 1.2 GB/s
+# minutes later on 2026-11-29): the disk rate measured on them is then not the one streaming gets.
+FRESH_FILES_S = 600
 
 
 def anon_bytes() -> int:
@@ -301,6 +304,12 @@ def main() -> None:
         f"disk sequential read: offload files {disk_bw / 1e6:.0f} MB/s (the target's), a just-written file "
         f"{fresh_bw / 1e6:.0f} MB/s; streamed per token {format_size(per_token)}"
     )
+    age = time.time() - min(f.stat().st_mtime for f in (BENCH / "lamina-offload").glob("*.safetensors"))
+    if age < FRESH_FILES_S:
+        print(
+            f"warning: the offload files were written {age:.0f} s ago; the VM host may still cache them, so the "
+            "disk rate (and the from-disk target) can be far above what streaming gets; re-run in a few minutes"
+        )
     print(
         f"overhead (interpreter, torch, GGUF metadata, tokenizer), anonymous RSS: {format_size(full['base'])}\n"
     )
