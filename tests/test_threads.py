@@ -19,13 +19,29 @@ def test_explicit_count_is_applied_and_restored():
         torch.set_num_threads(before)
 
 
+class _Clock:
+    """Stands in for the `time` module inside `threads`: sleeping advances the wall clock, and this
+    process's CPU time reads the given values in turn."""
+
+    def __init__(self, own_cpu_s: list[float]) -> None:
+        self.now, self._own = 100.0, iter(own_cpu_s)
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def process_time(self) -> float:
+        return next(self._own)
+
+
 def _machine(monkeypatch, cores: int, jiffies: list[tuple[int, int]], own_cpu_s: list[float]) -> None:
     """A machine with `cores` CPUs whose /proc/stat reads `jiffies` in turn, and this process's CPU times."""
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(threads, "_cpu_jiffies", iter(jiffies).__next__)
-    monkeypatch.setattr(threads.time, "process_time", iter(own_cpu_s).__next__)
-    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.setattr(threads, "time", _Clock(own_cpu_s))
 
 
 @pytest.mark.parametrize(

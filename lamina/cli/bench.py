@@ -141,16 +141,6 @@ def _print_table(r: object) -> None:
         ("time to first token", f"{r.ttft_s * 1000:.0f} ms ({r.prompt_tokens} prompt tokens x {r.batch})"),
         ("prefill", f"{r.prefill_tokens_per_s:.0f} tokens/s"),
         ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.new_tokens} new tokens x {r.batch})"),
-        *(
-            [
-                (
-                    "speculative decoding",
-                    f"draft {r.draft}, K={r.speculative_k}, {r.acceptance_rate:.0%} accepted",
-                )
-            ]
-            if r.draft is not None
-            else []
-        ),
         ("peak memory", f"{r.peak_rss_bytes / 2**20:.0f} MiB RSS, {r.peak_gpu_bytes / 2**20:.0f} MiB GPU"),
         ("weights", f"{r.weight_bytes / 1e6:.0f} MB, {r.weight_bytes_per_token / 1e6:.0f} MB read per step"),
         (
@@ -159,6 +149,9 @@ def _print_table(r: object) -> None:
             f"mat-vec {r.machine_gb_per_s:.1f} GB/s",
         ),
     ]
+    if r.draft is not None:
+        speculative = f"draft {r.draft}, K={r.speculative_k}, {r.acceptance_rate:.0%} accepted"
+        rows.insert(7, ("speculative decoding", speculative))  # after decode
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}", file=sys.stdout)

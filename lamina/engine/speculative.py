@@ -61,9 +61,9 @@ def speculative_tokens(
         raise InvalidArgumentError(f"max new tokens must be >= 1, got {max_new_tokens}")
     if k < 1:
         raise InvalidArgumentError(f"speculative k must be >= 1, got {k}")
+    drafter = ModelDrafter(draft) if isinstance(draft, nn.Module) else draft
     context = target.config.max_position_embeddings
-    draft_context = draft.config.max_position_embeddings if isinstance(draft, nn.Module) else draft.context
-    context = min(context, draft_context or context)
+    context = min(context, drafter.context or context)
     check_prompt_fits(len(prompt_ids), context)
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     stats = stats if stats is not None else GenerationStats()
@@ -72,7 +72,6 @@ def speculative_tokens(
     device, target_dtype = input_device_dtype(target)
     total = len(prompt_ids) + max_new_tokens
     target_cache = KVCache.for_model(target, batch=1, max_len=total, dtype=target_dtype)
-    drafter = ModelDrafter(draft, total) if isinstance(draft, nn.Module) else draft
     tokens = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + generated
     tokens[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -133,13 +132,15 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft model with its own KV cache: proposals are its own samples, one forward each."""
 
-    def __init__(self, draft: nn.Module, max_len: int) -> None:
+    def __init__(self, draft: nn.Module) -> None:
         self.draft = draft
         self.context = draft.config.max_position_embeddings
-        self.cache = KVCache.for_model(draft, batch=1, max_len=max_len, dtype=input_device_dtype(draft)[1])
+        self.cache: KVCache | None = None  # sized in `start`, to the generation's token buffer
         self.cached = 0  # positions the draft's cache holds
 
     def start(self, tokens: torch.Tensor, length: int) -> None:
+        dtype = input_device_dtype(self.draft)[1]
+        self.cache = KVCache.for_model(self.draft, batch=1, max_len=tokens.shape[1], dtype=dtype)
         prefill(self.draft, tokens[:, :length], self.cache)
         self.cached = length
 

@@ -48,15 +48,16 @@ def _cpu_jiffies() -> tuple[int, int] | None:
 def busy_cores_now(interval: float = SAMPLE_S) -> float | None:
     """How many cores other processes keep busy right now: the machine's busy share over `interval`
     times its cores, less this process's own CPU time. None where /proc/stat is unavailable."""
-    before, own_before = _cpu_jiffies(), time.process_time()
+    before, own_before, started = _cpu_jiffies(), time.process_time(), time.perf_counter()
     if before is None:
         return None
     time.sleep(interval)
     after, own_s = _cpu_jiffies(), time.process_time() - own_before
+    elapsed = time.perf_counter() - started  # the sleep can overshoot `interval`
     if after is None or after[1] <= before[1]:
         return None
     busy_share = (after[0] - before[0]) / (after[1] - before[1])
-    return max(0.0, busy_share * (os.cpu_count() or 1) - own_s / interval)
+    return max(0.0, busy_share * (os.cpu_count() or 1) - own_s / elapsed)
 
 
 def idle_cores() -> int:
