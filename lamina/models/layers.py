@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamina.errors import CheckpointError, UnsupportedModelError
+from lamina.kernels import native
 from lamina.models.sdpa import decode_attention, one_row_at_a_time, repeat_kv, sdpa
+
+
+#: New query rows up to which attention over a cache runs on the native decode kernel (decode steps,
+#: speculative verify passes); longer prompts take SDPA's flash kernel.
+NATIVE_ATTENTION_ROWS = 16
 
 
 class LayerCache(Protocol):
@@ -414,6 +420,10 @@ def cached_attend(
     """
     if cache is not None:
         k, v = cache.update(layer_idx, start_pos, k, v)
+    if softcap is None and alibi is None:
+        native_out = native_attend(q, k, v, start_pos, window, scale)
+        if native_out is not None:
+            return native_out
     seq = q.shape[2]
     if seq > 1 and isinstance(start_pos, int) and start_pos > 0 and one_row_at_a_time():
         rows = []
@@ -425,6 +435,31 @@ def cached_attend(
             rows.append(row)
         return torch.cat(rows, dim=2)  # T x [B, H, 1, D] -> [B, H, T, D]
     return _attend_filled(q, k, v, start_pos, window, scale, softcap, alibi)
+
+
+def native_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start_pos: int | torch.Tensor,
+    window: int | None,
+    scale: float | None,
+) -> torch.Tensor | None:
+    """Decode attention on Lamina's CPU kernel: q [B, H, T, D] for a few new rows (T <= 16) at
+    positions start_pos.. over cached k/v [B, Hkv, L, D] -> [B, H, T, D], each row over its own
+    prefix as decoding computes it (so a verify pass equals its decode steps bit for bit). None
+    when the kernel does not apply (GPU, not float32, a long prompt, an unsupported shape): SDPA then."""
+    if (
+        isinstance(start_pos, torch.Tensor)  # the compiled step: `decode_attention` calls the kernel
+        or q.device.type != "cpu"
+        or q.dtype != torch.float32
+        or k.dtype != torch.float32
+        or q.shape[2] > NATIVE_ATTENTION_ROWS
+    ):
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = native.decode_attention(q.transpose(1, 2), k, v, start_pos, window or 0, scale)  # [B, T, H, D]
+    return None if out is None else out.transpose(1, 2)  # [B, T, H, D] -> [B, H, T, D]
 
 
 def _attend_filled(

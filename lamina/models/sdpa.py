@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from lamina.kernels import native
+
 # SDPA takes grouped KV heads itself from torch 2.5 (`enable_gqa`); before, KV heads are repeated.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -83,6 +85,10 @@ def decode_attention(
     [B, Hkv, L, D] filled up to and including it: attends over positions max(0, p - window + 1)..p
     (the whole prefix when `window` is 0), exactly what the masked full-cache form computes."""
     end = int(position[0]) + 1  # the host read a CUDA graph could not replay: CPU steps only
+    if q.dtype == torch.float32 and k.dtype == torch.float32:  # the eager decode step's kernel
+        out = native.decode_attention(q.transpose(1, 2), k, v, end - 1, window, q.shape[-1] ** -0.5)
+        if out is not None:
+            return out.transpose(1, 2).contiguous()  # [B, 1, H, D] -> [B, H, 1, D]
     start = max(0, end - window) if window > 0 else 0
     out = sdpa(q, k[:, :, start:end], v[:, :, start:end])
     return out.clone(memory_format=torch.contiguous_format)  # the layout the fake below promises

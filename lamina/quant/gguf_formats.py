@@ -36,7 +36,7 @@ BLOCK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
-def _blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
+def raw_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
     """Raw bytes of a [N, K] tensor -> uint8 [N, K/32, bytes per block]."""
     n, k = shape
     if ggml_type not in BLOCK_BYTES:
@@ -56,7 +56,7 @@ def _fp16(blocks: np.ndarray, offset: int) -> torch.Tensor:
 def q4_codes(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Q4_0/Q4_1 blocks -> (codes uint8 [N, K], d float32 [N, K/32], m float32 [N, K/32] or None)."""
     n, k = shape
-    blocks = _blocks(data, ggml_type, shape)
+    blocks = raw_blocks(data, ggml_type, shape)
     qs = torch.from_numpy(blocks[..., -16:].copy())  # [N, K/32, 16]
     codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)  # element j low nibble, j + 16 high
     d = _fp16(blocks, 0)
@@ -67,7 +67,7 @@ def q4_codes(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> tuple[
 def q8_0_values(data: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     """Q8_0 blocks -> float32 [N, K], exactly d * q."""
     n, k = shape
-    blocks = _blocks(data, "Q8_0", shape)
+    blocks = raw_blocks(data, "Q8_0", shape)
     q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).float()  # [N, K/32, 32]
     return (q * _fp16(blocks, 0)[..., None]).reshape(n, k)
 

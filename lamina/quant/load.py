@@ -32,6 +32,7 @@ from lamina.quant.apply import (
     set_submodule,
     validate_method,
 )
+from lamina.quant.blockq import BlockQuantEmbedding, blockq_linear_from_gguf, native_blocks
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 
@@ -124,7 +125,11 @@ def _gguf_claim(model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.devi
         raw = checkpoint.read_raw(weight)
         if raw.ggml_type not in BLOCK_BYTES or tuple(raw.shape) != tuple(module.weight.shape):
             return False
-        layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, spec.row_order(weight, config))
+        row_order = spec.row_order(weight, config)
+        if native_blocks(device, raw.shape):
+            layer = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
+        else:
+            layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
         set_submodule(model, name, layer.to(device))
         return True
 
@@ -143,8 +148,16 @@ def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
         return
     head = model.output_embeddings()
     head_name = _module_name(model, head) if head.weight is embed.weight else None
-    new_embed, new_head = tied_int8_from_gguf(raw.data, raw.shape)
     device = embed.weight.device
+    if native_blocks(device, raw.shape):
+        new_head = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape)
+        new_embed = BlockQuantEmbedding(new_head)
+        new_embed.output_dtype = embed.weight.dtype
+        set_submodule(model, embed_name, new_embed)
+        if head_name is not None:
+            set_submodule(model, head_name, new_head)
+        return
+    new_embed, new_head = tied_int8_from_gguf(raw.data, raw.shape)
     new_embed.output_dtype = embed.weight.dtype
     set_submodule(model, embed_name, new_embed.to(device))
     if head_name is not None:

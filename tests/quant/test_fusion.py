@@ -7,8 +7,10 @@ import torch
 
 from lamina.api import LLM
 from lamina.engine.fusion import fuse_projections
+from lamina.kernels import native
 from lamina.models.layers import _fuse_linears
 from lamina.quant.apply import quantize_model
+from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.int4 import Int4Linear
 from lamina.quant.int8 import Int8Linear
 
@@ -50,12 +52,19 @@ def test_quantized_model_fuses_and_keeps_its_logits(tiny_model, method):
         torch.testing.assert_close(tiny_model(ids), expected)
 
 
-def test_default_gguf_fuses_its_int4_layers_without_changing_tokens(default_gguf):
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "torch-kernels"])
+def test_default_gguf_fuses_its_kept_layers_without_changing_tokens(default_gguf, native_kernels, monkeypatch):
+    """Kept GGUF blocks fuse on both paths: the native block kernel, and int4 where it is unavailable."""
+    if not native_kernels:
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
     prompt = "The history of the Roman empire is"
     fused = LLM.load(default_gguf, device="cpu")
     unfused = LLM.load(default_gguf, device="cpu", fuse=False)
-    assert type(fused.model.model.layers[0].self_attn.qkv_proj) is Int4Linear
-    assert type(fused.model.model.layers[0].mlp.gate_up_proj) is Int4Linear
+    kept_as = BlockQuantLinear if native_kernels else Int4Linear
+    assert type(fused.model.model.layers[0].self_attn.qkv_proj) is kept_as
+    assert type(fused.model.model.layers[0].mlp.gate_up_proj) is kept_as
     assert fused.memory_footprint() == unfused.memory_footprint()
     expected = unfused.generate(prompt, max_new_tokens=40, temperature=0)
     assert fused.generate(prompt, max_new_tokens=40, temperature=0) == expected

@@ -1,0 +1,138 @@
+/* Block-quantized matrix products on x86-64 CPUs with AVX-512 VNNI: Lamina's decode kernel.
+ *
+ * y[M, N] = x[M, K] . W^T where W is stored in 32-weight blocks along K, as GGUF stores it:
+ * w = d * (c - offset) + m, with unsigned codes c (4 or 8 bits), an fp16 scale d and an optional
+ * fp16 bias m per block of 32. Q4_0 is (4 bits, offset 8, no m), Q4_1 is (4 bits, offset 0, m),
+ * Q8_0 is (8 bits stored as q + 128, offset 128, no m).
+ *
+ * As llama.cpp does, x is quantized per 32-block to int8 with one float scale (dx = max|x| / 127),
+ * so each block's dot product is an exact integer sum computed by VPDPBUSD (u8 x s8, 64 products
+ * per instruction); y = sum over blocks of d * dx * (sum c * qx - offset * sum qx) + m * dx * sum qx.
+ *
+ * Layout ("tiles"): rows are grouped 16 at a time so that one VPDPBUSD yields 16 rows' partial
+ * sums in 16 lanes, with no horizontal reduction:
+ *   codes 4-bit: [N/16][K/32][4 p][16 row][4 kk] bytes; low nibble = k 4p + kk, high = k 16 + 4p + kk
+ *   codes 8-bit: [N/16][K/32][8 j][16 row][4 kk] bytes = k 4j + kk
+ *   d, m:        [N/16][K/32][16 row] fp16
+ * Every output row is computed by one thread in the same order whatever M, the row grouping and
+ * the thread count, so results are bit-identical between a 1-row and an M-row call.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+#define BLOCK 32
+#define TILE 16
+#define ROWS_PER_PASS 4 /* activation rows sharing one unpacked weight block */
+#define ROW_CHUNK 64    /* activation rows per pass over the tiles (keeps them in L2) */
+
+/* One activation row -> per 32-block: two int8 code sets (x ~= d1 * q1 + d2 * q2, the second
+ * quantizing what the first left over), their scales, their code sums, and the block's float sum. */
+static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32_t *sumq, float *sumx) {
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        __m512 part[2] = {_mm512_loadu_ps(x + b * BLOCK), _mm512_loadu_ps(x + b * BLOCK + 16)};
+        sumx[b] = _mm512_reduce_add_ps(_mm512_add_ps(part[0], part[1]));
+        for (int pass = 0; pass < 2; pass++) {
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(part[0]), _mm512_abs_ps(part[1])));
+            __m512 scale = _mm512_set1_ps(amax / 127.0f);
+            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m512i sum = _mm512_setzero_si512();
+            for (int h = 0; h < 2; h++) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(part[h], inv)); /* round to nearest even */
+                _mm_storeu_si128((__m128i *)(qx + b * 2 * BLOCK + pass * BLOCK + h * 16), _mm512_cvtepi32_epi8(q));
+                sum = _mm512_add_epi32(sum, q);
+                part[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q), scale, part[h]); /* what is left */
+            }
+            dx[2 * b + pass] = amax / 127.0f;
+            sumq[2 * b + pass] = _mm512_reduce_add_epi32(sum);
+        }
+    }
+}
+
+/* The 8 vectors of one tile's block: vector j holds 16 rows x codes of k 4j..4j+3. */
+static inline __attribute__((always_inline)) void load_block(const uint8_t *codes, int bits, __m512i u[8]) {
+    if (bits == 4) {
+        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        for (int p = 0; p < 4; p++) {
+            __m512i packed = _mm512_loadu_si512(codes + 64 * p);
+            u[p] = _mm512_and_si512(packed, nibble);
+            u[p + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        }
+    } else {
+        for (int j = 0; j < 8; j++) u[j] = _mm512_loadu_si512(codes + 64 * j);
+    }
+}
+
+/* `rows` activation rows (1..ROWS_PER_PASS) against one tile: y[r][0..15]. */
+static inline __attribute__((always_inline)) void tile_rows(
+    const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t nblocks, int bits, int offset,
+    const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy,
+    const int rows) {
+    const int64_t block_bytes = bits * BLOCK * TILE / 8;
+    __m512 acc[ROWS_PER_PASS];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nblocks; b++) {
+        __m512i u[8];
+        load_block(codes + b * block_bytes, bits, u);
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * TILE)));
+        __m512 mv = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * TILE))) : dv;
+        for (int r = 0; r < rows; r++) {
+            const int32_t *q = (const int32_t *)(qx + r * 2 * k + b * 2 * BLOCK); /* 4 codes per lane */
+            const int32_t *s = sumq + r * 2 * (k / BLOCK) + 2 * b;
+            const float *xs = dx + r * 2 * (k / BLOCK) + 2 * b;
+            __m512i dot1 = _mm512_set1_epi32(-offset * s[0]), dot2 = _mm512_set1_epi32(-offset * s[1]);
+            for (int j = 0; j < 8; j++) {
+                dot1 = _mm512_dpbusd_epi32(dot1, u[j], _mm512_set1_epi32(q[j]));
+                dot2 = _mm512_dpbusd_epi32(dot2, u[j], _mm512_set1_epi32(q[8 + j]));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), _mm512_mul_ps(dv, _mm512_set1_ps(xs[0])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2), _mm512_mul_ps(dv, _mm512_set1_ps(xs[1])), acc[r]);
+            if (m) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sumx[r * (k / BLOCK) + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
+}
+
+/* y[M, N] (row stride ldy) = x[M, K] . W^T. Returns 0, or -1 when scratch memory is unavailable. */
+int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
+                         const uint16_t *m, int64_t n, int bits, int offset, float *y, int64_t ldy) {
+    const int64_t nblocks = k / BLOCK, ntiles = n / TILE;
+    const int64_t tile_bytes = nblocks * (bits * BLOCK * TILE / 8);
+    int8_t *qx = malloc(m_rows * 2 * k);
+    float *dx = malloc(m_rows * 2 * nblocks * sizeof(float));
+    int32_t *sumq = malloc(m_rows * 2 * nblocks * sizeof(int32_t));
+    float *sumx = malloc(m_rows * nblocks * sizeof(float));
+    if (!qx || !dx || !sumq || !sumx) {
+        free(qx), free(dx), free(sumq), free(sumx);
+        return -1;
+    }
+#pragma omp parallel if (m_rows * n * k > 65536)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m_rows; r++)
+            quantize_row(x + r * k, k, qx + r * 2 * k, dx + r * 2 * nblocks, sumq + r * 2 * nblocks, sumx + r * nblocks);
+        for (int64_t r0 = 0; r0 < m_rows; r0 += ROW_CHUNK) {
+            const int64_t r1 = r0 + ROW_CHUNK < m_rows ? r0 + ROW_CHUNK : m_rows;
+#pragma omp for schedule(static) nowait
+            for (int64_t t = 0; t < ntiles; t++) {
+                const uint8_t *tc = codes + t * tile_bytes;
+                const uint16_t *td = d + t * nblocks * TILE, *tm = m ? m + t * nblocks * TILE : NULL;
+                for (int64_t r = r0; r < r1; r += ROWS_PER_PASS) {
+                    const int64_t left = r1 - r;
+                    const int8_t *q = qx + r * 2 * k;
+                    const float *s = dx + r * 2 * nblocks, *sx = sumx + r * nblocks;
+                    const int32_t *sq = sumq + r * 2 * nblocks;
+                    float *out = y + r * ldy + t * TILE;
+                    if (left >= 4) tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 4);
+                    else if (left == 3) tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 3);
+                    else if (left == 2) tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 2);
+                    else tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 1);
+                }
+            }
+        }
+    }
+    free(qx), free(dx), free(sumq), free(sumx);
+    return 0;
+}

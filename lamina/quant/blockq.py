@@ -1,0 +1,237 @@
+"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0) and multiplied by Lamina's native CPU kernel.
+
+Each 32-weight block along in_features keeps its own fp16 scale d (and, for Q4_1, fp16 bias m), so
+the weights are exactly the file's: w = d * (c - offset) + m. The kernel (`lamina/kernels/blockq.c`)
+quantizes activations per 32-block to int8, as llama.cpp does, and sums exact integer products.
+This replaces the int4/int8 conversion of `gguf_formats` on CPUs the kernel supports: it reads
+each weight once at its stored size, and the output head keeps its per-block Q8_0 scales instead
+of being re-quantized per row.
+
+Runtime layout (`tile_codes`, `tile_scales`): rows in tiles of 16, blocks of 32 (see blockq.c);
+needs out_features % 16 == 0 and in_features % 32 == 0. Off the CPU, or where the kernel cannot be
+built, `forward` falls back to dequantizing the weight (correct, slow).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from lamina.kernels import native
+from lamina.loading.gguf_layout import RowOrder
+from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.gguf_formats import q4_codes, raw_blocks
+from lamina.quant.int4 import pack_nibbles, unpack_nibbles
+
+BLOCK, TILE = 32, 16
+#: GGML type -> (code bits, code offset, has a per-block bias m).
+FORMATS: dict[str, tuple[int, int, bool]] = {"Q4_0": (4, 8, False), "Q4_1": (4, 0, True), "Q8_0": (8, 128, False)}
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether the tile layout can hold a weight of this shape."""
+    return out_features % TILE == 0 and in_features % BLOCK == 0
+
+
+def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes uint8 [N, K] -> the kernel's tiles uint8 [N/16, K/32, bits * 64]."""
+    n, k = codes.shape
+    if bits == 8:
+        c = codes.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
+        return c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8 * 64)  # [tile, block, j*row*kk]
+    c = codes.reshape(n // TILE, TILE, k // BLOCK, 2, 4, 4)  # [tile, row, block, half, p, kk]
+    packed = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [tile, row, block, p, kk]: k 4p+kk low, 16+4p+kk high
+    return packed.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 4 * 64)  # [tile, block, p*row*kk]
+
+
+def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `tile_codes`: uint8 [N/16, K/32, bits * 64] -> codes uint8 [N, K]."""
+    ntiles, nblocks, _ = tiles.shape
+    if bits == 8:
+        c = tiles.reshape(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]
+        return c.permute(0, 3, 1, 2, 4).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
+    p = tiles.reshape(ntiles, nblocks, 4, TILE, 4)  # [tile, block, p, row, kk]
+    halves = torch.stack([p & 15, p >> 4], dim=3)  # [tile, block, p, half, row, kk]
+    return halves.permute(0, 4, 1, 3, 2, 5).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
+
+
+def tile_scales(values: torch.Tensor) -> torch.Tensor:
+    """Per-block values [N, K/32] -> fp16 [N/16, K/32, 16]."""
+    n, nblocks = values.shape
+    return values.reshape(n // TILE, TILE, nblocks).transpose(1, 2).to(torch.float16).contiguous()
+
+
+def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_scales`: fp16 [N/16, K/32, 16] -> float32 [N, K/32]."""
+    ntiles, nblocks, _ = tiles.shape
+    return tiles.transpose(1, 2).reshape(ntiles * TILE, nblocks).float()
+
+
+def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Raw GGUF bytes of a [N, K] Q4_0/Q4_1/Q8_0 tensor -> codes uint8 [N, K] (unsigned, offset
+    included), d and m float32 [N, K/32] (m absent unless Q4_1); every value exactly as stored."""
+    n, k = shape
+    if ggml_type == "Q8_0":
+        blocks = raw_blocks(data, ggml_type, shape)
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8))  # [N, K/32, 32]
+        codes = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n, k)
+        d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+        return {"codes": codes, "d": d}
+    codes, d, m = q4_codes(data, ggml_type, shape)
+    return {"codes": codes, "d": d} if m is None else {"codes": codes, "d": d, "m": m}
+
+
+def native_blocks(device: torch.device, shape: tuple[int, int]) -> bool:
+    """Whether a GGUF weight of `shape` on `device` is kept as blocks on the native kernel."""
+    return device.type == "cpu" and fits(*shape) and native.library() is not None
+
+
+def blockq_linear_from_gguf(
+    data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
+) -> BlockQuantLinear:
+    """A GGUF tensor's raw bytes as a `BlockQuantLinear`, output rows reordered by `permute_rows`
+    (per-row blocks commute with it)."""
+    blocks = gguf_blocks(data, ggml_type, shape)
+    if permute_rows is not None:
+        blocks = {name: permute_rows(t) for name, t in blocks.items()}
+    return BlockQuantLinear(ggml_type, **blocks)
+
+
+class BlockQuantLinear(QuantizedLinear):
+    """A linear whose weight is GGUF Q4_0 / Q4_1 / Q8_0 blocks, on the native kernel."""
+
+    method = "gguf"
+    formats: ClassVar[dict[str, tuple[int, int, bool]]] = FORMATS
+
+    def __init__(
+        self,
+        ggml_type: str,
+        codes: torch.Tensor,
+        d: torch.Tensor,
+        m: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """`codes` uint8 [N, K] unsigned (Q8_0: q + 128), `d` / `m` [N, K/32]; N % 16 == 0, K % 32 == 0."""
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias)
+        self.ggml_type = ggml_type
+        self.bits, self.offset, has_m = FORMATS[ggml_type]
+        self.register_buffer("codes_tiled", tile_codes(codes.to(torch.uint8), self.bits))
+        self.register_buffer("d_tiled", tile_scales(d))
+        self.register_buffer("m_tiled", tile_scales(m) if has_m else None)
+        self.use_native = native.library() is not None  # decided once: forward is traced when compiled
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **opts: Any) -> BlockQuantLinear:
+        raise NotImplementedError("GGUF blocks come from a GGUF file; quantize a float model with int4 or int8")
+
+    @classmethod
+    def from_tensors(
+        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> BlockQuantLinear:
+        where, ggml_type = config.get("name", "?"), config["ggml_type"]
+        bits, _, has_m = FORMATS[ggml_type]
+        names = ("codes", "d", "m") if has_m else ("codes", "d")
+        stored = require_tensors(tensors, names, where)
+        check_shape(stored[0], (out_features, in_features * bits // 8), "codes", where)
+        for name, t in zip(names[1:], stored[1:]):
+            check_shape(t, (out_features, in_features // BLOCK), name, where)
+        codes = unpack_nibbles(stored[0]) if bits == 4 else stored[0]
+        return cls(ggml_type, codes, *(t.float() for t in stored[1:]), bias=tensors.get("bias"))
+
+    @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> BlockQuantLinear | None:
+        """Stack the layers' tiles along the outputs (tiles hold whole rows, so this is exact)."""
+        first = layers[0]
+        same = all(
+            type(layer) is cls and (layer.ggml_type, layer.in_features) == (first.ggml_type, first.in_features)
+            for layer in layers
+        )
+        if not same:
+            return None
+        merged = cls.__new__(cls)
+        QuantizedLinear.__init__(merged, first.in_features, sum(x.out_features for x in layers), None)
+        merged.ggml_type, merged.bits, merged.offset = first.ggml_type, first.bits, first.offset
+        merged.use_native = first.use_native
+        merged.bias = None if (b := cls.concatenated_bias(layers)) is None else nn.Parameter(b, requires_grad=False)
+        for name in ("codes_tiled", "d_tiled", "m_tiled"):
+            parts = [getattr(layer, name) for layer in layers]
+            merged.register_buffer(name, None if parts[0] is None else torch.cat(parts))  # [sum N/16, ...]
+        return merged
+
+    def scheme_config(self) -> dict[str, Any]:
+        return {"method": self.method, "ggml_type": self.ggml_type}
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned codes uint8 [N, K]."""
+        return untile_codes(self.codes_tiled.cpu(), self.bits)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        codes = self.codes()
+        out = {"codes": pack_nibbles(codes) if self.bits == 4 else codes, "d": untile_scales(self.d_tiled.cpu()).half()}
+        if self.m_tiled is not None:
+            out["m"] = untile_scales(self.m_tiled.cpu()).half()
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().cpu()
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        c = self.codes().float().reshape(n, k // BLOCK, BLOCK)  # [N, K/32, 32]
+        w = untile_scales(self.d_tiled.cpu())[..., None] * (c - self.offset)
+        if self.m_tiled is not None:
+            w = w + untile_scales(self.m_tiled.cpu())[..., None]
+        return w.reshape(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [..., K] -> [B*T, K]
+        if self.codes_tiled.device.type == "cpu" and self.use_native:
+            matmul = blockq_matmul if torch.compiler.is_compiling() else native.blockq_matmul
+            y = matmul(x2.float().contiguous(), self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset)
+        else:
+            y = x2.float() @ self.dequantize().to(x2.device).t()
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [B*T, N] -> [..., N]
+        return self._add_bias(y)
+
+
+@torch.library.custom_op("lamina::blockq_matmul", mutates_args=())
+def blockq_matmul(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
+) -> torch.Tensor:
+    """`native.blockq_matmul` as an op the compiler keeps opaque (a compiled decode step calls it)."""
+    return native.blockq_matmul(x, codes, d, m, bits, offset)
+
+
+@blockq_matmul.register_fake
+def _blockq_matmul_shape(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], d.shape[0] * d.shape[2])
+
+
+class BlockQuantEmbedding(nn.Module):
+    """A Q8_0 token embedding on the same tiles as its tied `BlockQuantLinear` head (one copy for both);
+    looked-up rows are dequantized exactly (d * q)."""
+
+    def __init__(self, head: BlockQuantLinear) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("codes_tiled", head.codes_tiled)
+        self.register_buffer("d_tiled", head.d_tiled)
+        self.offset = head.offset
+        self.output_dtype = torch.float32  # the model's activation dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tile, row = ids // TILE, ids % TILE
+        codes = self.codes_tiled.view(*self.codes_tiled.shape[:2], 8, TILE, 4)  # [tile, block, j, row, kk]
+        picked = codes[tile, :, :, row, :]  # [..., K/32, 8, 4]
+        scales = self.d_tiled[tile, :, row].float()  # [..., K/32]
+        values = (picked.float() - self.offset).flatten(-2) * scales[..., None]  # [..., K/32, 32]
+        return values.flatten(-2).to(self.output_dtype)  # [..., K]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 table [num_embeddings, embedding_dim]."""
+        return self.forward(torch.arange(self.num_embeddings))
