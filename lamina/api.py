@@ -26,6 +26,7 @@ from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
+from lamina.models.native_layer import attach_native_layers
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
@@ -165,6 +166,7 @@ class LLM:
         if max_memory is None:  # fusing streamed layers would pull them back into resident memory
             if fuse:
                 fuse_projections(model, release=release_free_heap)
+                attach_native_layers(model)
             if draft is None and should_compile(model, torch_device, compile):
                 llm.decoder = CompiledDecoder(model)
         if draft is not None:

@@ -23,8 +23,12 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.c", "attention.c"))
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.c", "attention.c", "llama_layer.c"))
+HEADERS = (Path(__file__).with_name("vector_math.h"),)
+FLAGS = (
+    *("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"),
+    *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
+)
 #: /proc/cpuinfo flags the compiled code needs.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma")
 DISABLE_ENV = "LAMINA_NATIVE_KERNELS"
@@ -44,7 +48,9 @@ def cpu_supported() -> bool:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
     return all(flag in flags for flag in CPU_FLAGS)
 
 
@@ -55,7 +61,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """Compile the source into the cache (atomically: a temporary file renamed into place)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f"lamina-kernels-{key}.so"
     if target.exists():
@@ -63,7 +69,9 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
         os.replace(built, target)
@@ -89,11 +97,37 @@ def library() -> ctypes.CDLL | None:
         _reason.append(f"building the kernels failed: {err}")
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lamina_blockq_matmul.argtypes = [pointer, i64, i64, pointer, pointer, pointer, i64, i32, i32, pointer, i64]
+    lib.lamina_blockq_matmul.argtypes = [
+        pointer,
+        i64,
+        i64,
+        pointer,
+        pointer,
+        pointer,
+        i64,
+        i32,
+        i32,
+        pointer,
+        i64,
+    ]
     lib.lamina_blockq_matmul.restype = ctypes.c_int
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
     lib.lamina_decode_attention.restype = ctypes.c_int
+    lib.lamina_llama_layer.argtypes = [
+        pointer,
+        pointer,
+        i64,
+        i64,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        i64,
+        i64,
+        i64,
+    ]
+    lib.lamina_llama_layer.restype = ctypes.c_int
     return lib
 
 

@@ -18,7 +18,6 @@ from lamina.errors import CheckpointError, UnsupportedModelError
 from lamina.kernels import native
 from lamina.models.sdpa import decode_attention, one_row_at_a_time, repeat_kv, sdpa
 
-
 #: New query rows up to which attention over a cache runs on the native decode kernel (decode steps,
 #: speculative verify passes); longer prompts take SDPA's flash kernel.
 NATIVE_ATTENTION_ROWS = 16

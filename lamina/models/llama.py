@@ -16,6 +16,7 @@ from torch import nn
 from lamina.config import ModelConfig
 from lamina.models.base import CausalLM
 from lamina.models.layers import Attention, GatedMLP, LayerCache, RMSNorm, RotaryEmbedding
+from lamina.models.native_layer import NativeLlamaLayer
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.native: NativeLlamaLayer | None = None  # set by `attach_native_layers` where it applies
 
     def forward(
         self,
@@ -79,6 +81,10 @@ class LlamaDecoderLayer(nn.Module):
         cache: LayerCache | None,
         start_pos: int | torch.Tensor,
     ) -> torch.Tensor:
+        if self.native is not None and isinstance(start_pos, int):
+            out = self.native.run(x, rope, cache, start_pos)
+            if out is not None:
+                return out
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -28,7 +28,11 @@ from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
 BLOCK, TILE = 32, 16
 #: GGML type -> (code bits, code offset, has a per-block bias m).
-FORMATS: dict[str, tuple[int, int, bool]] = {"Q4_0": (4, 8, False), "Q4_1": (4, 0, True), "Q8_0": (8, 128, False)}
+FORMATS: dict[str, tuple[int, int, bool]] = {
+    "Q4_0": (4, 8, False),
+    "Q4_1": (4, 0, True),
+    "Q8_0": (8, 128, False),
+}
 
 
 def fits(out_features: int, in_features: int) -> bool:
@@ -126,7 +130,9 @@ class BlockQuantLinear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **opts: Any) -> BlockQuantLinear:
-        raise NotImplementedError("GGUF blocks come from a GGUF file; quantize a float model with int4 or int8")
+        raise NotImplementedError(
+            "GGUF blocks come from a GGUF file; quantize a float model with int4 or int8"
+        )
 
     @classmethod
     def from_tensors(
@@ -137,7 +143,7 @@ class BlockQuantLinear(QuantizedLinear):
         names = ("codes", "d", "m") if has_m else ("codes", "d")
         stored = require_tensors(tensors, names, where)
         check_shape(stored[0], (out_features, in_features * bits // 8), "codes", where)
-        for name, t in zip(names[1:], stored[1:]):
+        for name, t in zip(names[1:], stored[1:], strict=True):
             check_shape(t, (out_features, in_features // BLOCK), name, where)
         codes = unpack_nibbles(stored[0]) if bits == 4 else stored[0]
         return cls(ggml_type, codes, *(t.float() for t in stored[1:]), bias=tensors.get("bias"))
@@ -147,7 +153,8 @@ class BlockQuantLinear(QuantizedLinear):
         """Stack the layers' tiles along the outputs (tiles hold whole rows, so this is exact)."""
         first = layers[0]
         same = all(
-            type(layer) is cls and (layer.ggml_type, layer.in_features) == (first.ggml_type, first.in_features)
+            type(layer) is cls
+            and (layer.ggml_type, layer.in_features) == (first.ggml_type, first.in_features)
             for layer in layers
         )
         if not same:
@@ -156,7 +163,9 @@ class BlockQuantLinear(QuantizedLinear):
         QuantizedLinear.__init__(merged, first.in_features, sum(x.out_features for x in layers), None)
         merged.ggml_type, merged.bits, merged.offset = first.ggml_type, first.bits, first.offset
         merged.use_native = first.use_native
-        merged.bias = None if (b := cls.concatenated_bias(layers)) is None else nn.Parameter(b, requires_grad=False)
+        merged.bias = (
+            None if (b := cls.concatenated_bias(layers)) is None else nn.Parameter(b, requires_grad=False)
+        )
         for name in ("codes_tiled", "d_tiled", "m_tiled"):
             parts = [getattr(layer, name) for layer in layers]
             merged.register_buffer(name, None if parts[0] is None else torch.cat(parts))  # [sum N/16, ...]
@@ -171,7 +180,10 @@ class BlockQuantLinear(QuantizedLinear):
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         codes = self.codes()
-        out = {"codes": pack_nibbles(codes) if self.bits == 4 else codes, "d": untile_scales(self.d_tiled.cpu()).half()}
+        out = {
+            "codes": pack_nibbles(codes) if self.bits == 4 else codes,
+            "d": untile_scales(self.d_tiled.cpu()).half(),
+        }
         if self.m_tiled is not None:
             out["m"] = untile_scales(self.m_tiled.cpu()).half()
         if self.bias is not None:
@@ -190,7 +202,9 @@ class BlockQuantLinear(QuantizedLinear):
         x2 = x.reshape(-1, self.in_features)  # [..., K] -> [B*T, K]
         if self.codes_tiled.device.type == "cpu" and self.use_native:
             matmul = blockq_matmul if torch.compiler.is_compiling() else native.blockq_matmul
-            y = matmul(x2.float().contiguous(), self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset)
+            y = matmul(
+                x2.float().contiguous(), self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset
+            )
         else:
             y = x2.float() @ self.dequantize().to(x2.device).t()
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [B*T, N] -> [..., N]

@@ -53,7 +53,9 @@ def test_quantized_model_fuses_and_keeps_its_logits(tiny_model, method):
 
 
 @pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "torch-kernels"])
-def test_default_gguf_fuses_its_kept_layers_without_changing_tokens(default_gguf, native_kernels, monkeypatch):
+def test_default_gguf_fuses_its_kept_layers_without_changing_tokens(
+    default_gguf, native_kernels, monkeypatch
+):
     """Kept GGUF blocks fuse on both paths: the native block kernel, and int4 where it is unavailable."""
     if not native_kernels:
         monkeypatch.setattr(native, "library", lambda: None)

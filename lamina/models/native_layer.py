@@ -1,0 +1,175 @@
+"""A Llama-family decoder layer run by one native call (`lamina/kernels/llama_layer.c`) per step.
+
+For a few new rows (decode steps, speculative verify passes) the Python glue between the kernels
+costs more than the kernels: ~45 dispatched ops a layer. When every projection of a layer is a
+`BlockQuantLinear` on the native kernel (a GGUF kept as blocks on a CPU with AVX-512 VNNI) and the
+layer has no variant the C code does not implement (biases, q/k norms, partial rotary, another
+activation), `attach_native_layers` gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward`
+hands it the step. Longer inputs (prompts), tensor positions (a compiled step), other caches or
+devices take the module path. Both paths compute the same function; the native one rounds
+differently in its norms, RoPE and SiLU (float32, ~1e-7 relative), as any two kernels do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamina.engine.kv_cache import KVCache, LayerKV
+from lamina.kernels import native
+from lamina.models.layers import NATIVE_ATTENTION_ROWS, LayerCache, RMSNorm
+from lamina.quant.blockq import BlockQuantLinear
+
+
+class _BlockWeight(ctypes.Structure):
+    _fields_ = [
+        ("codes", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("out_features", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("offset", ctypes.c_int32),
+    ]
+
+
+class _LlamaLayer(ctypes.Structure):
+    _fields_ = [
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("qkv", _BlockWeight),
+        ("o", _BlockWeight),
+        ("gate_up", _BlockWeight),
+        ("down", _BlockWeight),
+        *(
+            (name, ctypes.c_int64)
+            for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "window")
+        ),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+def _block_weight(linear: BlockQuantLinear) -> _BlockWeight:
+    m = linear.m_tiled
+    return _BlockWeight(
+        linear.codes_tiled.data_ptr(), linear.d_tiled.data_ptr(), None if m is None else m.data_ptr(),
+        linear.out_features, linear.in_features, linear.bits, linear.offset,
+    )  # fmt: skip
+
+
+def _native_projection(module: nn.Module | None) -> bool:
+    return type(module) is BlockQuantLinear and module.use_native and module.bias is None
+
+
+def _plain_norm(norm: nn.Module) -> bool:
+    return type(norm) is RMSNorm and not norm.offset
+
+
+class NativeLlamaLayer:
+    """The native form of one `LlamaDecoderLayer`; `run` returns None when a call does not qualify."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        attn, mlp = layer.self_attn, layer.mlp
+        self.modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        self.tensors_seen: tuple[int, ...] = ()
+        self.spec = _LlamaLayer()
+        self.spec.hidden, self.spec.heads = layer.input_layernorm.weight.shape[0], attn.num_heads
+        self.spec.kv_heads, self.spec.head_dim = attn.num_kv_heads, attn.head_dim
+        self.spec.intermediate = mlp.down_proj.in_features
+        self.spec.window = attn.sliding_window or 0
+        self.spec.eps = layer.input_layernorm.eps
+        self.spec.scale = attn.head_dim**-0.5 if attn.scale is None else attn.scale
+
+    @staticmethod
+    def supports(layer: nn.Module) -> bool:
+        """Whether the C layer implements this layer exactly (the shapes its kernels take included)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.qkv_proj, attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj)
+        return (
+            native.library() is not None
+            and all(_native_projection(p) for p in projections)
+            and attn.q_norm is None
+            and attn.softcap is None
+            and mlp.act is F.silu
+            and _plain_norm(layer.input_layernorm)
+            and _plain_norm(layer.post_attention_layernorm)
+            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps
+            and attn.head_dim % 16 == 0
+            and attn.head_dim <= 256
+            and attn.num_heads // attn.num_kv_heads <= 16
+            and mlp.down_proj.in_features % 16 == 0
+        )
+
+    def _refresh(self) -> bool:
+        """Point the C struct at the weights' current memory; False when one is off the CPU."""
+        layer = self.layer
+        tensors = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        tensors += tuple(
+            t for m in self.modules for t in (m.codes_tiled, m.d_tiled, m.m_tiled) if t is not None
+        )
+        if any(t.device.type != "cpu" or t.dtype == torch.bfloat16 for t in tensors):
+            return False
+        seen = tuple(t.data_ptr() for t in tensors)
+        if seen != self.tensors_seen:
+            if any(t.dtype != torch.float32 for t in tensors[:2]):
+                return False
+            self.spec.norm1, self.spec.norm2 = seen[0], seen[1]
+            self.spec.qkv, self.spec.o, self.spec.gate_up, self.spec.down = map(_block_weight, self.modules)
+            self.tensors_seen = seen
+        return True
+
+    def run(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None,
+        start_pos: int,
+    ) -> torch.Tensor | None:
+        """x [B, T, hidden] at positions start_pos.. -> the layer's output, or None to take the module path."""
+        layer = self.layer
+        if (
+            layer.self_attn.qkv_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_up_proj,
+            layer.mlp.down_proj,
+        ) != (self.modules):
+            return None  # a projection was replaced since
+        slot = cache.layers[layer.self_attn.layer_idx] if isinstance(cache, KVCache) else cache
+        batch, rows, _ = x.shape
+        cos, sin = rope
+        if (
+            not isinstance(slot, LayerKV)
+            or rows > NATIVE_ATTENTION_ROWS
+            or start_pos + rows > slot.max_len
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or slot.keys.dtype != torch.float32
+            or slot.keys.device.type != "cpu"
+            or not (slot.keys.is_contiguous() and slot.values.is_contiguous())
+            or cos.shape != (rows, self.spec.head_dim)
+            or cos.dtype != torch.float32
+            or not self._refresh()
+        ):
+            return None
+        out = x.contiguous().clone()  # [B, T, hidden], updated in place by the layer
+        cos, sin = cos.contiguous(), sin.contiguous()
+        status = native.library().lamina_llama_layer(
+            ctypes.byref(self.spec), out.data_ptr(), batch, rows, cos.data_ptr(), sin.data_ptr(),
+            slot.keys.data_ptr(), slot.values.data_ptr(), slot.keys.stride(0), slot.keys.stride(1), start_pos,
+        )  # fmt: skip
+        return out if status == 0 else None
+
+
+def attach_native_layers(model: nn.Module) -> int:
+    """Give each decoder layer the C path supports a `NativeLlamaLayer` (`layer.native`); returns how many."""
+    count = 0
+    for layer in model.decoder_layers() if hasattr(model, "decoder_layers") else ():
+        if hasattr(layer, "native") and NativeLlamaLayer.supports(layer):
+            layer.native = NativeLlamaLayer(layer)
+            count += 1
+    return count
