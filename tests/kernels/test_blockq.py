@@ -1,0 +1,173 @@
+"""GGUF blocks kept as they are (`BlockQuantLinear`) on the native block kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from lamina.kernels import native
+from lamina.quant.blockq import (
+    BlockQuantEmbedding,
+    BlockQuantLinear,
+    blockq_linear_from_gguf,
+    tile_codes,
+    tile_scales,
+    untile_codes,
+    untile_scales,
+)
+
+TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    bits, _, has_m = BlockQuantLinear.formats[ggml_type]
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
+    d = (torch.rand(n, k // 32, generator=g) * 0.02).half().float()
+    m = (torch.randn(n, k // 32, generator=g) * 0.05).half().float() if has_m else None
+    return BlockQuantLinear(ggml_type, codes, d, m)
+
+
+def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor:
+    """What the kernel computes, in float64: each 32-block of x as d1 q1 + d2 q2 (the second int8
+    pass quantizing what the first left over) times d * (c - offset), plus x's exact block sums
+    times the block biases m. The codes are found in float32 as the kernel finds them (a code one
+    step off moves a product by ~2^-14 of the block's range)."""
+    blocks = x.double().reshape(x.shape[0], -1, 32)  # [M, K/32, 32]
+    approx = torch.zeros_like(blocks)
+    rest = x.float().reshape(blocks.shape)
+    for _ in range(2):
+        amax = rest.abs().amax(-1, keepdim=True)
+        inverse = torch.where(amax > 0, 127 / amax, 0)  # float32, as the kernel's
+        q = torch.round(rest * inverse)  # float32 product, rounded half to even
+        scale = amax / 127
+        approx += q.double() * scale.double()
+        rest = (rest.double() - q.double() * scale.double()).float()  # the kernel's fused multiply-add
+    scales = untile_scales(layer.d_tiled).double()  # [N, K/32]
+    codes = layer.codes().double().reshape(layer.out_features, -1, 32) - layer.offset  # [N, K/32, 32]
+    y = approx.reshape(x.shape) @ (scales[..., None] * codes).reshape(layer.out_features, -1).t()
+    if layer.m_tiled is not None:
+        y += blocks.sum(-1) @ untile_scales(layer.m_tiled).double().t()  # [M, K/32] x [K/32, N]
+    return y
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tile_layout_round_trips(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (48, 96), dtype=torch.uint8)
+    assert torch.equal(untile_codes(tile_codes(codes, bits), bits), codes)
+    values = torch.randn(48, 3).half().float()
+    assert torch.equal(untile_scales(tile_scales(values)), values)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_gguf_bytes_dequantize_to_gguf_values_exactly(ggml_type: str) -> None:
+    qtype = GGMLQuantizationType[ggml_type]
+    values = np.random.default_rng(1).standard_normal((32, 96)).astype(np.float32)
+    data = quants.quantize(values, qtype)
+    layer = blockq_linear_from_gguf(data, ggml_type, (32, 96))
+    assert torch.equal(layer.dequantize(), torch.from_numpy(quants.dequantize(data, qtype)).reshape(32, 96))
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 7, 70])
+def test_kernel_matches_the_two_pass_reference(native_lib, ggml_type: str, rows: int) -> None:
+    layer = random_layer(ggml_type, 64, 192)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 192, generator=g) * torch.logspace(-3, 1, 192)  # blocks of very different scales
+    y = layer(x)
+    expected = two_pass_reference(x, layer)
+    assert (y.double() - expected).abs().max() <= 2e-6 * expected.abs().max()
+    # and close to the float product: two int8 passes leave ~2^-15 of each block's range
+    exact = x.double() @ layer.dequantize().double().t()
+    assert (y.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_rows_are_bit_identical_alone_or_together_and_across_thread_counts(
+    native_lib, ggml_type: str
+) -> None:
+    """What lets speculative verify passes equal decode steps exactly."""
+    layer = random_layer(ggml_type, 96, 128)
+    x = torch.randn(9, 128)
+    together = layer(x)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(9)])
+    assert torch.equal(together, alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(layer(x), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fallback_without_the_kernel_computes_the_float_product(monkeypatch) -> None:
+    layer = random_layer("Q4_1", 32, 64)
+    layer.use_native = False
+    x = torch.randn(2, 64)
+    assert torch.allclose(layer(x), x @ layer.dequantize().t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_concatenated_layers_compute_each_layer(ggml_type: str) -> None:
+    parts = [random_layer(ggml_type, n, 64, seed=n) for n in (32, 16, 48)]
+    merged = BlockQuantLinear.concatenate(parts)
+    assert merged.out_features == 96
+    assert torch.equal(merged.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert (
+        BlockQuantLinear.concatenate(
+            [parts[0], random_layer("Q4_0" if ggml_type != "Q4_0" else "Q8_0", 16, 64)]
+        )
+        is None
+    )
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_export_and_rebuild_round_trip(ggml_type: str) -> None:
+    layer = random_layer(ggml_type, 32, 64)
+    rebuilt = BlockQuantLinear.from_tensors(64, 32, layer.scheme_config(), layer.export_tensors())
+    assert torch.equal(rebuilt.dequantize(), layer.dequantize())
+
+
+def test_embedding_rows_are_the_head_rows_exactly() -> None:
+    head = random_layer("Q8_0", 48, 64)
+    embedding = BlockQuantEmbedding(head)
+    assert embedding.codes_tiled is head.codes_tiled  # one copy for both
+    ids = torch.tensor([[0, 17, 47], [5, 5, 31]])
+    assert torch.equal(embedding(ids), head.dequantize()[ids])
+
+
+def test_row_permutation_applies_to_codes_and_scales() -> None:
+    values = np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32)
+    data = quants.quantize(values, GGMLQuantizationType.Q4_1)
+    order = torch.randperm(32)
+    permuted = blockq_linear_from_gguf(data, "Q4_1", (32, 64), lambda t: t[order])
+    plain = blockq_linear_from_gguf(data, "Q4_1", (32, 64))
+    assert torch.equal(permuted.dequantize(), plain.dequantize()[order])
+
+
+def test_unavailable_kernels_say_why(monkeypatch) -> None:
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert native.DISABLE_ENV in native.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path) -> None:
+    if not native.cpu_supported():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DLAMINA_NO_SUCH_HEADER", "-include", "no_such.h"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "failed" in native.unavailable_reason()
+        assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
