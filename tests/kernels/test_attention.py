@@ -11,7 +11,7 @@ from lamina.kernels import native
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int, scale: float):
     """q [B, T, H, D] at positions start.. over k/v [B, Hkv, L, D], float64, one row at a time."""
-    batch, rows, heads, dim = q.shape
+    rows, heads = q.shape[1], q.shape[2]
     group = heads // k.shape[1]
     out = []
     for t in range(rows):
