@@ -38,11 +38,22 @@ def should_compile(model: nn.Module, device: torch.device, requested: bool | Non
     saves ~15% of a step (~1.7 ms a token on the default model) for a warm-up of ~15 s the first
     time on a machine and ~3.5 s in every later process (benchmarks/NOTES.md, finding 12): it pays
     back only after a couple of thousand tokens, so eager is the CPU default and `--compile` opts in.
+    A model whose every decoder layer runs natively (`lamina.models.native_layer`) is never compiled:
+    the native step has none of the per-op overhead compiling removes, and the compiled step (which
+    cannot call it) measured 82-84 against 120-124 tokens/s (finding 16).
     """
     if not getattr(model, "supports_static_decode", False) or getattr(model, "is_encoder_decoder", False):
         if requested:
             print(
                 f"lamina: {type(model).__name__} has no compiled decode step; decoding eagerly",
+                file=sys.stderr,
+            )
+        return False
+    layers = model.decoder_layers()
+    if device.type == "cpu" and all(getattr(layer, "native", None) is not None for layer in layers):
+        if requested:
+            print(
+                "lamina: --compile is ignored: this model decodes on native layers, which are faster",
                 file=sys.stderr,
             )
         return False

@@ -140,3 +140,9 @@ def test_the_default_model_decodes_on_native_layers(default_gguf) -> None:
     for a, b in zip(got, want, strict=True):
         assert (a - b).abs().max() < 0.05  # logits up to ~20; the paths round differently
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_compile_is_skipped_for_a_model_on_native_layers(default_gguf, capsys) -> None:
+    llm = LLM.load(default_gguf, device="cpu", compile=True)
+    assert llm.decoder is None
+    assert "--compile is ignored" in capsys.readouterr().err
