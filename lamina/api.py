@@ -27,6 +27,7 @@ from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
 from lamina.models.native_layer import attach_native_layers
+from lamina.models.native_linear import attach_native_linears
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
@@ -169,6 +170,8 @@ class LLM:
                 attach_native_layers(model)
             if draft is None and should_compile(model, torch_device, compile):
                 llm.decoder = CompiledDecoder(model)
+        if torch_device.type == "cpu":  # after fusing, which merges plain nn.Linear modules only
+            attach_native_linears(model)
         if draft is not None:
             llm.set_draft(draft, k=speculative_k, quantize=draft_quantize)
         llm.load_seconds = time.perf_counter() - started

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.c", "attention.c", "llama_layer.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.c", "dense.c", "attention.c", "llama_layer.c"))
 HEADERS = (Path(__file__).with_name("vector_math.h"),)
 FLAGS = (
     *("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"),
@@ -114,6 +114,8 @@ def library() -> ctypes.CDLL | None:
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
     lib.lamina_decode_attention.restype = ctypes.c_int
+    lib.lamina_f32_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer]
+    lib.lamina_f32_linear.restype = None
     lib.lamina_llama_layer.argtypes = [
         pointer,
         pointer,
@@ -161,6 +163,17 @@ def blockq_matmul(
     )  # fmt: skip
     if status != 0:
         raise MemoryError(f"blockq matmul: no memory for the quantized activations ({rows} x {k})")
+    return y
+
+
+def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight [N, K]^T + bias, all float32 and contiguous, on the CPU kernel
+    (needs `library()`); each row computed alone, as a one-row call would."""
+    rows, k = x.shape
+    y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    library().lamina_f32_linear(
+        x.data_ptr(), rows, k, weight.data_ptr(), weight.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr()
+    )
     return y
 
 

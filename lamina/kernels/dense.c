@@ -1,0 +1,42 @@
+/* Float32 linear layers for a few rows (decode steps): y[M, N] = x[M, K] . W[N, K]^T + bias.
+ *
+ * A mat-vec reads each weight once and does one multiply-add with it, so it runs at memory speed
+ * only if the loads stream; torch's float32 path measured ~11 GB/s here against ~30 GB/s for a
+ * plain sum over memory. Each thread takes groups of 4 weight rows, keeps them in L1 while every
+ * activation row passes over them, and reduces 4 accumulators at a time. Every output is computed
+ * in the same order whatever M and the thread count, so rows are bit-identical alone or together.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define GROUP 4
+
+static inline __m512 load_tail(const float *p, int64_t left) {
+    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
+}
+
+/* Rows n..n+rows_w-1 of W (rows_w <= GROUP) against activation row x: out[0..rows_w-1]. */
+static inline void dot_rows(const float *x, const float *w, int64_t k, int rows_w, float *out) {
+    __m512 acc[GROUP] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < k; i += 16) {
+        const __m512 xv = load_tail(x + i, k - i);
+        for (int j = 0; j < rows_w; j++) acc[j] = _mm512_fmadd_ps(load_tail(w + j * k + i, k - i), xv, acc[j]);
+    }
+    for (int j = 0; j < rows_w; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+void lamina_f32_linear(const float *x, int64_t m_rows, int64_t k, const float *w, int64_t n, const float *bias,
+                       float *y) {
+    const int64_t groups = (n + GROUP - 1) / GROUP;
+#pragma omp parallel for schedule(static) if (n * k > 65536)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t first = g * GROUP;
+        const int rows_w = n - first < GROUP ? (int)(n - first) : GROUP;
+        for (int64_t r = 0; r < m_rows; r++) {
+            float out[GROUP];
+            if (rows_w == GROUP) dot_rows(x + r * k, w + first * k, k, GROUP, out);
+            else dot_rows(x + r * k, w + first * k, k, rows_w, out);
+            for (int j = 0; j < rows_w; j++) y[r * n + first + j] = bias ? out[j] + bias[first + j] : out[j];
+        }
+    }
+}

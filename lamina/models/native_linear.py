@@ -1,0 +1,51 @@
+"""Float32 linear layers whose decode-sized products run on Lamina's CPU kernel (`dense.c`).
+
+torch's float32 mat-vec reads weights at ~11 GB/s on the 2-core machines here; the kernel at
+~21 GB/s (benchmarks/NOTES.md, finding 16), which is what a float32 model's decode step is made of.
+`attach_native_linears` turns each plain `nn.Linear` into a `NativeLinear` by changing its class
+in place: the parameters, hooks (weight streaming binds tensors through them) and the module's
+identity stay as they are. Inputs of more than NATIVE_ROWS rows (prompts), other dtypes and
+devices, and traced calls take `nn.Linear.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lamina.kernels import native
+
+#: Rows (tokens) up to which a product runs on the kernel: decode steps and verify passes.
+NATIVE_ROWS = 16
+
+
+class NativeLinear(nn.Linear):
+    """An `nn.Linear` that multiplies a few float32 rows on the CPU kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if (
+            x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and x.numel() <= NATIVE_ROWS * self.in_features
+            and w.is_contiguous()
+            and (b is None or b.dtype == torch.float32)
+            and not torch.compiler.is_compiling()
+        ):
+            y = native.f32_linear(x.reshape(-1, self.in_features).contiguous(), w, b)  # [..., K] -> [M, K]
+            return y.view(*x.shape[:-1], self.out_features)  # [M, N] -> [..., N]
+        return super().forward(x)
+
+
+def attach_native_linears(model: nn.Module) -> int:
+    """Make every plain `nn.Linear` of `model` a `NativeLinear` when the kernels run here; returns how many."""
+    if native.library() is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = NativeLinear
+            count += 1
+    return count
