@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.c", "dense.c", "attention.c", "llama_layer.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("blockq.c", "dense.c", "attention.c", "llama_layer.c")
+)
 HEADERS = (Path(__file__).with_name("vector_math.h"),)
 FLAGS = (
     *("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"),
@@ -172,7 +174,13 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     rows, k = x.shape
     y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
     library().lamina_f32_linear(
-        x.data_ptr(), rows, k, weight.data_ptr(), weight.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr()
+        x.data_ptr(),
+        rows,
+        k,
+        weight.data_ptr(),
+        weight.shape[0],
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
     )
     return y
 

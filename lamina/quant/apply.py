@@ -80,7 +80,9 @@ def float_linear_names(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> 
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, nn.Linear]:
     """The float `nn.Linear` modules `quantize_model` replaces, by qualified name."""
     keep = float_linear_names(model, skip)
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name not in keep}
+    return {
+        name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name not in keep
+    }
 
 
 @torch.no_grad()

@@ -26,7 +26,9 @@ def test_matches_float64(native_lib, shape, rows: int, bias: bool) -> None:
     layer = native_linear(*shape, bias)
     x = torch.randn(1, rows, shape[0])
     y = layer(x)
-    expected = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    expected = F.linear(
+        x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()
+    )
     assert y.shape == (1, rows, shape[1])
     assert (y.double() - expected).abs().max() <= 1e-6 * expected.abs().max() * shape[0] ** 0.5
 
