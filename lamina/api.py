@@ -164,14 +164,13 @@ class LLM:
                 finish_loading(model, checkpoint, tokenizer.encode, quantize, group_size)
         model.eval()
         llm = cls(model, tokenizer, config, source)
-        if max_memory is None:  # fusing streamed layers would pull them back into resident memory
-            if fuse:
-                fuse_projections(model, release=release_free_heap)
-                attach_native_layers(model)
-            if draft is None and should_compile(model, torch_device, compile):
-                llm.decoder = CompiledDecoder(model)
+        if max_memory is None and fuse:  # fusing streamed layers would pull them back into resident memory
+            fuse_projections(model, release=release_free_heap)
         if torch_device.type == "cpu":  # after fusing, which merges plain nn.Linear modules only
             attach_native_linears(model)
+            attach_native_layers(model)
+        if max_memory is None and draft is None and should_compile(model, torch_device, compile):
+            llm.decoder = CompiledDecoder(model)
         if draft is not None:
             llm.set_draft(draft, k=speculative_k, quantize=draft_quantize)
         llm.load_seconds = time.perf_counter() - started

@@ -2,14 +2,15 @@
  *
  * A mat-vec reads each weight once and does one multiply-add with it, so it runs at memory speed
  * only if the loads stream; torch's float32 path measured ~11 GB/s here against ~30 GB/s for a
- * plain sum over memory. Each thread takes groups of 4 weight rows, keeps them in L1 while every
- * activation row passes over them, and reduces 4 accumulators at a time. Every output is computed
+ * plain sum over memory. Each thread takes groups of 8 weight rows, keeps them in L1 while every
+ * activation row passes over them, and reduces 8 accumulators at a time. Every output is computed
  * in the same order whatever M and the thread count, so rows are bit-identical alone or together.
  */
 #include <immintrin.h>
 #include <stdint.h>
 
-#define GROUP 4
+#define GROUP 8      /* weight rows per pass: 8 load streams keep the memory system busy */
+#define PREFETCH 512 /* floats ahead of the loads: +5-10% on a 2-core EPYC (28 vs 25-27 GB/s) */
 
 static inline __m512 load_tail(const float *p, int64_t left) {
     return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
@@ -17,16 +18,21 @@ static inline __m512 load_tail(const float *p, int64_t left) {
 
 /* Rows n..n+rows_w-1 of W (rows_w <= GROUP) against activation row x: out[0..rows_w-1]. */
 static inline void dot_rows(const float *x, const float *w, int64_t k, int rows_w, float *out) {
-    __m512 acc[GROUP] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 acc[GROUP];
+    for (int j = 0; j < GROUP; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < k; i += 16) {
         const __m512 xv = load_tail(x + i, k - i);
-        for (int j = 0; j < rows_w; j++) acc[j] = _mm512_fmadd_ps(load_tail(w + j * k + i, k - i), xv, acc[j]);
+        for (int j = 0; j < rows_w; j++) {
+            _mm_prefetch((const char *)(w + j * k + i + PREFETCH), _MM_HINT_T0);
+            acc[j] = _mm512_fmadd_ps(load_tail(w + j * k + i, k - i), xv, acc[j]);
+        }
     }
     for (int j = 0; j < rows_w; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
+/* y (row stride ldy) = x . W^T + bias. */
 void lamina_f32_linear(const float *x, int64_t m_rows, int64_t k, const float *w, int64_t n, const float *bias,
-                       float *y) {
+                       float *y, int64_t ldy) {
     const int64_t groups = (n + GROUP - 1) / GROUP;
 #pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t g = 0; g < groups; g++) {
@@ -36,7 +42,7 @@ void lamina_f32_linear(const float *x, int64_t m_rows, int64_t k, const float *w
             float out[GROUP];
             if (rows_w == GROUP) dot_rows(x + r * k, w + first * k, k, GROUP, out);
             else dot_rows(x + r * k, w + first * k, k, rows_w, out);
-            for (int j = 0; j < rows_w; j++) y[r * n + first + j] = bias ? out[j] + bias[first + j] : out[j];
+            for (int j = 0; j < rows_w; j++) y[r * ldy + first + j] = bias ? out[j] + bias[first + j] : out[j];
         }
     }
 }

@@ -7,10 +7,11 @@
  *   x += down(silu(gate) * up), gate | up = gate_up(rms_norm(x) * w2)
  *
  * x is [B * T, hidden] float32 (B sequences of T rows at positions start..start+T-1), updated in
- * place; the q/k/v projection is fused (rows: H query heads, then Hkv key heads, then Hkv value
- * heads) and so is gate/up (I gate rows, then I up rows). RoPE is HF's half-split form with cos/sin
- * [T, D]. keys/values are the layer's cache [B, Hkv, L, D] (row stride D), written at the new
- * positions before attending.
+ * place. Each projection is one or more weights whose outputs sit side by side: q/k/v fused (rows:
+ * H query heads, then Hkv key heads, then Hkv value heads) or as three weights, gate/up fused (I
+ * gate rows, then I up rows) or as two. A weight is GGUF blocks (blockq.c) or dense float32
+ * (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are the layer's cache
+ * [B, Hkv, L, D] (row stride D), written at the new positions before attending.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -22,29 +23,51 @@
 
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
                          const uint16_t *m, int64_t n, int bits, int offset, float *y, int64_t ldy);
+void lamina_f32_linear(const float *x, int64_t m_rows, int64_t k, const float *w, int64_t n, const float *bias,
+                       float *y, int64_t ldy);
 int lamina_decode_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh, const float *keys,
                             const float *values, int64_t kv_sb, int64_t kv_sh, int64_t kv_sl, int64_t batch,
                             int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t start, int64_t window,
                             float scale, float *out);
 
-/* A block-quantized weight as blockq.c takes it. */
+/* One weight: GGUF blocks as blockq.c takes them (codes != NULL), or dense float32 [N, K]. */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *d, *m;
+    const float *dense;
     int64_t out_features, in_features;
     int32_t bits, offset;
-} BlockWeight;
+} Weight;
+
+/* A projection: up to 3 weights reading the same input, outputs side by side. */
+typedef struct {
+    Weight parts[3];
+    int64_t count;
+} Projection;
 
 typedef struct {
     const float *norm1, *norm2; /* [hidden] RMSNorm weights before attention and before the MLP */
-    BlockWeight qkv, o, gate_up, down;
+    Projection qkv, o, gate_up, down;
     int64_t hidden, heads, kv_heads, head_dim, intermediate, window; /* window 0: full attention */
     float eps, scale;
 } LlamaLayer;
 
-static int matmul(const BlockWeight *w, const float *x, int64_t rows, float *y) {
-    return lamina_blockq_matmul(x, rows, w->in_features, w->codes, w->d, w->m, w->out_features, w->bits, w->offset,
-                                y, w->out_features);
+/* y [rows, sum of the parts' outputs] = x . W^T. */
+static int matmul(const Projection *p, const float *x, int64_t rows, float *y) {
+    int64_t width = 0, column = 0;
+    for (int64_t i = 0; i < p->count; i++) width += p->parts[i].out_features;
+    for (int64_t i = 0; i < p->count; i++) {
+        const Weight *w = &p->parts[i];
+        if (w->codes) {
+            if (lamina_blockq_matmul(x, rows, w->in_features, w->codes, w->d, w->m, w->out_features, w->bits,
+                                     w->offset, y + column, width))
+                return -1;
+        } else {
+            lamina_f32_linear(x, rows, w->in_features, w->dense, w->out_features, NULL, y + column, width);
+        }
+        column += w->out_features;
+    }
+    return 0;
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * weight, one row. */

@@ -116,7 +116,7 @@ def library() -> ctypes.CDLL | None:
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
     lib.lamina_decode_attention.restype = ctypes.c_int
-    lib.lamina_f32_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer]
+    lib.lamina_f32_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, i64]
     lib.lamina_f32_linear.restype = None
     lib.lamina_llama_layer.argtypes = [
         pointer,
@@ -173,15 +173,9 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     (needs `library()`); each row computed alone, as a one-row call would."""
     rows, k = x.shape
     y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    library().lamina_f32_linear(
-        x.data_ptr(),
-        rows,
-        k,
-        weight.data_ptr(),
-        weight.shape[0],
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-    )
+    n = weight.shape[0]
+    bias_ptr = None if bias is None else bias.data_ptr()
+    library().lamina_f32_linear(x.data_ptr(), rows, k, weight.data_ptr(), n, bias_ptr, y.data_ptr(), n)
     return y
 
 

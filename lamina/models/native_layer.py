@@ -2,10 +2,11 @@
 
 For a few new rows (decode steps, speculative verify passes) the Python glue between the kernels
 costs more than the kernels: ~45 dispatched ops a layer. When every projection of a layer is a
-`BlockQuantLinear` on the native kernel (a GGUF kept as blocks on a CPU with AVX-512 VNNI) and the
-layer has no variant the C code does not implement (biases, q/k norms, partial rotary, another
-activation), `attach_native_layers` gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward`
-hands it the step. Longer inputs (prompts), tensor positions (a compiled step), other caches or
+`BlockQuantLinear` on the native kernel (a GGUF kept as blocks on a CPU with AVX-512 VNNI) or a
+float linear (float32 at call time), fused or not, and the layer has no variant the C code does
+not implement (biases, q/k norms, partial rotary, another activation), `attach_native_layers`
+gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward` hands it the step. Streamed layers
+qualify too: the weights are looked up on every call, after the streaming hooks have bound them. Longer inputs (prompts), tensor positions (a compiled step), other caches or
 devices take the module path. Both paths compute the same function; the native one rounds
 differently in its norms, RoPE and SiLU (float32, ~1e-7 relative), as any two kernels do.
 """
@@ -24,11 +25,12 @@ from lamina.models.layers import NATIVE_ATTENTION_ROWS, LayerCache, RMSNorm
 from lamina.quant.blockq import BlockQuantLinear
 
 
-class _BlockWeight(ctypes.Structure):
+class _Weight(ctypes.Structure):
     _fields_ = [
         ("codes", ctypes.c_void_p),
         ("d", ctypes.c_void_p),
         ("m", ctypes.c_void_p),
+        ("dense", ctypes.c_void_p),
         ("out_features", ctypes.c_int64),
         ("in_features", ctypes.c_int64),
         ("bits", ctypes.c_int32),
@@ -36,14 +38,18 @@ class _BlockWeight(ctypes.Structure):
     ]
 
 
+class _Projection(ctypes.Structure):
+    _fields_ = [("parts", _Weight * 3), ("count", ctypes.c_int64)]
+
+
 class _LlamaLayer(ctypes.Structure):
     _fields_ = [
         ("norm1", ctypes.c_void_p),
         ("norm2", ctypes.c_void_p),
-        ("qkv", _BlockWeight),
-        ("o", _BlockWeight),
-        ("gate_up", _BlockWeight),
-        ("down", _BlockWeight),
+        ("qkv", _Projection),
+        ("o", _Projection),
+        ("gate_up", _Projection),
+        ("down", _Projection),
         *(
             (name, ctypes.c_int64)
             for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "window")
@@ -53,20 +59,42 @@ class _LlamaLayer(ctypes.Structure):
     ]
 
 
-def _block_weight(linear: BlockQuantLinear) -> _BlockWeight:
-    m = linear.m_tiled
-    return _BlockWeight(
-        linear.codes_tiled.data_ptr(), linear.d_tiled.data_ptr(), None if m is None else m.data_ptr(),
-        linear.out_features, linear.in_features, linear.bits, linear.offset,
-    )  # fmt: skip
+def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """The tensors the C struct points at: (codes, d, m, None) for blocks, (None, None, None, weight)."""
+    if isinstance(module, BlockQuantLinear):
+        return module.codes_tiled, module.d_tiled, module.m_tiled, None
+    return None, None, None, module.weight
 
 
-def _native_projection(module: nn.Module | None) -> bool:
-    return type(module) is BlockQuantLinear and module.use_native and module.bias is None
+def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
+    projection.count = len(modules)
+    for part, module in zip(projection.parts, modules, strict=False):
+        part.codes, part.d, part.m, part.dense = (
+            None if t is None else t.data_ptr() for t in _weight_tensors(module)
+        )
+        part.out_features, part.in_features = module.out_features, module.in_features
+        part.bits, part.offset = (
+            (module.bits, module.offset) if isinstance(module, BlockQuantLinear) else (0, 0)
+        )
+
+
+def _native_projection(module: nn.Module) -> bool:
+    """GGUF blocks on the native kernel, or a float linear (its dtype is checked per call); no bias."""
+    if isinstance(module, BlockQuantLinear):
+        return module.use_native and module.bias is None
+    return isinstance(module, nn.Linear) and module.bias is None
 
 
 def _plain_norm(norm: nn.Module) -> bool:
     return type(norm) is RMSNorm and not norm.offset
+
+
+def _projections(layer: nn.Module) -> tuple[tuple[nn.Module, ...], ...]:
+    """(q/k/v parts, o, gate/up parts, down) as the layer holds them now, fused or not."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = (attn.qkv_proj,) if attn.qkv_proj is not None else (attn.q_proj, attn.k_proj, attn.v_proj)
+    gate_up = (mlp.gate_up_proj,) if mlp.gate_up_proj is not None else (mlp.gate_proj, mlp.up_proj)
+    return qkv, (attn.o_proj,), gate_up, (mlp.down_proj,)
 
 
 class NativeLlamaLayer:
@@ -75,7 +103,7 @@ class NativeLlamaLayer:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
         attn, mlp = layer.self_attn, layer.mlp
-        self.modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        self.projections = _projections(layer)
         self.tensors_seen: tuple[int, ...] = ()
         self.spec = _LlamaLayer()
         self.spec.hidden, self.spec.heads = layer.input_layernorm.weight.shape[0], attn.num_heads
@@ -89,10 +117,9 @@ class NativeLlamaLayer:
     def supports(layer: nn.Module) -> bool:
         """Whether the C layer implements this layer exactly (the shapes its kernels take included)."""
         attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.qkv_proj, attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj)
         return (
             native.library() is not None
-            and all(_native_projection(p) for p in projections)
+            and all(_native_projection(p) for parts in _projections(layer) for p in parts)
             and attn.q_norm is None
             and attn.softcap is None
             and mlp.act is F.silu
@@ -106,20 +133,26 @@ class NativeLlamaLayer:
         )
 
     def _refresh(self) -> bool:
-        """Point the C struct at the weights' current memory; False when one is off the CPU."""
+        """Point the C struct at the weights' current memory (streamed layers move every step); False
+        when one is off the CPU, not float32 where it should be, or not contiguous."""
         layer = self.layer
-        tensors = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        tensors += tuple(
-            t for m in self.modules for t in (m.codes_tiled, m.d_tiled, m.m_tiled) if t is not None
-        )
-        if any(t.device.type != "cpu" or t.dtype == torch.bfloat16 for t in tensors):
+        floats = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        blocks = []
+        for parts in self.projections:
+            for module in parts:
+                codes, d, m, dense = _weight_tensors(module)
+                floats += [] if dense is None else [dense]
+                blocks += [t for t in (codes, d, m) if t is not None]
+        tensors = floats + blocks
+        if any(t.device.type != "cpu" for t in tensors):
+            return False
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats):
             return False
         seen = tuple(t.data_ptr() for t in tensors)
         if seen != self.tensors_seen:
-            if any(t.dtype != torch.float32 for t in tensors[:2]):
-                return False
             self.spec.norm1, self.spec.norm2 = seen[0], seen[1]
-            self.spec.qkv, self.spec.o, self.spec.gate_up, self.spec.down = map(_block_weight, self.modules)
+            for field, modules in zip(("qkv", "o", "gate_up", "down"), self.projections, strict=True):
+                _fill(getattr(self.spec, field), modules)
             self.tensors_seen = seen
         return True
 
@@ -132,13 +165,8 @@ class NativeLlamaLayer:
     ) -> torch.Tensor | None:
         """x [B, T, hidden] at positions start_pos.. -> the layer's output, or None to take the module path."""
         layer = self.layer
-        if (
-            layer.self_attn.qkv_proj,
-            layer.self_attn.o_proj,
-            layer.mlp.gate_up_proj,
-            layer.mlp.down_proj,
-        ) != (self.modules):
-            return None  # a projection was replaced since
+        if _projections(layer) != self.projections:
+            return None  # a projection was replaced (fused, quantized) since
         slot = cache.layers[layer.self_attn.layer_idx] if isinstance(cache, KVCache) else cache
         batch, rows, _ = x.shape
         cos, sin = rope

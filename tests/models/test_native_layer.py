@@ -123,11 +123,28 @@ def test_prompts_and_compiled_positions_take_the_module_path(monkeypatch) -> Non
     assert calls == [20, 1]
 
 
-def test_layers_with_unsupported_parts_are_not_attached() -> None:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()  # float projections
+@pytest.mark.parametrize("variant", [{"attention_bias": True}, {"qk_norm": True}, {"hidden_act": "gelu"}])
+def test_layers_with_unsupported_parts_are_not_attached(variant) -> None:
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **variant})).eval()
     fuse_projections(model)
     assert attach_native_layers(model) == 0
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_float32_layers_fused_or_not_compute_what_the_modules_compute(fuse: bool) -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1) if p.dim() == 2 else p.data.uniform_(0.5, 1.5)
+    if fuse:
+        fuse_projections(model)
+    assert attach_native_layers(model) == 2
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got, _ = decode(model, prompt, [[5], [6, 7, 8]], native_layers=True)
+        want, _ = decode(model, prompt, [[5], [6, 7, 8]], native_layers=False)
+    for a, b in zip(got, want, strict=True):  # no int8 codes on this path: float32 rounding only
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_the_default_model_decodes_on_native_layers(default_gguf) -> None:
