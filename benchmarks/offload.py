@@ -76,7 +76,7 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty, load_weights
     from lamina.loading.tokenizer import Tokenizer
-    from lamina.models.native_linear import attach_native_linears
+    from lamina.models.native_layer import attach_native
     from lamina.placement import load_and_dispatch
 
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
             )
         else:
             load_weights(model, checkpoint, torch.float32, "cpu")
-        attach_native_linears(model)  # as LLM.load does on a CPU
+        attach_native(model)  # as LLM.load does on a CPU
     load_peak = sampler.peak  # the peak while placing and reading weights
     sampler.peak = anon_bytes()  # from here: the decode phase alone
     llm = LLM(model.eval(), tokenizer, config, source)
@@ -134,7 +134,7 @@ def worker_accelerate(cap: str, tokens: int, repeat: int, prompt_ids: list[int])
     from lamina.engine.sampling import SamplingParams
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty
-    from lamina.models.native_linear import attach_native_linears
+    from lamina.models.native_layer import attach_native
     from lamina.placement import load_and_dispatch
 
     gguf = default_model_path()
@@ -152,7 +152,7 @@ def worker_accelerate(cap: str, tokens: int, repeat: int, prompt_ids: list[int])
         load_and_dispatch(
             lamina_model, checkpoint, max_memory={"cpu": cap}, offload_dir=offload, dtype=torch.float32
         )
-        attach_native_linears(lamina_model)
+        attach_native(lamina_model)
     ids = torch.tensor([prompt_ids])
     kwargs = {"do_sample": False, "pad_token_id": 0}
     greedy = SamplingParams(temperature=0.0)

@@ -26,8 +26,7 @@ from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
-from lamina.models.native_layer import attach_native_layers
-from lamina.models.native_linear import attach_native_linears
+from lamina.models.native_layer import attach_native
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
@@ -167,8 +166,7 @@ class LLM:
         if max_memory is None and fuse:  # fusing streamed layers would pull them back into resident memory
             fuse_projections(model, release=release_free_heap)
         if torch_device.type == "cpu":  # after fusing, which merges plain nn.Linear modules only
-            attach_native_linears(model)
-            attach_native_layers(model)
+            attach_native(model)
         if max_memory is None and draft is None and should_compile(model, torch_device, compile):
             llm.decoder = CompiledDecoder(model)
         if draft is not None:

@@ -22,6 +22,7 @@ from torch import nn
 from lamina.engine.kv_cache import KVCache, LayerKV
 from lamina.kernels import native
 from lamina.models.layers import NATIVE_ATTENTION_ROWS, LayerCache, RMSNorm
+from lamina.models.native_linear import attach_native_linears
 from lamina.quant.blockq import BlockQuantLinear
 
 
@@ -201,3 +202,10 @@ def attach_native_layers(model: nn.Module) -> int:
             layer.native = NativeLlamaLayer(layer)
             count += 1
     return count
+
+
+def attach_native(model: nn.Module) -> tuple[int, int]:
+    """What `LLM.load` does for a CPU model once its layers are final (fused or not): float linears
+    onto the native mat-vec, then whole decoder layers onto the native layer where they qualify.
+    Returns (linears, layers) attached."""
+    return attach_native_linears(model), attach_native_layers(model)
