@@ -42,6 +42,10 @@ class LayerKV:
         self.values[:, :, start_pos:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def layer_tensors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole keys and values tensors [B, Hkv, max_len, D], for code that writes them itself."""
+        return self.keys, self.values
+
 
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions."""
@@ -72,6 +76,11 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer_idx`'s `LayerKV.update`."""
         return self.layers[layer_idx].update(layer_idx, start_pos, k, v)
+
+    def layer_tensors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s whole keys and values [B, Hkv, max_len, D] (the native decoder layer
+        writes and reads them itself)."""
+        return self.layers[layer_idx].layer_tensors(layer_idx)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every layer's key and value tensors."""

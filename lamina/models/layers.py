@@ -24,7 +24,9 @@ NATIVE_ATTENTION_ROWS = 16
 
 
 class LayerCache(Protocol):
-    """What attention needs from a KV cache: write new keys/values, get all of them back."""
+    """What attention needs from a KV cache: write new keys/values, get all of them back. A cache may
+    also offer `layer_tensors(layer_idx) -> (keys, values)`, its whole [B, Hkv, max_len, D] tensors,
+    which the native decoder layer (`native_layer.py`) writes and reads itself."""
 
     max_len: int  # positions it holds: the longest sequence it serves
 

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.engine.kv_cache import KVCache, LayerKV
 from lamina.kernels import native
 from lamina.models.layers import NATIVE_ATTENTION_ROWS, LayerCache, RMSNorm
 from lamina.models.native_linear import attach_native_linears
@@ -168,18 +167,20 @@ class NativeLlamaLayer:
         layer = self.layer
         if _projections(layer) != self.projections:
             return None  # a projection was replaced (fused, quantized) since
-        slot = cache.layers[layer.self_attn.layer_idx] if isinstance(cache, KVCache) else cache
+        if not hasattr(cache, "layer_tensors"):  # a cache that does not hand out its tensors
+            return None
+        keys, values = cache.layer_tensors(layer.self_attn.layer_idx)  # [B, Hkv, max_len, D] each
         batch, rows, _ = x.shape
         cos, sin = rope
         if (
-            not isinstance(slot, LayerKV)
-            or rows > NATIVE_ATTENTION_ROWS
-            or start_pos + rows > slot.max_len
+            rows > NATIVE_ATTENTION_ROWS
+            or keys.shape[0] != batch
+            or start_pos + rows > keys.shape[2]
             or x.dtype != torch.float32
             or x.device.type != "cpu"
-            or slot.keys.dtype != torch.float32
-            or slot.keys.device.type != "cpu"
-            or not (slot.keys.is_contiguous() and slot.values.is_contiguous())
+            or keys.dtype != torch.float32
+            or keys.device.type != "cpu"
+            or not (keys.is_contiguous() and values.is_contiguous())
             or cos.shape != (rows, self.spec.head_dim)
             or cos.dtype != torch.float32
             or not self._refresh()
@@ -189,7 +190,7 @@ class NativeLlamaLayer:
         cos, sin = cos.contiguous(), sin.contiguous()
         status = native.library().lamina_llama_layer(
             ctypes.byref(self.spec), out.data_ptr(), batch, rows, cos.data_ptr(), sin.data_ptr(),
-            slot.keys.data_ptr(), slot.values.data_ptr(), slot.keys.stride(0), slot.keys.stride(1), start_pos,
+            keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), start_pos,
         )  # fmt: skip
         return out if status == 0 else None
 
