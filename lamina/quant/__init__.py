@@ -2,7 +2,8 @@
 
 int8.py (per-channel weight-only int8), int4.py (group-wise int4 on the packed int4 kernels),
 nf4.py (NF4/FP4 + double quant), llm_int8.py (LLM.int8() with float outlier columns), gptq.py
-(GPTQ into the int4 layout), gguf_formats.py (GGUF Q4_0/Q4_1/Q8_0 blocks -> int4/int8 layouts),
+(GPTQ into the int4 layout), blockq.py (GGUF Q4_0/Q4_1/Q8_0 blocks kept as stored, on the native
+kernel), gguf_formats.py (GGUF blocks -> int4/int8 layouts, where the native kernel cannot run),
 apply.py (`quantize_model`), checkpoint.py (save/load with a scheme file), load.py (quantize while
 loading, used by `LLM.load`).
 """
