@@ -99,38 +99,14 @@ def library() -> ctypes.CDLL | None:
         _reason.append(f"building the kernels failed: {err}")
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lamina_blockq_matmul.argtypes = [
-        pointer,
-        i64,
-        i64,
-        pointer,
-        pointer,
-        pointer,
-        i64,
-        i32,
-        i32,
-        pointer,
-        i64,
-    ]
+    lib.lamina_blockq_matmul.argtypes = [pointer, i64, i64, pointer, pointer, pointer, i64, i32, i32, pointer, i64]  # fmt: skip
     lib.lamina_blockq_matmul.restype = ctypes.c_int
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
     lib.lamina_decode_attention.restype = ctypes.c_int
     lib.lamina_f32_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, i64]
     lib.lamina_f32_linear.restype = None
-    lib.lamina_llama_layer.argtypes = [
-        pointer,
-        pointer,
-        i64,
-        i64,
-        pointer,
-        pointer,
-        pointer,
-        pointer,
-        i64,
-        i64,
-        i64,
-    ]
+    lib.lamina_llama_layer.argtypes = [pointer, pointer, i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]  # fmt: skip
     lib.lamina_llama_layer.restype = ctypes.c_int
     return lib
 

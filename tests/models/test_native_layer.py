@@ -15,20 +15,13 @@ from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.models.native_layer import attach_native_layers
 from lamina.quant.apply import set_submodule
 from lamina.quant.blockq import blockq_linear_from_gguf
+from tests.quant.conftest import TINY as QUANT_TINY
 
-TINY = dict(
-    architecture="LlamaForCausalLM",
-    model_type="llama",
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
+TINY = {
+    **QUANT_TINY,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+}  # head_dim: the kernels take multiples of 16
 
 
 @pytest.fixture(autouse=True)
