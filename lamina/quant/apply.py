@@ -19,6 +19,7 @@ from torch import nn
 
 from lamina.errors import InvalidArgumentError
 from lamina.quant.base import QuantizedLinear
+from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.gptq import collect_hessians, gptq_linear
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear
 from lamina.quant.int8 import Int8Linear
@@ -42,8 +43,12 @@ DEFAULT_GROUP_SIZE = 128
 #: Module names (last dotted component) left float by default.
 DEFAULT_SKIP = ("lm_head",)
 
-#: Layer classes by the `method` recorded for a layer, for loading saved checkpoints.
-LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {m: cls for m, (cls, _) in _SCHEMES.items()}
+#: Layer classes by the `method` recorded for a layer, for loading saved checkpoints (GGUF blocks kept
+#: as stored come from a GGUF, never from `--quantize`, but a model holding them saves and loads).
+LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {
+    **{m: cls for m, (cls, _) in _SCHEMES.items()},
+    BlockQuantLinear.method: BlockQuantLinear,
+}
 
 
 def validate_method(method: str, group_size: int | None = None) -> None:

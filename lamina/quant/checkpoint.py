@@ -26,6 +26,7 @@ from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
+from lamina.quant.blockq import BlockQuantEmbedding
 from lamina.quant.int8 import Int8Embedding
 
 SCHEME_FILE = "quant_config.json"
@@ -37,7 +38,7 @@ def save_quantized(
     model: nn.Module, out_dir: str | Path, method: str, config: dict[str, Any] | None = None, **options: Any
 ) -> Path:
     """Write `model` (with quantized layers) to `out_dir`; returns the directory."""
-    if any(isinstance(m, Int8Embedding) for m in model.modules()):
+    if any(isinstance(m, (Int8Embedding, BlockQuantEmbedding)) for m in model.modules()):
         raise InvalidArgumentError(
             "this model keeps a GGUF's blocks quantized, which cannot be saved as a Lamina quantized checkpoint; "
             "load it with quantize='none' and quantize that"

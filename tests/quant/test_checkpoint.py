@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType, quants
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lamina.errors import CheckpointError
+from lamina.api import LLM
+from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.models.llama import LlamaForCausalLM
-from lamina.quant.apply import quantize_model
+from lamina.quant.apply import quantize_model, set_submodule
+from lamina.quant.blockq import blockq_linear_from_gguf
 from lamina.quant.checkpoint import (
     SCHEME_FILE,
     WEIGHTS_FILE,
@@ -43,6 +46,23 @@ def test_save_load_identical_outputs(tiny_model: nn.Module, tmp_path: Path, meth
     # The packed CPU kernels crash on tensors that are not 64-byte aligned (safetensors can return such).
     assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers())
     assert torch.equal(loaded(IDS), tiny_model(IDS))
+
+
+def test_kept_gguf_blocks_save_and_load(tiny_model: nn.Module, tmp_path: Path) -> None:
+    """A model holding GGUF blocks as stored (`BlockQuantLinear`) saves and loads them exactly."""
+    for name, module in list(tiny_model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            data = quants.quantize(module.weight.numpy(), GGMLQuantizationType.Q4_1)
+            set_submodule(tiny_model, name, blockq_linear_from_gguf(data, "Q4_1", tuple(module.weight.shape)))
+    save_quantized(tiny_model, tmp_path, "gguf")
+    assert read_scheme(tmp_path)["layers"]["model.layers.0.self_attn.q_proj"]["ggml_type"] == "Q4_1"
+    assert torch.equal(reload(tmp_path)(IDS), tiny_model(IDS))
+
+
+def test_a_gguf_with_its_tied_embedding_kept_is_refused(default_gguf, tmp_path: Path) -> None:
+    llm = LLM.load(default_gguf, device="cpu")
+    with pytest.raises(InvalidArgumentError, match="keeps a GGUF's blocks quantized"):
+        save_quantized(llm.model, tmp_path, "gguf")
 
 
 def quantized_dir(model: nn.Module, tmp_path: Path) -> Path:
