@@ -1,14 +1,15 @@
 """A Llama-family decoder layer run by one native call (`lamina/kernels/llama_layer.c`) per step.
 
 For a few new rows (decode steps, speculative verify passes) the Python glue between the kernels
-costs more than the kernels: ~45 dispatched ops a layer. When every projection of a layer is a
-`BlockQuantLinear` on the native kernel (a GGUF kept as blocks on a CPU with AVX-512 VNNI) or a
-float linear (float32 at call time), fused or not, and the layer has no variant the C code does
-not implement (biases, q/k norms, partial rotary, another activation), `attach_native_layers`
-gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward` hands it the step. Streamed layers
-qualify too: the weights are looked up on every call, after the streaming hooks have bound them. Longer inputs (prompts), tensor positions (a compiled step), other caches or
-devices take the module path. Both paths compute the same function; the native one rounds
-differently in its norms, RoPE and SiLU (float32, ~1e-7 relative), as any two kernels do.
+costs more than the kernels: ~45 dispatched ops a layer. When every projection of a layer is
+either a quantized layer in the native block layout (a GGUF kept as blocks, or int4 repacked for
+it, on a CPU with AVX-512 VNNI) or a float linear (float32 at call time), fused or not, and the
+layer has no variant the C code does not implement (biases, q/k norms, partial rotary, another
+activation), `attach_native_layers` gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward`
+hands it the step. Streamed layers qualify too: the weights are looked up on every call, after
+the streaming hooks have bound them. Longer inputs (prompts), tensor positions (a compiled step),
+other caches or devices take the module path. Both paths compute the same function; the native
+one rounds differently in its norms, RoPE and SiLU (float32, ~1e-7 relative), as any two kernels do.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from lamina.kernels import native
 from lamina.models.layers import NATIVE_ATTENTION_ROWS, LayerCache, RMSNorm
 from lamina.models.native_linear import attach_native_linears
-from lamina.quant.blockq import BlockQuantLinear
+from lamina.quant.int4 import Int4Linear
 
 
 class _Weight(ctypes.Structure):
@@ -61,9 +62,10 @@ class _LlamaLayer(ctypes.Structure):
 
 def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
     """The tensors the C struct points at: (codes, d, m, None) for blocks, (None, None, None, weight)."""
-    if isinstance(module, BlockQuantLinear):
-        return module.codes_tiled, module.d_tiled, module.m_tiled, None
-    return None, None, None, module.weight
+    if isinstance(module, nn.Linear):
+        return None, None, None, module.weight
+    codes, d, m, _, _ = module.native_blocks()
+    return codes, d, m, None
 
 
 def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
@@ -73,16 +75,16 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
             None if t is None else t.data_ptr() for t in _weight_tensors(module)
         )
         part.out_features, part.in_features = module.out_features, module.in_features
-        part.bits, part.offset = (
-            (module.bits, module.offset) if isinstance(module, BlockQuantLinear) else (0, 0)
-        )
+        part.bits, part.offset = (0, 0) if isinstance(module, nn.Linear) else module.native_blocks()[3:]
 
 
 def _native_projection(module: nn.Module) -> bool:
-    """GGUF blocks on the native kernel, or a float linear (its dtype is checked per call); no bias."""
-    if isinstance(module, BlockQuantLinear):
-        return module.use_native and module.bias is None
-    return isinstance(module, nn.Linear) and module.bias is None
+    """A float linear (its dtype is checked per call), or a quantized layer in the native block layout
+    (`native_blocks()`: kept GGUF blocks, int4 repacked for it); no bias."""
+    if isinstance(module, nn.Linear):
+        return module.bias is None
+    blocks = getattr(module, "native_blocks", None)
+    return getattr(module, "bias", None) is None and blocks is not None and blocks() is not None
 
 
 def _plain_norm(norm: nn.Module) -> bool:
@@ -206,7 +208,10 @@ def attach_native_layers(model: nn.Module) -> int:
 
 
 def attach_native(model: nn.Module) -> tuple[int, int]:
-    """What `LLM.load` does for a CPU model once its layers are final (fused or not): float linears
-    onto the native mat-vec, then whole decoder layers onto the native layer where they qualify.
-    Returns (linears, layers) attached."""
+    """What `LLM.load` does for a CPU model once its layers are final (fused or not): int4 layers
+    repacked for the native block kernel, float linears onto the native mat-vec, then whole decoder
+    layers onto the native layer where they qualify. Returns (linears, layers) attached."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.use_native_blocks()
     return attach_native_linears(model), attach_native_layers(model)

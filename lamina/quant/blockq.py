@@ -23,55 +23,26 @@ from torch import nn
 from lamina.kernels import native
 from lamina.loading.gguf_layout import RowOrder
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.blocks import (
+    BLOCK,
+    TILE,
+    Blocks,
+    blocks_forward,
+    fits,
+    tile_codes,
+    tile_scales,
+    untile_codes,
+    untile_scales,
+)
 from lamina.quant.gguf_formats import q4_codes, raw_blocks
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
-BLOCK, TILE = 32, 16
 #: GGML type -> (code bits, code offset, has a per-block bias m).
 FORMATS: dict[str, tuple[int, int, bool]] = {
     "Q4_0": (4, 8, False),
     "Q4_1": (4, 0, True),
     "Q8_0": (8, 128, False),
 }
-
-
-def fits(out_features: int, in_features: int) -> bool:
-    """Whether the tile layout can hold a weight of this shape."""
-    return out_features % TILE == 0 and in_features % BLOCK == 0
-
-
-def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes uint8 [N, K] -> the kernel's tiles uint8 [N/16, K/32, bits * 64]."""
-    n, k = codes.shape
-    if bits == 8:
-        c = codes.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
-        return c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8 * 64)  # [tile, block, j*row*kk]
-    c = codes.reshape(n // TILE, TILE, k // BLOCK, 2, 4, 4)  # [tile, row, block, half, p, kk]
-    packed = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [tile, row, block, p, kk]: k 4p+kk low, 16+4p+kk high
-    return packed.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 4 * 64)  # [tile, block, p*row*kk]
-
-
-def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `tile_codes`: uint8 [N/16, K/32, bits * 64] -> codes uint8 [N, K]."""
-    ntiles, nblocks, _ = tiles.shape
-    if bits == 8:
-        c = tiles.reshape(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]
-        return c.permute(0, 3, 1, 2, 4).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
-    p = tiles.reshape(ntiles, nblocks, 4, TILE, 4)  # [tile, block, p, row, kk]
-    halves = torch.stack([p & 15, p >> 4], dim=3)  # [tile, block, p, half, row, kk]
-    return halves.permute(0, 4, 1, 3, 2, 5).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
-
-
-def tile_scales(values: torch.Tensor) -> torch.Tensor:
-    """Per-block values [N, K/32] -> fp16 [N/16, K/32, 16]."""
-    n, nblocks = values.shape
-    return values.reshape(n // TILE, TILE, nblocks).transpose(1, 2).to(torch.float16).contiguous()
-
-
-def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tile_scales`: fp16 [N/16, K/32, 16] -> float32 [N, K/32]."""
-    ntiles, nblocks, _ = tiles.shape
-    return tiles.transpose(1, 2).reshape(ntiles * TILE, nblocks).float()
 
 
 def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -88,7 +59,7 @@ def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dic
     return {"codes": codes, "d": d} if m is None else {"codes": codes, "d": d, "m": m}
 
 
-def native_blocks(device: torch.device, shape: tuple[int, int]) -> bool:
+def runs_natively(device: torch.device, shape: tuple[int, int]) -> bool:
     """Whether a GGUF weight of `shape` on `device` is kept as blocks on the native kernel."""
     return device.type == "cpu" and fits(*shape) and native.library() is not None
 
@@ -198,32 +169,19 @@ class BlockQuantLinear(QuantizedLinear):
             w = w + untile_scales(self.m_tiled.cpu())[..., None]
         return w.reshape(n, k)
 
+    def native_blocks(self) -> Blocks | None:
+        """(codes, d, m tiles, bits, code offset) for the native kernels, or None where they do not run."""
+        if not self.use_native or self.codes_tiled.device.type != "cpu":
+            return None
+        return self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [..., K] -> [B*T, K]
-        if self.codes_tiled.device.type == "cpu" and self.use_native:
-            matmul = blockq_matmul if torch.compiler.is_compiling() else native.blockq_matmul
-            y = matmul(
-                x2.float().contiguous(), self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset
-            )
-        else:
-            y = x2.float() @ self.dequantize().to(x2.device).t()
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [B*T, N] -> [..., N]
+        blocks = self.native_blocks()
+        if blocks is not None:
+            y = blocks_forward(x, blocks, self.out_features)
+        else:  # dequantize-then-matmul: correct, slow
+            y = (x.float() @ self.dequantize().to(x.device).t()).to(x.dtype)
         return self._add_bias(y)
-
-
-@torch.library.custom_op("lamina::blockq_matmul", mutates_args=())
-def blockq_matmul(
-    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
-) -> torch.Tensor:
-    """`native.blockq_matmul` as an op the compiler keeps opaque (a compiled decode step calls it)."""
-    return native.blockq_matmul(x, codes, d, m, bits, offset)
-
-
-@blockq_matmul.register_fake
-def _blockq_matmul_shape(
-    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
-) -> torch.Tensor:
-    return x.new_empty(x.shape[0], d.shape[0] * d.shape[2])
 
 
 class BlockQuantEmbedding(nn.Module):

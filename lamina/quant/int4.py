@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamina.kernels import native
 from lamina.quant.base import QuantizedLinear, check_shape, layer_group_size, require_tensors
+from lamina.quant.blocks import blocks_forward, fits, tile_codes, tile_scales, untile_codes
 
 GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_DTYPE = torch.bfloat16
@@ -111,6 +113,8 @@ def unpack_from(layout: str, packed: torch.Tensor, n: int, k: int, group_size: i
     """Recover codes uint8 [N, K] from any layout by multiplying the identity (s = 1, z = 8)."""
     if layout == "plain":
         return unpack_nibbles(packed)
+    if layout == "blocks":
+        return untile_codes(packed.cpu(), 4)
     # The packed bytes may have been moved off the device whose kernel packed them.
     packed = packed.cpu() if layout == "cpu" else packed.cuda()
     sz = torch.zeros(k // group_size, n, 2, dtype=KERNEL_DTYPE, device=packed.device)
@@ -136,6 +140,9 @@ class Int4Linear(QuantizedLinear):
         self.layout = kernel_for(codes.device.type, out_features, in_features)
         self.register_buffer("weight_packed", pack_for(self.layout, codes))
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(KERNEL_DTYPE).contiguous())
+        # the native block layout's scales, set by `use_native_blocks` (derived: not saved)
+        self.register_buffer("d_tiled", None, persistent=False)
+        self.register_buffer("m_tiled", None, persistent=False)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128, name: str = "?", **opts: Any) -> Int4Linear:
@@ -191,14 +198,43 @@ class Int4Linear(QuantizedLinear):
 
     def _ensure_layout(self, device_type: str) -> None:
         """Repack after the module moved to another device type (the packed layouts differ)."""
+        if self.layout == "blocks" and device_type == "cpu":
+            return
         wanted = kernel_for(device_type, self.out_features, self.in_features)
         if wanted != self.layout:
             codes = self.codes().to(self.weight_packed.device)
             self.weight_packed = pack_for(wanted, codes)
             self.layout = wanted
+            self.d_tiled = self.m_tiled = None
+
+    def use_native_blocks(self) -> bool:
+        """Repack for Lamina's native block kernel (`lamina/kernels/blockq.c`) when it runs here: each
+        32-column block gets its group's d = s and m = z with code offset 8, in fp16 (exact: s and z
+        are bf16, and fp16 holds bf16 values in its normal range; a |z| below it is off by < 3e-8).
+        Returns whether the layer now uses it; layers whose scales fp16 cannot hold keep the torch
+        kernel."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if self.layout != "cpu" or not fits(n, k) or native.library() is None:
+            return False
+        scales, zeros = self.scales_and_zeros.float().permute(2, 1, 0)  # [K/G, N, 2] -> 2 x [N, K/G]
+        d = scales.repeat_interleave(g // 32, dim=1)  # [N, K/32]
+        m = zeros.repeat_interleave(g // 32, dim=1)
+        fp16 = torch.finfo(torch.float16)
+        if d.min() < fp16.smallest_normal or max(d.abs().max(), m.abs().max()) > fp16.max:
+            return False
+        self.weight_packed = tile_codes(self.codes(), 4)
+        self.d_tiled, self.m_tiled = tile_scales(d), tile_scales(m)
+        self.layout = "blocks"
+        return True
+
+    def native_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+        """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""
+        return (self.weight_packed, self.d_tiled, self.m_tiled, 4, 8) if self.layout == "blocks" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_layout(self.weight_packed.device.type)
+        if self.layout == "blocks":
+            return self._add_bias(blocks_forward(x, self.native_blocks(), self.out_features))
         x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [..., K] -> [B*T, K]
         if self.layout == "plain":
             w = dequantize_codes(unpack_nibbles(self.weight_packed), self.scales_and_zeros, self.group_size)

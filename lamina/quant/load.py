@@ -32,7 +32,7 @@ from lamina.quant.apply import (
     set_submodule,
     validate_method,
 )
-from lamina.quant.blockq import BlockQuantEmbedding, blockq_linear_from_gguf, native_blocks
+from lamina.quant.blockq import BlockQuantEmbedding, blockq_linear_from_gguf, runs_natively
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 
@@ -126,7 +126,7 @@ def _gguf_claim(model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.devi
         if raw.ggml_type not in BLOCK_BYTES or tuple(raw.shape) != tuple(module.weight.shape):
             return False
         row_order = spec.row_order(weight, config)
-        if native_blocks(device, raw.shape):
+        if runs_natively(device, raw.shape):
             layer = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
         else:
             layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
@@ -149,7 +149,7 @@ def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
     head = model.output_embeddings()
     head_name = _module_name(model, head) if head.weight is embed.weight else None
     device = embed.weight.device
-    if native_blocks(device, raw.shape):
+    if runs_natively(device, raw.shape):
         new_head = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape)
         new_embed = BlockQuantEmbedding(new_head)
         new_embed.output_dtype = embed.weight.dtype

@@ -8,15 +8,8 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from lamina.kernels import native
-from lamina.quant.blockq import (
-    BlockQuantEmbedding,
-    BlockQuantLinear,
-    blockq_linear_from_gguf,
-    tile_codes,
-    tile_scales,
-    untile_codes,
-    untile_scales,
-)
+from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
+from lamina.quant.blocks import tile_codes, tile_scales, untile_codes, untile_scales
 
 TYPES = ["Q4_0", "Q4_1", "Q8_0"]
 

@@ -1,0 +1,78 @@
+"""The block layout Lamina's native block kernel reads (`lamina/kernels/blockq.c`), shared by the
+layers that use it: GGUF blocks kept as stored (`blockq.py`) and int4 layers repacked for it
+(`int4.py`). A weight is 32-column blocks w = d * (c - offset) + m, rows in tiles of 16: codes
+[N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16. Needs N % 16 == 0, K % 32 == 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lamina.kernels import native
+
+BLOCK, TILE = 32, 16
+#: (codes, d, m or None, bits, code offset): what a layer hands the kernels.
+Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether the tile layout can hold a weight of this shape."""
+    return out_features % TILE == 0 and in_features % BLOCK == 0
+
+
+def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes uint8 [N, K] -> the kernel's tiles uint8 [N/16, K/32, bits * 64]."""
+    n, k = codes.shape
+    if bits == 8:
+        c = codes.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
+        return c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8 * 64)  # [tile, block, j*row*kk]
+    c = codes.reshape(n // TILE, TILE, k // BLOCK, 2, 4, 4)  # [tile, row, block, half, p, kk]
+    packed = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [tile, row, block, p, kk]: k 4p+kk low, 16+4p+kk high
+    return packed.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 4 * 64)  # [tile, block, p*row*kk]
+
+
+def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `tile_codes`: uint8 [N/16, K/32, bits * 64] -> codes uint8 [N, K]."""
+    ntiles, nblocks, _ = tiles.shape
+    if bits == 8:
+        c = tiles.reshape(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]
+        return c.permute(0, 3, 1, 2, 4).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
+    p = tiles.reshape(ntiles, nblocks, 4, TILE, 4)  # [tile, block, p, row, kk]
+    halves = torch.stack([p & 15, p >> 4], dim=3)  # [tile, block, p, half, row, kk]
+    return halves.permute(0, 4, 1, 3, 2, 5).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
+
+
+def tile_scales(values: torch.Tensor) -> torch.Tensor:
+    """Per-block values [N, K/32] -> fp16 [N/16, K/32, 16]."""
+    n, nblocks = values.shape
+    return values.reshape(n // TILE, TILE, nblocks).transpose(1, 2).to(torch.float16).contiguous()
+
+
+def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_scales`: fp16 [N/16, K/32, 16] -> float32 [N, K/32]."""
+    ntiles, nblocks, _ = tiles.shape
+    return tiles.transpose(1, 2).reshape(ntiles * TILE, nblocks).float()
+
+
+@torch.library.custom_op("lamina::blockq_matmul", mutates_args=())
+def blockq_matmul(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
+) -> torch.Tensor:
+    """`native.blockq_matmul` as an op the compiler keeps opaque (a compiled decode step calls it)."""
+    return native.blockq_matmul(x, codes, d, m, bits, offset)
+
+
+@blockq_matmul.register_fake
+def _blockq_matmul_shape(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], d.shape[0] * d.shape[2])
+
+
+def blocks_forward(x: torch.Tensor, blocks: Blocks, out_features: int) -> torch.Tensor:
+    """x [..., K] times a weight in the block layout -> [..., N] in x's dtype (float32 inside)."""
+    codes, d, m, bits, offset = blocks
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # [..., K] -> [B*T, K]
+    matmul = blockq_matmul if torch.compiler.is_compiling() else native.blockq_matmul
+    y = matmul(x2, codes, d, m, bits, offset)
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)  # [B*T, N] -> [..., N]

@@ -1,0 +1,57 @@
+"""int4 layers (`--quantize int4`, GPTQ) repacked for the native block kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from lamina.engine.fusion import fuse_projections
+from lamina.models.llama import LlamaForCausalLM
+from lamina.models.native_layer import attach_native
+from lamina.quant.apply import quantize_model
+from lamina.quant.int4 import Int4Linear, quantize_rtn
+from tests.quant.conftest import tiny_config
+
+
+def int4_layer(n: int = 64, k: int = 256, group_size: int = 128, seed: int = 0) -> Int4Linear:
+    torch.manual_seed(seed)
+    weight = torch.randn(n, k) * 0.05 + 0.01
+    codes, scales_and_zeros = quantize_rtn(weight, group_size)
+    return Int4Linear(codes, scales_and_zeros, group_size, None)
+
+
+def test_repacked_layer_computes_its_dequantized_weight(native_lib) -> None:
+    layer = int4_layer()
+    before = layer.export_tensors()
+    weight = layer.dequantize()
+    assert layer.use_native_blocks() and layer.layout == "blocks"
+    x = torch.randn(3, 256)
+    # the weight exactly (fp16 holds the bf16 scales and zeros); x to two int8 passes
+    assert (layer(x) - x @ weight.t()).abs().max() <= 1e-4 * (x @ weight.t()).abs().max()
+    after = layer.export_tensors()  # the portable form does not depend on the runtime layout
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(layer.dequantize(), weight)
+
+
+def test_repacked_rows_are_bit_identical_alone_or_together(native_lib) -> None:
+    layer = int4_layer(group_size=64)
+    layer.use_native_blocks()
+    x = torch.randn(5, 256)
+    assert torch.equal(layer(x), torch.cat([layer(x[i : i + 1]) for i in range(5)]))
+
+
+def test_scales_fp16_cannot_hold_keep_the_torch_kernel(native_lib) -> None:
+    tiny = int4_layer()
+    tiny.scales_and_zeros[..., 0] = 1e-6  # below fp16's normal range
+    assert not tiny.use_native_blocks() and tiny.layout == "cpu"
+    odd = Int4Linear(torch.zeros(24, 64, dtype=torch.uint8), torch.ones(2, 24, 2), 32, None)  # 24 rows
+    assert not odd.use_native_blocks()
+
+
+def test_an_int4_model_decodes_on_native_layers(native_lib) -> None:
+    torch.manual_seed(0)
+    tiny_model = LlamaForCausalLM(tiny_config(head_dim=16)).eval().requires_grad_(False)
+    quantize_model(tiny_model, "int4", group_size=32)
+    fuse_projections(tiny_model)
+    _, layers = attach_native(tiny_model)
+    assert layers == 2
+    assert all(m.layout == "blocks" for m in tiny_model.modules() if isinstance(m, Int4Linear))
