@@ -72,7 +72,7 @@ def blockq_linear_from_gguf(
     blocks = gguf_blocks(data, ggml_type, shape)
     if permute_rows is not None:
         blocks = {name: permute_rows(t) for name, t in blocks.items()}
-    return BlockQuantLinear(ggml_type, **blocks)
+    return BlockQuantLinear.from_blocks(ggml_type, **blocks)
 
 
 class BlockQuantLinear(QuantizedLinear):
@@ -84,20 +84,33 @@ class BlockQuantLinear(QuantizedLinear):
     def __init__(
         self,
         ggml_type: str,
+        codes_tiled: torch.Tensor,
+        d_tiled: torch.Tensor,
+        m_tiled: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """From tiles (see `blocks.py`); `from_blocks` builds them from codes and scales."""
+        super().__init__(d_tiled.shape[1] * BLOCK, d_tiled.shape[0] * TILE, bias)
+        self.ggml_type = ggml_type
+        self.bits, self.offset, _ = FORMATS[ggml_type]
+        self.register_buffer("codes_tiled", codes_tiled)
+        self.register_buffer("d_tiled", d_tiled)
+        self.register_buffer("m_tiled", m_tiled)
+        self.use_native = native.library() is not None  # decided once: forward is traced when compiled
+
+    @classmethod
+    def from_blocks(
+        cls,
+        ggml_type: str,
         codes: torch.Tensor,
         d: torch.Tensor,
         m: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
-    ) -> None:
+    ) -> BlockQuantLinear:
         """`codes` uint8 [N, K] unsigned (Q8_0: q + 128), `d` / `m` [N, K/32]; N % 16 == 0, K % 32 == 0."""
-        out_features, in_features = codes.shape
-        super().__init__(in_features, out_features, bias)
-        self.ggml_type = ggml_type
-        self.bits, self.offset, has_m = FORMATS[ggml_type]
-        self.register_buffer("codes_tiled", tile_codes(codes.to(torch.uint8), self.bits))
-        self.register_buffer("d_tiled", tile_scales(d))
-        self.register_buffer("m_tiled", tile_scales(m) if has_m else None)
-        self.use_native = native.library() is not None  # decided once: forward is traced when compiled
+        bits, _, has_m = FORMATS[ggml_type]
+        m_tiled = tile_scales(m) if has_m else None
+        return cls(ggml_type, tile_codes(codes.to(torch.uint8), bits), tile_scales(d), m_tiled, bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **opts: Any) -> BlockQuantLinear:
@@ -117,7 +130,7 @@ class BlockQuantLinear(QuantizedLinear):
         for name, t in zip(names[1:], stored[1:], strict=True):
             check_shape(t, (out_features, in_features // BLOCK), name, where)
         codes = unpack_nibbles(stored[0]) if bits == 4 else stored[0]
-        return cls(ggml_type, codes, *(t.float() for t in stored[1:]), bias=tensors.get("bias"))
+        return cls.from_blocks(ggml_type, codes, *(t.float() for t in stored[1:]), bias=tensors.get("bias"))
 
     @classmethod
     def concatenate(cls, layers: list[QuantizedLinear]) -> BlockQuantLinear | None:
@@ -130,17 +143,9 @@ class BlockQuantLinear(QuantizedLinear):
         )
         if not same:
             return None
-        merged = cls.__new__(cls)
-        QuantizedLinear.__init__(merged, first.in_features, sum(x.out_features for x in layers), None)
-        merged.ggml_type, merged.bits, merged.offset = first.ggml_type, first.bits, first.offset
-        merged.use_native = first.use_native
-        merged.bias = (
-            None if (b := cls.concatenated_bias(layers)) is None else nn.Parameter(b, requires_grad=False)
-        )
-        for name in ("codes_tiled", "d_tiled", "m_tiled"):
-            parts = [getattr(layer, name) for layer in layers]
-            merged.register_buffer(name, None if parts[0] is None else torch.cat(parts))  # [sum N/16, ...]
-        return merged
+        tiles = [[getattr(layer, name) for layer in layers] for name in ("codes_tiled", "d_tiled", "m_tiled")]
+        codes, d, m = (None if parts[0] is None else torch.cat(parts) for parts in tiles)  # [sum N/16, ...]
+        return cls(first.ggml_type, codes, d, m, cls.concatenated_bias(layers))
 
     def scheme_config(self) -> dict[str, Any]:
         return {"method": self.method, "ggml_type": self.ggml_type}

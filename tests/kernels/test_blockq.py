@@ -20,7 +20,7 @@ def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLin
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
     d = (torch.rand(n, k // 32, generator=g) * 0.02).half().float()
     m = (torch.randn(n, k // 32, generator=g) * 0.05).half().float() if has_m else None
-    return BlockQuantLinear(ggml_type, codes, d, m)
+    return BlockQuantLinear.from_blocks(ggml_type, codes, d, m)
 
 
 def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor:
