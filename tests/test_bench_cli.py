@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lamina.cli import main
+from lamina.kernels import native
 
 KEYS = {
     "load_s",
@@ -42,6 +43,8 @@ def test_bench_json_schema_and_consistency(tiny_llama_dir, capsys, batch):
     assert result["prefill_tokens_per_s"] == pytest.approx(12 * batch / result["prefill_s"])
     assert result["ttft_s"] >= result["prefill_s"]
     assert result["weight_bytes_per_token"] <= result["weight_bytes"]
+    reason = native.unavailable_reason()
+    assert result["kernels"] == ("native" if reason is None else f"torch ({reason})")
 
 
 def test_bench_rejects_bad_sizes(tiny_llama_dir, capsys):

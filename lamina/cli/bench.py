@@ -22,6 +22,7 @@ import torch
 
 from lamina.cli.common import add_draft_args, add_model_args
 from lamina.errors import InvalidArgumentError
+from lamina.kernels import native
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         achieved_gb_per_s=achieved,
         machine_gb_per_s=machine,
         bandwidth_share=achieved / machine,
+        kernels=_kernels(llm.device),
         draft=llm.draft_name,
         speculative_k=llm.speculative_k if llm.draft is not None else None,
         acceptance_rate=timing.get("acceptance_rate"),
@@ -132,10 +134,19 @@ def _prompt_ids(llm: object, length: int, batch: int, device: torch.device) -> t
     return torch.tensor([ids] * batch, dtype=torch.long, device=device)
 
 
+def _kernels(device: torch.device) -> str:
+    """Which kernels a CPU run uses: Lamina's native ones, or torch's and why."""
+    if device.type != "cpu":
+        return "torch"
+    reason = native.unavailable_reason()
+    return "native" if reason is None else f"torch ({reason})"
+
+
 def _print_table(r: object) -> None:
     rows = [
         ("model", r.model),
         ("device / dtype / threads", f"{r.device} / {r.dtype} / {r.threads}"),
+        ("kernels", r.kernels),
         ("compiled decode step", f"{r.compiled} (warm-up {r.compile_s:.1f} s)"),
         ("load", f"{r.load_s:.2f} s"),
         ("time to first token", f"{r.ttft_s * 1000:.0f} ms ({r.prompt_tokens} prompt tokens x {r.batch})"),
