@@ -51,8 +51,7 @@ def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dic
     n, k = shape
     if ggml_type == "Q8_0":
         blocks = raw_blocks(data, ggml_type, shape)
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8))  # [N, K/32, 32]
-        codes = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n, k)
+        codes = torch.from_numpy(blocks[..., 2:] ^ np.uint8(0x80)).reshape(n, k)  # int8 q -> q + 128, one copy
         d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
         return {"codes": codes, "d": d}
     codes, d, m = q4_codes(data, ggml_type, shape)
