@@ -51,7 +51,9 @@ def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dic
     n, k = shape
     if ggml_type == "Q8_0":
         blocks = raw_blocks(data, ggml_type, shape)
-        codes = torch.from_numpy(blocks[..., 2:] ^ np.uint8(0x80)).reshape(n, k)  # int8 q -> q + 128, one copy
+        codes = torch.from_numpy(blocks[..., 2:] ^ np.uint8(0x80)).reshape(
+            n, k
+        )  # int8 q -> q + 128, one copy
         d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
         return {"codes": codes, "d": d}
     codes, d, m = q4_codes(data, ggml_type, shape)

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamina.kernels import native
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.blocks import Blocks, blocks_forward, fits, tile_codes, tile_scales, untile_codes
 
 #: Activation dtype the int8 kernel is called with (see module docstring).
 KERNEL_DTYPE = torch.bfloat16
@@ -52,6 +54,9 @@ class Int8Linear(QuantizedLinear):
         # The kernel takes its scales in the activation dtype: convert once, not on every call
         # (a per-call conversion also keeps inductor from compiling the kernel call).
         self.register_buffer("kernel_scales", self.scales.to(KERNEL_DTYPE), persistent=False)
+        # the native block layout, set by `use_native_blocks` (it then replaces weight_q)
+        self.register_buffer("codes_tiled", None, persistent=False)
+        self.register_buffer("d_tiled", None, persistent=False)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **opts: Any) -> Int8Linear:
@@ -79,20 +84,55 @@ class Int8Linear(QuantizedLinear):
             for layer in layers
         ):
             return None
-        weight_q = torch.cat([layer.weight_q for layer in layers])  # [sum N, K]
+        weight_q = torch.cat([layer.int8_weight() for layer in layers])  # [sum N, K]
         scales = torch.cat([layer.scales for layer in layers])  # [sum N]
         return cls(weight_q, scales, cls.concatenated_bias(layers))
 
+    def int8_weight(self) -> torch.Tensor:
+        """q int8 [N, K], whatever the runtime layout."""
+        if self.codes_tiled is None:
+            return self.weight_q
+        return (untile_codes(self.codes_tiled.cpu(), 8) ^ 0x80).view(torch.int8)  # q + 128 -> q
+
+    def use_native_blocks(self) -> bool:
+        """Repack for Lamina's native block kernel (`lamina/kernels/blockq.c`) when it runs here:
+        codes q + 128 with offset 128, each row's scale as every block's d in fp16 (rounded to 11
+        significant bits; the torch kernel rounds it to bf16's 8). Returns whether the layer now uses
+        it; layers whose scales fp16 cannot hold keep the torch kernel."""
+        n, k = self.out_features, self.in_features
+        if self.codes_tiled is not None or self.weight_q.device.type != "cpu" or not fits(n, k):
+            return False
+        fp16 = torch.finfo(torch.float16)
+        if (
+            native.library() is None
+            or self.scales.min() < fp16.smallest_normal
+            or self.scales.max() > fp16.max
+        ):
+            return False
+        self.codes_tiled = tile_codes(self.weight_q.view(torch.uint8) ^ 0x80, 8)  # q -> q + 128
+        self.d_tiled = tile_scales(self.scales[:, None].expand(n, k // 32))
+        self.weight_q = None
+        return True
+
+    def native_blocks(self) -> Blocks | None:
+        """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""
+        if self.codes_tiled is None or self.codes_tiled.device.type != "cpu":
+            return None
+        return self.codes_tiled, self.d_tiled, None, 8, 128
+
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"weight_q": self.weight_q.cpu(), "scales": self.scales.cpu()}
+        out = {"weight_q": self.int8_weight().cpu(), "scales": self.scales.cpu()}
         if self.bias is not None:
             out["bias"] = self.bias.detach().cpu()
         return out
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight_q.float() * self.scales[:, None]
+        return self.int8_weight().float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.native_blocks()
+        if blocks is not None:
+            return self._add_bias(blocks_forward(x, blocks, self.out_features))
         x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [..., K] -> [B*T, K]
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.kernel_scales)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [B*T, N] -> [..., N]

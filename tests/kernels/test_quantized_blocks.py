@@ -1,4 +1,4 @@
-"""int4 layers (`--quantize int4`, GPTQ) repacked for the native block kernel."""
+"""int4 and int8 layers (`--quantize int4 / int8`, GPTQ) repacked for the native block kernel."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from lamina.models.llama import LlamaForCausalLM
 from lamina.models.native_layer import attach_native
 from lamina.quant.apply import quantize_model
 from lamina.quant.int4 import Int4Linear, quantize_rtn
+from lamina.quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel
 from tests.quant.conftest import tiny_config
 
 
@@ -47,11 +48,38 @@ def test_scales_fp16_cannot_hold_keep_the_torch_kernel(native_lib) -> None:
     assert not odd.use_native_blocks()
 
 
-def test_an_int4_model_decodes_on_native_layers(native_lib) -> None:
-    torch.manual_seed(0)
-    tiny_model = LlamaForCausalLM(tiny_config(head_dim=16)).eval().requires_grad_(False)
-    quantize_model(tiny_model, "int4", group_size=32)
-    fuse_projections(tiny_model)
-    _, layers = attach_native(tiny_model)
-    assert layers == 2
-    assert all(m.layout == "blocks" for m in tiny_model.modules() if isinstance(m, Int4Linear))
+def int8_layer(n: int = 64, k: int = 256, seed: int = 0) -> Int8Linear:
+    torch.manual_seed(seed)
+    q, scales = quantize_per_channel(torch.randn(n, k) * 0.05)
+    return Int8Linear(q, scales, None)
+
+
+def test_repacked_int8_layer_computes_its_weight_with_fp16_row_scales(native_lib) -> None:
+    layer = int8_layer()
+    before = layer.export_tensors()
+    assert layer.use_native_blocks() and layer.weight_q is None
+    x = torch.randn(3, 256)
+    rounded = before["weight_q"].float() * before["scales"].half().float()[:, None]  # fp16 row scales
+    assert (layer(x) - x @ rounded.t()).abs().max() <= 1e-4 * (x @ rounded.t()).abs().max()
+    after = layer.export_tensors()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    x1 = torch.randn(4, 256)
+    assert torch.equal(layer(x1), torch.cat([layer(x1[i : i + 1]) for i in range(4)]))
+
+
+def test_an_int8_head_sharing_its_codes_with_the_embedding_stays(native_lib) -> None:
+    head = int8_layer(48, 64)
+    model = torch.nn.ModuleDict({"embed": Int8Embedding(head.weight_q, head.scales), "head": head})
+    attach_native(model)
+    assert head.weight_q is not None and head.native_blocks() is None
+
+
+def test_quantized_models_decode_on_native_layers(native_lib) -> None:
+    for method in ("int4", "int8"):
+        torch.manual_seed(0)
+        tiny_model = LlamaForCausalLM(tiny_config(head_dim=16)).eval().requires_grad_(False)
+        quantize_model(tiny_model, method, group_size=32)
+        fuse_projections(tiny_model)
+        _, layers = attach_native(tiny_model)
+        assert layers == 2, method
+        assert all(m.native_blocks() is not None for m in tiny_model.modules() if hasattr(m, "native_blocks"))
