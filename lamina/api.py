@@ -158,7 +158,7 @@ class LLM:
                 load_saved_quantized(model, source, quantize, torch_dtype, torch_device)
             else:
                 hook = loading_hook(model, checkpoint, quantize, group_size)
-                claim = loading_claim(model, checkpoint, quantize, torch_device)
+                claim = loading_claim(model, checkpoint, quantize, torch_device, torch_dtype)
                 load_weights(model, checkpoint, torch_dtype, torch_device, on_loaded=hook, claim=claim)
                 finish_loading(model, checkpoint, tokenizer.encode, quantize, group_size)
         model.eval()

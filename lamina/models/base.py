@@ -49,8 +49,9 @@ class CausalLM(nn.Module, ABC):
         """(kv_heads, head_dim) of each decoder layer, for sizing a KV cache."""
 
     def tie_weights(self) -> None:
-        """Share the embedding matrix with the output layer when the config says so."""
-        if self.config.tie_word_embeddings:
+        """Share the embedding matrix with the output layer when the config says so (a GGUF's Q8_0
+        embedding kept as blocks already shares its tiles with the head: nothing to tie)."""
+        if self.config.tie_word_embeddings and isinstance(self.input_embeddings(), nn.Embedding):
             self.output_embeddings().weight = self.input_embeddings().weight
 
     def sanitize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

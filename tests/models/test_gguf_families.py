@@ -78,7 +78,7 @@ def test_falcon_qkv_kept_quantized_is_regrouped_like_the_float_read(tmp_path):
     path = write_gguf(tiny_hf_model("falcon40b"), "falcon", tmp_path / "q8.gguf", VOCAB, matrix_type="Q8_0")
     with open_checkpoint(path) as checkpoint:
         model, _ = build_empty(checkpoint)
-        claim = loading_claim(model, checkpoint, None, torch.device("cpu"))
+        claim = loading_claim(model, checkpoint, None, torch.device("cpu"), torch.float32)
         load_weights(model, checkpoint, torch.float32, "cpu", claim=claim)
     assert isinstance(model.transformer.h[0].self_attention.query_key_value, QuantizedLinear)
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(7))
