@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     total_bytes, step_bytes = weight_bytes(llm.model)
     decode_rate = (args.new_tokens - 1) * args.batch / timing["decode_s"] if args.new_tokens > 1 else 0.0
     achieved = step_bytes * decode_rate / args.batch / 1e9
+    rss, gpu = peak_memory(device)  # before the bandwidth probe, whose 256 MB matrix is not the model's
     machine = matvec_bandwidth(device)
-    rss, gpu = peak_memory(device)
     result = BenchResult(
         model=str(llm.source),
         device=str(llm.device),

@@ -100,6 +100,34 @@ def _projections(layer: nn.Module) -> tuple[tuple[nn.Module, ...], ...]:
     return qkv, (attn.o_proj,), gate_up, (mlp.down_proj,)
 
 
+def _owners(layer: nn.Module) -> list[tuple[dict, str, nn.Module]]:
+    """(parent's module dict, name, module) of every projection: a cheap check that none was replaced."""
+    found = []
+    for parent in (layer.self_attn, layer.mlp):
+        for parts in _projections(layer):
+            found += [
+                (parent._modules, n, m) for n, m in parent._modules.items() if any(m is p for p in parts)
+            ]
+    return found
+
+
+def _slots(layer: nn.Module, projections: tuple[tuple[nn.Module, ...], ...]) -> list[tuple[dict, str]]:
+    """(parameter or buffer dict, name) of every tensor the C struct points at, in `_refresh`'s order,
+    so a step reads the current pointers with dict lookups (streaming rebinds them every step)."""
+    slots = [
+        (layer.input_layernorm._parameters, "weight"),
+        (layer.post_attention_layernorm._parameters, "weight"),
+    ]
+    for parts in projections:
+        for module in parts:
+            if isinstance(module, nn.Linear):
+                slots.append((module._parameters, "weight"))
+                continue
+            tiles = [t for t in module.native_blocks()[:3] if t is not None]
+            slots += [(module._buffers, n) for t in tiles for n, b in module._buffers.items() if b is t]
+    return slots
+
+
 class NativeLlamaLayer:
     """The native form of one `LlamaDecoderLayer`; `run` returns None when a call does not qualify."""
 
@@ -107,6 +135,8 @@ class NativeLlamaLayer:
         self.layer = layer
         attn, mlp = layer.self_attn, layer.mlp
         self.projections = _projections(layer)
+        self.owners = _owners(layer)
+        self.slots: list[tuple[dict, str]] = []  # set by `_refresh` once the weights are valid
         self.tensors_seen: tuple[int, ...] = ()
         self.spec = _LlamaLayer()
         self.spec.hidden, self.spec.heads = layer.input_layernorm.weight.shape[0], attn.num_heads
@@ -135,15 +165,27 @@ class NativeLlamaLayer:
             and mlp.down_proj.in_features % 16 == 0
         )
 
+    def _current(self) -> tuple[int, ...] | None:
+        """The weights' pointers now (dict lookups only), or None when a slot is gone."""
+        try:
+            return tuple(owner[name].data_ptr() for owner, name in self.slots)
+        except (KeyError, AttributeError):  # a buffer dropped (a layout change) or renamed
+            return None
+
     def _refresh(self) -> bool:
         """Point the C struct at the weights' current memory (streamed layers move every step); False
-        when one is off the CPU, not float32 where it should be, or not contiguous."""
+        when one is off the CPU, not float32 where it should be, or not contiguous. Pointers that
+        did not move since the last valid check are trusted without checking again."""
+        if self.slots and self._current() == self.tensors_seen:
+            return True
         layer = self.layer
         floats = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         blocks = []
         for parts in self.projections:
             for module in parts:
-                codes, d, m, dense = _weight_tensors(module)
+                codes, d, m, dense = _weight_tensors(module) if _native_projection(module) else (None,) * 4
+                if codes is None and dense is None:
+                    return False  # a quantized layer off the block layout (moved to another device)
                 floats += [] if dense is None else [dense]
                 blocks += [t for t in (codes, d, m) if t is not None]
         tensors = floats + blocks
@@ -151,12 +193,11 @@ class NativeLlamaLayer:
             return False
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats):
             return False
-        seen = tuple(t.data_ptr() for t in tensors)
-        if seen != self.tensors_seen:
-            self.spec.norm1, self.spec.norm2 = seen[0], seen[1]
-            for field, modules in zip(("qkv", "o", "gate_up", "down"), self.projections, strict=True):
-                _fill(getattr(self.spec, field), modules)
-            self.tensors_seen = seen
+        self.spec.norm1, self.spec.norm2 = floats[0].data_ptr(), floats[1].data_ptr()
+        for field, modules in zip(("qkv", "o", "gate_up", "down"), self.projections, strict=True):
+            _fill(getattr(self.spec, field), modules)
+        self.slots = _slots(layer, self.projections)
+        self.tensors_seen = self._current()
         return True
 
     def run(
@@ -168,7 +209,7 @@ class NativeLlamaLayer:
     ) -> torch.Tensor | None:
         """x [B, T, hidden] at positions start_pos.. -> the layer's output, or None to take the module path."""
         layer = self.layer
-        if _projections(layer) != self.projections:
+        if any(parent.get(name) is not module for parent, name, module in self.owners):
             return None  # a projection was replaced (fused, quantized) since
         if not hasattr(cache, "layer_tensors"):  # a cache that does not hand out its tensors
             return None

@@ -156,3 +156,25 @@ def test_compile_is_skipped_for_a_model_on_native_layers(default_gguf, capsys) -
     llm = LLM.load(default_gguf, device="cpu", compile=True)
     assert llm.decoder is None
     assert "--compile is ignored" in capsys.readouterr().err
+
+
+def test_rebound_weights_are_followed_and_replaced_projections_declined() -> None:
+    """Streaming rebinds weights every step (same modules, new memory); replacing a module is different."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1) if p.dim() == 2 else p.data.uniform_(0.5, 1.5)
+    attach_native_layers(model)
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    down = model.decoder_layers()[1].mlp.down_proj
+    with torch.inference_mode():
+        decode(model, prompt, [[5]], native_layers=True)  # the struct now points at the weights
+        down.weight.data = down.weight.data * 2  # new memory, as a streaming hook binds it
+        got, _ = decode(model, prompt, [[5]], native_layers=True)
+        want, _ = decode(model, prompt, [[5]], native_layers=False)
+        assert (got[0] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
+        layer = model.decoder_layers()[0]
+        layer.mlp.down_proj = torch.nn.Linear(128, 64, bias=False)
+        cache = KVCache.for_model(model, batch=1, max_len=16, dtype=torch.float32)
+        _, rope = model.embed(prompt[:, :1], 0)
+        assert layer.native.run(torch.randn(1, 1, 64), rope, cache, 0) is None
