@@ -70,13 +70,13 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
 
     from lamina.api import LLM
     from lamina.default_model import default_model_path
+    from lamina.engine.fusion import attach_native
     from lamina.engine.generate import GenerationStats, generate_tokens
     from lamina.engine.kv_cache import KVCache
     from lamina.engine.sampling import SamplingParams
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty, load_weights
     from lamina.loading.tokenizer import Tokenizer
-    from lamina.models.native_layer import attach_native
     from lamina.placement import load_and_dispatch
 
     torch.manual_seed(0)
@@ -130,11 +130,11 @@ def worker_accelerate(cap: str, tokens: int, repeat: int, prompt_ids: list[int])
     from transformers import AutoModelForCausalLM
 
     from lamina.default_model import default_model_path
+    from lamina.engine.fusion import attach_native
     from lamina.engine.generate import GenerationStats, generate_tokens
     from lamina.engine.sampling import SamplingParams
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty
-    from lamina.models.native_layer import attach_native
     from lamina.placement import load_and_dispatch
 
     gguf = default_model_path()

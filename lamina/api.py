@@ -13,7 +13,7 @@ from torch import nn
 from lamina.config import ModelConfig
 from lamina.default_model import default_model_path
 from lamina.engine.compiled import CompiledDecoder, should_compile
-from lamina.engine.fusion import fuse_projections
+from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.engine.generate import GenerationStats, generate_tokens, input_device_dtype
 from lamina.engine.prompt_lookup import DEFAULT_LOOKUP_K, PromptLookupDrafter
 from lamina.engine.sampling import SamplingParams
@@ -26,7 +26,6 @@ from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
-from lamina.models.native_layer import attach_native
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lamina.kernels import native
+
 VOCAB = 320
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -112,3 +114,13 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def native_lib():
+    """The built kernel library; tests that exercise it skip only on CPUs without AVX-512 VNNI."""
+    if not native.cpu_supported():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    lib = native.library()
+    assert lib is not None, f"the native kernels failed to build here: {native.unavailable_reason()}"
+    return lib

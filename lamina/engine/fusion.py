@@ -1,8 +1,11 @@
-"""Fuse projections that read the same input: q/k/v into one matrix, gate/up into another.
+"""Passes run after loading: fuse projections, then move layers onto the native CPU kernels.
 
-Run after loading (parameters keep their HF names in checkpoints), like gpt-fast's separate
-tensor-parallel pass. One larger mat-vec per token instead of three (two) saves kernel launches
-and Python dispatch; the arithmetic is the same rows of the same weights.
+`fuse_projections` merges projections that read the same input: q/k/v into one matrix, gate/up
+into another. Run after loading (parameters keep their HF names in checkpoints), like gpt-fast's
+separate tensor-parallel pass. One larger mat-vec per token instead of three (two) saves kernel
+launches and Python dispatch; the arithmetic is the same rows of the same weights.
+`attach_native` (CPU models) repacks quantized layers for the native block kernel and attaches
+the native float32 mat-vec and decoder layers; it lives here because it spans models and quant.
 """
 
 from __future__ import annotations
@@ -10,6 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import nn
+
+from lamina.models.native_layer import attach_native_layers
+from lamina.models.native_linear import attach_native_linears
+from lamina.quant.int4 import Int4Linear
+from lamina.quant.int8 import Int8Embedding, Int8Linear
 
 # Weights replaced between two calls of `release`: bounds what the allocator keeps, without paying
 # a heap trim (~8 ms) for every small quantized layer.
@@ -37,3 +45,16 @@ def fuse_projections(model: nn.Module, release: Callable[[], None] | None = None
     if release is not None and replaced:
         release()
     return fused
+
+
+def attach_native(model: nn.Module) -> tuple[int, int]:
+    """What `LLM.load` does for a CPU model once its layers are final (fused or not): int4 and int8
+    layers repacked for the native block kernel, float linears onto the native mat-vec, then whole
+    decoder layers onto the native layer where they qualify. Returns (linears, layers) attached."""
+    shared = {id(m.weight_q) for m in model.modules() if isinstance(m, Int8Embedding)}
+    for module in model.modules():
+        if isinstance(module, Int4Linear) or (
+            isinstance(module, Int8Linear) and id(module.weight_q) not in shared
+        ):
+            module.use_native_blocks()  # an int8 head sharing its codes with the embedding stays
+    return attach_native_linears(model), attach_native_layers(model)

@@ -22,9 +22,6 @@ from torch import nn
 
 from lamina.kernels import native
 from lamina.models.layers import NATIVE_ATTENTION_ROWS, LayerCache, RMSNorm
-from lamina.models.native_linear import attach_native_linears
-from lamina.quant.int4 import Int4Linear
-from lamina.quant.int8 import Int8Embedding, Int8Linear
 
 
 class _Weight(ctypes.Structure):
@@ -247,16 +244,3 @@ def attach_native_layers(model: nn.Module) -> int:
             layer.native = NativeLlamaLayer(layer)
             count += 1
     return count
-
-
-def attach_native(model: nn.Module) -> tuple[int, int]:
-    """What `LLM.load` does for a CPU model once its layers are final (fused or not): int4 and int8
-    layers repacked for the native block kernel, float linears onto the native mat-vec, then whole decoder
-    layers onto the native layer where they qualify. Returns (linears, layers) attached."""
-    shared = {id(m.weight_q) for m in model.modules() if isinstance(m, Int8Embedding)}
-    for module in model.modules():
-        if isinstance(module, Int4Linear) or (
-            isinstance(module, Int8Linear) and id(module.weight_q) not in shared
-        ):
-            module.use_native_blocks()  # an int8 head sharing its codes with the embedding stays
-    return attach_native_linears(model), attach_native_layers(model)

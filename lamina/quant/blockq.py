@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants
 from torch import nn
 
 from lamina.kernels import native
@@ -114,10 +115,13 @@ class BlockQuantLinear(QuantizedLinear):
         return cls(ggml_type, tile_codes(codes.to(torch.uint8), bits), tile_scales(d), m_tiled, bias)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, **opts: Any) -> BlockQuantLinear:
-        raise NotImplementedError(
-            "GGUF blocks come from a GGUF file; quantize a float model with int4 or int8"
-        )
+    def from_float(cls, linear: nn.Linear, ggml_type: str = "Q8_0", **opts: Any) -> BlockQuantLinear:
+        """Quantize a float linear into GGUF blocks with `gguf`'s own quantizer (what llama.cpp's
+        converter writes), e.g. for tests and for weights a GGUF stores as float."""
+        weight = linear.weight.detach().float().cpu().numpy()
+        data = quants.quantize(weight, GGMLQuantizationType[ggml_type])
+        blocks = gguf_blocks(data, ggml_type, tuple(weight.shape))
+        return cls.from_blocks(ggml_type, **blocks, bias=linear.bias)
 
     @classmethod
     def from_tensors(

@@ -80,7 +80,7 @@ class Int8Linear(QuantizedLinear):
         first = layers[0]
         if not all(
             type(layer) is cls
-            and (layer.in_features, layer.weight_q.device) == (first.in_features, first.weight_q.device)
+            and (layer.in_features, layer.scales.device) == (first.in_features, first.scales.device)
             for layer in layers
         ):
             return None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
+from torch import nn
 
 from lamina.kernels import native
 from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
@@ -164,3 +165,13 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_from_float_is_ggufs_own_quantization(ggml_type: str) -> None:
+    linear = nn.Linear(64, 32, bias=True)
+    layer = BlockQuantLinear.from_float(linear, ggml_type=ggml_type)
+    data = quants.quantize(linear.weight.detach().numpy(), GGMLQuantizationType[ggml_type])
+    expected = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[ggml_type])).reshape(32, 64)
+    assert torch.equal(layer.dequantize(), expected)
+    assert torch.equal(layer.bias, linear.bias)

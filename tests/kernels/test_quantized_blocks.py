@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lamina.engine.fusion import fuse_projections
+from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.models.llama import LlamaForCausalLM
-from lamina.models.native_layer import attach_native
 from lamina.quant.apply import quantize_model
 from lamina.quant.int4 import Int4Linear, quantize_rtn
 from lamina.quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel

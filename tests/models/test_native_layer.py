@@ -10,7 +10,6 @@ from lamina.api import LLM
 from lamina.engine.fusion import fuse_projections
 from lamina.engine.generate import prefill
 from lamina.engine.kv_cache import KVCache
-from lamina.kernels import native
 from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.models.native_layer import attach_native_layers
 from lamina.quant.apply import set_submodule
@@ -27,13 +26,6 @@ TINY = {
 @pytest.fixture(autouse=True)
 def _needs_kernels(native_lib):
     return native_lib
-
-
-@pytest.fixture
-def native_lib():
-    if not native.cpu_supported():
-        pytest.skip("this CPU lacks AVX-512 VNNI")
-    assert native.library() is not None, native.unavailable_reason()
 
 
 def blocks_model(sliding_window: int | None = None, attention_type: str = "Q8_0") -> LlamaForCausalLM:
