@@ -5,6 +5,11 @@ time (round-to-nearest with the group's scale/zero); each column's error, scaled
 Hessian's Cholesky factor, is pushed onto the columns not yet quantized, so later columns absorb
 what earlier ones lost. Lazy batch updates over blocks of 128 columns, dampening 1% of mean(diag H).
 
+Group scale/zero: of the ranges [f min, f max] for f = 1, 0.975, ..., 0.225, the one that minimizes
+the group's rounding error weighted by diag(H) (how much each input column matters to the output).
+Clipping a rarely-large input's weight costs little; min/max would coarsen the whole group for it.
+On SmolLM2 at group size 128 this took perplexity from +11.1% to +5.9% of float32.
+
 Options: `group_size` (32/64/128/256, the int4 layout's); `act_order` quantizes columns in order of
 decreasing diag(H). With act-order the group scale/zero are fixed from the original weight before
 the sweep ("static groups"), so groups stay contiguous in the original column order and the result
@@ -26,14 +31,16 @@ from torch import nn
 from lamina.quant.base import layer_group_size
 from lamina.quant.int4 import (
     GROUP_SIZES,
+    KERNEL_DTYPE,
     Int4Linear,
-    group_params,
     make_scales_and_zeros,
     quantize_with_params,
 )
 
 BLOCK_COLUMNS = 128
 DAMP = 0.01
+#: Range shrink factors tried per group: 1, 0.975, ..., 0.225.
+CLIP_FACTORS = tuple(1 - i / 40 for i in range(32))
 
 
 @torch.no_grad()
@@ -62,6 +69,25 @@ def collect_hessians(
     return {name: 2 * sums[name] / max(counts[name], 1) for name in linears}
 
 
+def weighted_group_params(wg: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) [..., ] for wg [..., G]: of the ranges [f min, f max] (f in CLIP_FACTORS),
+    the one whose rounding error sum(importance * (w - deq)^2) is least. importance broadcasts to wg."""
+    mn, mx = wg.amin(dim=-1), wg.amax(dim=-1)
+    best_s = best_z = best_err = None
+    for f in CLIP_FACTORS:
+        s = ((mx - mn) * f).clamp(min=1e-6).div(15).to(KERNEL_DTYPE).float()
+        z = (mn * f + 8 * s).to(KERNEL_DTYPE).float()
+        q = quantize_with_params(wg, s[..., None], z[..., None])
+        err = (importance * (wg - ((q.float() - 8) * s[..., None] + z[..., None])).square()).sum(dim=-1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err = torch.minimum(err, best_err)
+    return best_s, best_z
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, group_size: int, act_order: bool = False
@@ -74,13 +100,16 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    importance = torch.diag(h)  # [K] E[x_k^2]: how much column k's error reaches the output
 
     n_groups = k // group_size
     scales = torch.empty(n, n_groups, device=dev)
     zeros = torch.empty(n, n_groups, device=dev)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
     if act_order:  # static groups from the original weight, in original column order
-        s, z = group_params(w.reshape(n, n_groups, group_size))  # [N, K/G] each
+        s, z = weighted_group_params(
+            w.reshape(n, n_groups, group_size), importance.reshape(n_groups, group_size)
+        )  # [N, K/G] each
         scales.copy_(s)
         zeros.copy_(z)
         w, h = w[:, perm], h[perm][:, perm]
@@ -99,7 +128,9 @@ def gptq_quantize(
             col = b0 + i
             if not act_order and col % group_size == 0:  # group params from the error-updated weight
                 g = col // group_size
-                s, z = group_params(w1[:, i : i + group_size].unsqueeze(1))  # [N, 1] each
+                s, z = weighted_group_params(
+                    w1[:, i : i + group_size].unsqueeze(1), importance[col : col + group_size]
+                )  # [N, 1] each
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             g = int(perm[col]) // group_size
             q = quantize_with_params(w1[:, i], scales[:, g], zeros[:, g])
