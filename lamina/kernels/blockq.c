@@ -5,6 +5,13 @@
  * fp16 bias m per block of 32. Q4_0 is (4 bits, offset 8, no m), Q4_1 is (4 bits, offset 0, m),
  * Q8_0 is (8 bits stored as q + 128, offset 128, no m).
  *
+ * Code books (NF4/FP4): 4-bit codes index a table of 16 values instead of being values themselves.
+ * `lut` holds each value v (|v| <= 1) times 127 as two unsigned bytes, a = lut[c] and b = lut[16 + c],
+ * with 127 v ~= (a - offset) + (b - 64) / 128 to within 2^-8 (so w = d * (127 v) with d = absmax / 127
+ * is within 3.1e-5 absmax of the code book's value); VPSHUFB maps 64 codes per instruction and b's
+ * products take one more VPDPBUSD per weight vector (against the first activation pass only: b is
+ * 1/128 of the value, so the second pass would change it by under 2^-15).
+ *
  * As llama.cpp does, x is quantized per 32-block to int8 with one float scale (dx = max|x| / 127),
  * so each block's dot product is an exact integer sum computed by VPDPBUSD (u8 x s8, 64 products
  * per instruction); y = sum over blocks of d * dx * (sum c * qx - offset * sum qx) + m * dx * sum qx.
@@ -68,14 +75,22 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *code
 /* `rows` activation rows (1..ROWS_PER_PASS) against one tile: y[r][0..15]. */
 static inline __attribute__((always_inline)) void tile_rows(
     const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t nblocks, int bits, int offset,
-    const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy,
+    const uint8_t *lut, const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy,
     const int rows) {
     const int64_t block_bytes = bits * BLOCK * TILE / 8;
     __m512 acc[ROWS_PER_PASS];
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    /* code book halves in every 128-bit lane, for VPSHUFB (which looks up within lanes) */
+    const __m512i lut_a = lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut)) : _mm512_setzero_si512();
+    const __m512i lut_b = lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut + 16))) : lut_a;
     for (int64_t b = 0; b < nblocks; b++) {
-        __m512i u[8];
+        __m512i u[8], ub[8];
         load_block(codes + b * block_bytes, bits, u);
+        if (lut)
+            for (int j = 0; j < 8; j++) {
+                ub[j] = _mm512_shuffle_epi8(lut_b, u[j]);
+                u[j] = _mm512_shuffle_epi8(lut_a, u[j]);
+            }
         __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * TILE)));
         __m512 mv = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * TILE))) : dv;
         for (int r = 0; r < rows; r++) {
@@ -89,15 +104,22 @@ static inline __attribute__((always_inline)) void tile_rows(
             }
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), _mm512_mul_ps(dv, _mm512_set1_ps(xs[0])), acc[r]);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2), _mm512_mul_ps(dv, _mm512_set1_ps(xs[1])), acc[r]);
+            if (lut) {
+                __m512i dot3 = _mm512_set1_epi32(-64 * s[0]);
+                for (int j = 0; j < 8; j++) dot3 = _mm512_dpbusd_epi32(dot3, ub[j], _mm512_set1_epi32(q[j]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot3), _mm512_mul_ps(dv, _mm512_set1_ps(xs[0] / 128.0f)), acc[r]);
+            }
             if (m) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sumx[r * (k / BLOCK) + b]), acc[r]);
         }
     }
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 
-/* y[M, N] (row stride ldy) = x[M, K] . W^T. Returns 0, or -1 when scratch memory is unavailable. */
+/* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above).
+ * Returns 0, or -1 when scratch memory is unavailable. */
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
-                         const uint16_t *m, int64_t n, int bits, int offset, float *y, int64_t ldy) {
+                         const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, float *y,
+                         int64_t ldy) {
     const int64_t nblocks = k / BLOCK, ntiles = n / TILE;
     const int64_t tile_bytes = nblocks * (bits * BLOCK * TILE / 8);
     int8_t *qx = malloc(m_rows * 2 * k);
@@ -125,10 +147,10 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
                     const float *s = dx + r * 2 * nblocks, *sx = sumx + r * nblocks;
                     const int32_t *sq = sumq + r * 2 * nblocks;
                     float *out = y + r * ldy + t * TILE;
-                    if (left >= 4) tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 4);
-                    else if (left == 3) tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 3);
-                    else if (left == 2) tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 2);
-                    else tile_rows(tc, td, tm, nblocks, bits, offset, q, s, sq, sx, k, out, ldy, 1);
+                    if (left >= 4) tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 4);
+                    else if (left == 3) tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 3);
+                    else if (left == 2) tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 2);
+                    else tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 1);
                 }
             }
         }

@@ -34,6 +34,7 @@ class _Weight(ctypes.Structure):
         ("in_features", ctypes.c_int64),
         ("bits", ctypes.c_int32),
         ("offset", ctypes.c_int32),
+        ("lut", ctypes.c_void_p),
     ]
 
 
@@ -62,7 +63,7 @@ def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
     """The tensors the C struct points at: (codes, d, m, None) for blocks, (None, None, None, weight)."""
     if isinstance(module, nn.Linear):
         return None, None, None, module.weight
-    codes, d, m, _, _ = module.native_blocks()
+    codes, d, m, _, _, _ = module.native_blocks()
     return codes, d, m, None
 
 
@@ -73,12 +74,14 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
             None if t is None else t.data_ptr() for t in _weight_tensors(module)
         )
         part.out_features, part.in_features = module.out_features, module.in_features
-        part.bits, part.offset = (0, 0) if isinstance(module, nn.Linear) else module.native_blocks()[3:]
+        bits, offset, lut = (0, 0, None) if isinstance(module, nn.Linear) else module.native_blocks()[3:]
+        part.bits, part.offset = bits, offset
+        part.lut = None if lut is None else lut.data_ptr()  # a shared table that never moves
 
 
 def _native_projection(module: nn.Module) -> bool:
     """A float linear (its dtype is checked per call), or a quantized layer in the native block layout
-    (`native_blocks()`: kept GGUF blocks, int4 repacked for it); no bias."""
+    (`native_blocks()`: kept GGUF blocks, int4/int8/NF4/FP4 repacked for it); no bias."""
     if isinstance(module, nn.Linear):
         return module.bias is None
     blocks = getattr(module, "native_blocks", None)

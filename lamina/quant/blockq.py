@@ -183,7 +183,7 @@ class BlockQuantLinear(QuantizedLinear):
         """(codes, d, m tiles, bits, code offset) for the native kernels, or None where they do not run."""
         if not self.use_native or self.codes_tiled.device.type != "cpu":
             return None
-        return self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset
+        return self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self.native_blocks()

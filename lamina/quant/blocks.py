@@ -2,6 +2,7 @@
 layers that use it: GGUF blocks kept as stored (`blockq.py`) and int4 layers repacked for it
 (`int4.py`). A weight is 32-column blocks w = d * (c - offset) + m, rows in tiles of 16: codes
 [N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16. Needs N % 16 == 0, K % 32 == 0.
+4-bit codes may instead index a code book (NF4/FP4, `nf4.py`): c stands for the table's value.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import torch
 from lamina.kernels import native
 
 BLOCK, TILE = 32, 16
-#: (codes, d, m or None, bits, code offset): what a layer hands the kernels.
-Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]
+#: (codes, d, m or None, bits, code offset, code book table or None): what a layer hands the kernels.
+Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, torch.Tensor | None]
 
 
 def fits(out_features: int, in_features: int) -> bool:
@@ -56,23 +57,34 @@ def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("lamina::blockq_matmul", mutates_args=())
 def blockq_matmul(
-    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor | None,
+    bits: int,
+    offset: int,
+    lut: torch.Tensor | None,
 ) -> torch.Tensor:
     """`native.blockq_matmul` as an op the compiler keeps opaque (a compiled decode step calls it)."""
-    return native.blockq_matmul(x, codes, d, m, bits, offset)
+    return native.blockq_matmul(x, codes, d, m, bits, offset, lut)
 
 
 @blockq_matmul.register_fake
 def _blockq_matmul_shape(
-    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, offset: int
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor | None,
+    bits: int,
+    offset: int,
+    lut: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], d.shape[0] * d.shape[2])
 
 
 def blocks_forward(x: torch.Tensor, blocks: Blocks, out_features: int) -> torch.Tensor:
     """x [..., K] times a weight in the block layout -> [..., N] in x's dtype (float32 inside)."""
-    codes, d, m, bits, offset = blocks
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # [..., K] -> [B*T, K]
     matmul = blockq_matmul if torch.compiler.is_compiling() else native.blockq_matmul
-    y = matmul(x2, codes, d, m, bits, offset)
+    y = matmul(x2, *blocks)
     return y.to(x.dtype).view(*x.shape[:-1], out_features)  # [B*T, N] -> [..., N]

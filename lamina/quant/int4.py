@@ -229,7 +229,9 @@ class Int4Linear(QuantizedLinear):
 
     def native_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
         """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""
-        return (self.weight_packed, self.d_tiled, self.m_tiled, 4, 8) if self.layout == "blocks" else None
+        return (
+            (self.weight_packed, self.d_tiled, self.m_tiled, 4, 8, None) if self.layout == "blocks" else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_layout(self.weight_packed.device.type)

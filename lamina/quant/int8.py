@@ -118,7 +118,7 @@ class Int8Linear(QuantizedLinear):
         """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""
         if self.codes_tiled is None or self.codes_tiled.device.type != "cpu":
             return None
-        return self.codes_tiled, self.d_tiled, None, 8, 128
+        return self.codes_tiled, self.d_tiled, None, 8, 128, None
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight_q": self.int8_weight().cpu(), "scales": self.scales.cpu()}

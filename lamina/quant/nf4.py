@@ -10,10 +10,16 @@ symmetric int8 with one float32 scale per 256 absmax values (bitsandbytes uses a
 here instead of linear int8, so the absmax bits differ from bitsandbytes'; the 4-bit codes do not).
 That cuts scale overhead from 0.5 to ~0.127 bits per weight.
 
-Kernels: there is no packed NF4/FP4 kernel in torch. On CUDA with bitsandbytes installed, the
-weight is re-quantized by bitsandbytes on first use (same codes, same block absmax) and runs on
-`bnb.matmul_4bit`; that cache holds a second copy on the GPU. Everywhere else `forward` dequantizes
-the whole weight and does a float matmul: correct but slow (it expands the weight on every call).
+Kernels: there is no packed NF4/FP4 kernel in torch.
+- CPU: `use_native_blocks` repacks the codes into the tiles of Lamina's native block kernel
+  (`lamina/kernels/blockq.c`), which looks the code book up with VPSHUFB. Each block's scale is
+  absmax / 127 in fp16 (11 significant bits) and the code book values are held to 3.1e-5 of absmax, so
+  the kernel's weight is within ~2.7e-4 absmax of the stored one; the stored codes and absmax are
+  unchanged. Costs an fp16 scale per 32 weights (0.5 bits per weight) on top of the stored absmax.
+- CUDA with bitsandbytes installed: the weight is re-quantized by bitsandbytes on first use (same codes,
+  same block absmax) and runs on `bnb.matmul_4bit`; that cache holds a second copy on the GPU.
+- Elsewhere `forward` dequantizes the whole weight and does a float matmul: correct but slow (it
+  expands the weight on every call).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch
 from torch import nn
 
 from lamina.errors import InvalidArgumentError
+from lamina.kernels import native
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.blocks import BLOCK, Blocks, blocks_forward, fits, tile_codes, tile_scales, untile_codes
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
 BLOCK_SIZE = 64
@@ -67,6 +75,15 @@ def byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return torch.stack([code.repeat(16), code.repeat_interleave(16)], dim=-1)
 
 
+@functools.cache
+def kernel_table(quant_type: str) -> torch.Tensor:
+    """The native kernel's uint8 [32] table for a code book (blockq.c): 127 v = (a - 128) + (b - 64) / 128
+    to within 2^-8, a = table[c], b = table[16 + c]. One per type, never moved (the kernel keeps its address)."""
+    scaled = torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float64) * 127  # [16]
+    whole = scaled.round()
+    return torch.cat([whole + 128, ((scaled - whole) * 128).round() + 64]).to(torch.uint8)
+
+
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """absmax float32 [M] -> (int8 [M], float32 scales [ceil(M / 256)], float32 offset [1])."""
     offset = absmax.mean().reshape(1)
@@ -99,6 +116,9 @@ class NF4Linear(QuantizedLinear):
         self.quant_type, self.double_quant = quant_type, double_quant
         self.method = f"{quant_type}-dq" if double_quant else quant_type
         self.register_buffer("weight_packed", pack_nibbles(codes))
+        # the native block layout, set by `use_native_blocks` (it then replaces weight_packed)
+        self.register_buffer("codes_tiled", None, persistent=False)
+        self.register_buffer("d_tiled", None, persistent=False)
         if double_quant:
             q, scales, offset = double_quantize(absmax)
             self.register_buffer("absmax_q", q)
@@ -164,7 +184,8 @@ class NF4Linear(QuantizedLinear):
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         names = ("absmax_q", "absmax_scales", "absmax_offset") if self.double_quant else ("absmax",)
-        out = {n: getattr(self, n).cpu() for n in ("weight_packed", *names)}
+        out = {n: getattr(self, n).cpu() for n in names}
+        out["weight_packed"] = self.packed_codes().cpu()
         if self.bias is not None:
             out["bias"] = self.bias.detach().cpu()
         return out
@@ -175,15 +196,48 @@ class NF4Linear(QuantizedLinear):
             return double_dequantize(self.absmax_q, self.absmax_scales, self.absmax_offset)
         return self.absmax
 
+    def packed_codes(self) -> torch.Tensor:
+        """uint8 [N, K/2] two codes a byte (low nibble = even column), whatever the runtime layout."""
+        if self.codes_tiled is None:
+            return self.weight_packed
+        return pack_nibbles(untile_codes(self.codes_tiled, 4))
+
+    def use_native_blocks(self) -> bool:
+        """Repack for Lamina's native block kernel when it runs here (see the module docstring);
+        returns whether the layer now uses it. Needs rows of whole 64-blocks (in_features % 64 == 0)."""
+        n, k = self.out_features, self.in_features
+        if (
+            self.codes_tiled is not None
+            or self.weight_packed.device.type != "cpu"
+            or not fits(n, k)
+            or k % BLOCK_SIZE
+            or native.library() is None
+        ):
+            return False
+        scales = self.block_absmax().reshape(n, k // BLOCK_SIZE) / 127  # [N, K/64]
+        if scales.max() > torch.finfo(torch.float16).max:
+            return False
+        self.d_tiled = tile_scales(scales.repeat_interleave(BLOCK_SIZE // BLOCK, dim=1))  # [N, K/32] tiled
+        self.codes_tiled = tile_codes(unpack_nibbles(self.weight_packed), 4)
+        self.weight_packed = None
+        return True
+
+    def native_blocks(self) -> Blocks | None:
+        """(codes, d, m tiles, bits, code offset, code book) for the native kernels, or None off them."""
+        if self.codes_tiled is None or self.codes_tiled.device.type != "cpu":
+            return None
+        return self.codes_tiled, self.d_tiled, None, 4, 128, kernel_table(self.quant_type)
+
     def dequantize(self) -> torch.Tensor:
-        table = byte_table(self.quant_type, self.weight_packed.device)
-        values = torch.nn.functional.embedding(self.weight_packed.int(), table)  # [N, K/2, 2]
+        packed = self.packed_codes()
+        table = byte_table(self.quant_type, packed.device)
+        values = torch.nn.functional.embedding(packed.int(), table)  # [N, K/2, 2]
         blocks = values.reshape(-1, BLOCK_SIZE) * self.block_absmax()[:, None]  # [numel/64, 64]
         return blocks.reshape(self.out_features, self.in_features)
 
     def _bnb_state(self) -> tuple[torch.Tensor, Any] | None:
         """bitsandbytes' packed weight + QuantState on CUDA, or None when unavailable."""
-        if not self.weight_packed.is_cuda or importlib.util.find_spec("bitsandbytes") is None:
+        if self.block_absmax().device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
             return None
         if self._bnb is None:
             import bitsandbytes.functional as bnbf
@@ -195,6 +249,9 @@ class NF4Linear(QuantizedLinear):
         return self._bnb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.native_blocks()
+        if blocks is not None:
+            return self._add_bias(blocks_forward(x, blocks, self.out_features))
         bnb_state = self._bnb_state()
         if bnb_state is not None:
             import bitsandbytes as bnb

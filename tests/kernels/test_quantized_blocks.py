@@ -1,7 +1,9 @@
-"""int4 and int8 layers (`--quantize int4 / int8`, GPTQ) repacked for the native block kernel."""
+"""int4, int8, NF4 and FP4 layers (`--quantize int4 / int8 / nf4 / fp4`, GPTQ) repacked for the native
+block kernel."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lamina.engine.fusion import attach_native, fuse_projections
@@ -9,6 +11,7 @@ from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.apply import quantize_model
 from lamina.quant.int4 import Int4Linear, quantize_rtn
 from lamina.quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel
+from lamina.quant.nf4 import CODE_BOOKS, NF4Linear, kernel_table
 from tests.quant.conftest import tiny_config
 
 
@@ -74,7 +77,7 @@ def test_an_int8_head_sharing_its_codes_with_the_embedding_stays(native_lib) -> 
 
 
 def test_quantized_models_decode_on_native_layers(native_lib) -> None:
-    for method in ("int4", "int8"):
+    for method in ("int4", "int8", "nf4", "fp4-dq"):
         torch.manual_seed(0)
         tiny_model = LlamaForCausalLM(tiny_config(head_dim=16)).eval().requires_grad_(False)
         quantize_model(tiny_model, method, group_size=32)
@@ -82,3 +85,36 @@ def test_quantized_models_decode_on_native_layers(native_lib) -> None:
         _, layers = attach_native(tiny_model)
         assert layers == 2, method
         assert all(m.native_blocks() is not None for m in tiny_model.modules() if hasattr(m, "native_blocks"))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_book_tables_hold_the_values_to_2_to_the_minus_8(quant_type: str) -> None:
+    table = kernel_table(quant_type).double()
+    held = (table[:16] - 128) + (table[16:] - 64) / 128  # 127 v, as the kernel computes it
+    code = torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float64)
+    assert (held - 127 * code).abs().max() <= 2**-8
+    assert table[16:].max() <= 128  # b fits an unsigned byte after its offset of 64
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", False), ("nf4", True), ("fp4", False)])
+def test_repacked_4bit_code_book_layer_computes_its_weight(
+    native_lib, quant_type: str, double_quant: bool
+) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 64, bias=True)
+    layer = NF4Linear.from_float(linear, quant_type=quant_type, double_quant=double_quant)
+    before, weight = layer.export_tensors(), layer.dequantize()
+    assert layer.use_native_blocks() and layer.weight_packed is None
+    x = torch.randn(5, 192)
+    ref = x @ weight.t() + linear.bias
+    # fp16 block scales (2^-12 relative) and the code book to 3.1e-5 of absmax; x to two int8 passes
+    assert (layer(x) - ref).abs().max() <= 5e-4 * ref.abs().max()
+    after = layer.export_tensors()  # the stored codes and absmax are unchanged by the repacking
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(layer.dequantize(), weight)
+    assert torch.equal(layer(x), torch.cat([layer(x[i : i + 1]) for i in range(5)]))
+
+
+def test_code_book_layers_whose_rows_split_a_block_keep_the_dequantizing_path(native_lib) -> None:
+    layer = NF4Linear.from_float(torch.nn.Linear(96, 32), quant_type="nf4")  # 96 % 64 != 0
+    assert not layer.use_native_blocks() and layer.native_blocks() is None
