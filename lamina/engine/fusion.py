@@ -18,6 +18,7 @@ from lamina.models.native_layer import attach_native_layers
 from lamina.models.native_linear import attach_native_linears
 from lamina.quant.int4 import Int4Linear
 from lamina.quant.int8 import Int8Embedding, Int8Linear
+from lamina.quant.llm_int8 import LLMInt8Linear
 from lamina.quant.nf4 import NF4Linear
 
 # Weights replaced between two calls of `release`: bounds what the allocator keeps, without paying
@@ -49,12 +50,13 @@ def fuse_projections(model: nn.Module, release: Callable[[], None] | None = None
 
 
 def attach_native(model: nn.Module) -> tuple[int, int]:
-    """What `LLM.load` does for a CPU model once its layers are final (fused or not): int4, int8, NF4
-    and FP4 layers repacked for the native block kernel, float linears onto the native mat-vec, then whole
-    decoder layers onto the native layer where they qualify. Returns (linears, layers) attached."""
+    """What `LLM.load` does for a CPU model once its layers are final (fused or not): int4, int8,
+    LLM.int8, NF4 and FP4 layers repacked for the native block kernel, float linears onto the native
+    mat-vec, then whole decoder layers onto the native layer where they qualify. Returns (linears,
+    layers) attached."""
     shared = {id(m.weight_q) for m in model.modules() if isinstance(m, Int8Embedding)}
     for module in model.modules():
-        if isinstance(module, (Int4Linear, NF4Linear)) or (
+        if isinstance(module, (Int4Linear, NF4Linear, LLMInt8Linear)) or (
             isinstance(module, Int8Linear) and id(module.weight_q) not in shared
         ):
             module.use_native_blocks()  # an int8 head sharing its codes with the embedding stays

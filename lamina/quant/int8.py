@@ -41,6 +41,25 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scales
 
 
+def tile_int8(weight_q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row int8 in the native block layout: (codes q + 128 tiles, each row's scale as every block's
+    d in fp16, rounded to 11 significant bits), or None where the kernel does not run here or fp16
+    cannot hold a scale."""
+    n, k = weight_q.shape
+    if weight_q.device.type != "cpu" or not fits(n, k) or native.library() is None:
+        return None
+    fp16 = torch.finfo(torch.float16)
+    if scales.min() < fp16.smallest_normal or scales.max() > fp16.max:
+        return None
+    codes = tile_codes(weight_q.view(torch.uint8) ^ 0x80, 8)  # q -> q + 128
+    return codes, tile_scales(scales[:, None].expand(n, k // 32))
+
+
+def untile_int8(codes_tiled: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_int8`'s codes: q int8 [N, K]."""
+    return (untile_codes(codes_tiled.cpu(), 8) ^ 0x80).view(torch.int8)  # q + 128 -> q
+
+
 class Int8Linear(QuantizedLinear):
     """Per-channel weight-only int8 linear."""
 
@@ -90,27 +109,16 @@ class Int8Linear(QuantizedLinear):
 
     def int8_weight(self) -> torch.Tensor:
         """q int8 [N, K], whatever the runtime layout."""
-        if self.codes_tiled is None:
-            return self.weight_q
-        return (untile_codes(self.codes_tiled.cpu(), 8) ^ 0x80).view(torch.int8)  # q + 128 -> q
+        return self.weight_q if self.codes_tiled is None else untile_int8(self.codes_tiled)
 
     def use_native_blocks(self) -> bool:
-        """Repack for Lamina's native block kernel (`lamina/kernels/blockq.c`) when it runs here:
-        codes q + 128 with offset 128, each row's scale as every block's d in fp16 (rounded to 11
-        significant bits; the torch kernel rounds it to bf16's 8). Returns whether the layer now uses
-        it; layers whose scales fp16 cannot hold keep the torch kernel."""
-        n, k = self.out_features, self.in_features
-        if self.codes_tiled is not None or self.weight_q.device.type != "cpu" or not fits(n, k):
+        """Repack for Lamina's native block kernel (`lamina/kernels/blockq.c`) with `tile_int8` (the
+        torch kernel rounds the scales to bf16's 8 bits, this to fp16's 11). Returns whether the layer
+        now uses it; layers whose scales fp16 cannot hold keep the torch kernel."""
+        tiled = None if self.codes_tiled is not None else tile_int8(self.weight_q, self.scales)
+        if tiled is None:
             return False
-        fp16 = torch.finfo(torch.float16)
-        if (
-            native.library() is None
-            or self.scales.min() < fp16.smallest_normal
-            or self.scales.max() > fp16.max
-        ):
-            return False
-        self.codes_tiled = tile_codes(self.weight_q.view(torch.uint8) ^ 0x80, 8)  # q -> q + 128
-        self.d_tiled = tile_scales(self.scales[:, None].expand(n, k // 32))
+        self.codes_tiled, self.d_tiled = tiled
         self.weight_q = None
         return True
 

@@ -7,8 +7,12 @@ per activation row (absmax / 127) to int8, multiplied int8 x int8 -> int32 with 
 rescaled by row scale x column scale. Outliers are few but large; keeping them float is what keeps
 perplexity near the float model's while most of the work stays int8.
 
-CPU: `torch._int_mm` runs on CPU; this scheme is for fidelity to LLM.int8(), not speed (per call it
-quantizes x and gathers outlier columns). The weight-only `int8` scheme is the fast one on CPU.
+Kernels: on CPU, `use_native_blocks` moves the weight into Lamina's native block kernel (`tile_int8`,
+as `int8` does: row scales in fp16) and the int8 activation, as float (codes x row scale), runs
+through it; the kernel's own block-wise requantization holds it to 2^-15 of each block's range, so
+the product is the int8 x int8 one to float rounding. Elsewhere `torch._int_mm` (CUDA for more than
+16 rows) or a float matmul of the int8 values. Per call the layer still finds and gathers the outlier
+columns, which costs more than the weight-only `int8` scheme.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from torch import nn
 
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
-from lamina.quant.int8 import quantize_per_channel
+from lamina.quant.blocks import blocks_forward, tiled_columns
+from lamina.quant.int8 import quantize_per_channel, tile_int8, untile_int8
 
 DEFAULT_THRESHOLD = 6.0
 
@@ -37,6 +42,9 @@ class LLMInt8Linear(QuantizedLinear):
         self.threshold = threshold
         self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
+        # the native block layout, set by `use_native_blocks` (it then replaces weight_q)
+        self.register_buffer("codes_tiled", None, persistent=False)
+        self.register_buffer("d_tiled", None, persistent=False)
 
     @classmethod
     def from_float(
@@ -57,17 +65,54 @@ class LLMInt8Linear(QuantizedLinear):
             q.to(torch.int8), s, float(config.get("threshold", DEFAULT_THRESHOLD)), tensors.get("bias")
         )
 
+    @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> LLMInt8Linear | None:
+        """Stack the layers' rows and row scales, when they share input width, threshold and device: the
+        same input has the same outlier columns and row scales, so the merged layer computes each
+        layer's output exactly."""
+        first = layers[0]
+        if not all(
+            type(layer) is cls
+            and (layer.in_features, layer.threshold, layer.scales.device)
+            == (first.in_features, first.threshold, first.scales.device)
+            for layer in layers
+        ):
+            return None
+        weight_q = torch.cat([layer.int8_weight() for layer in layers])  # [sum N, K]
+        scales = torch.cat([layer.scales for layer in layers])  # [sum N]
+        return cls(weight_q, scales, first.threshold, cls.concatenated_bias(layers))
+
     def scheme_config(self) -> dict[str, Any]:
         return {"method": self.method, "threshold": self.threshold}
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"weight_q": self.weight_q.cpu(), "scales": self.scales.cpu()}
+        out = {"weight_q": self.int8_weight().cpu(), "scales": self.scales.cpu()}
         if self.bias is not None:
             out["bias"] = self.bias.detach().cpu()
         return out
 
+    def int8_weight(self) -> torch.Tensor:
+        """q int8 [N, K], whatever the runtime layout."""
+        return self.weight_q if self.codes_tiled is None else untile_int8(self.codes_tiled)
+
+    def use_native_blocks(self) -> bool:
+        """Repack for the native block kernel (see the module docstring); returns whether it now uses it.
+        (Not `native_blocks()`: a native decoder layer would run the weight without the outlier split.)"""
+        tiled = None if self.codes_tiled is not None else tile_int8(self.weight_q, self.scales)
+        if tiled is None:
+            return False
+        self.codes_tiled, self.d_tiled = tiled
+        self.weight_q = None
+        return True
+
     def dequantize(self) -> torch.Tensor:
-        return self.weight_q.float() * self.scales[:, None]
+        return self.int8_weight().float() * self.scales[:, None]
+
+    def _columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """Weight columns int8 [N, len(cols)], whatever the runtime layout."""
+        if self.codes_tiled is None:
+            return self.weight_q[:, cols]
+        return (tiled_columns(self.codes_tiled, cols) ^ 0x80).view(torch.int8)  # q + 128 -> q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -75,11 +120,15 @@ class LLMInt8Linear(QuantizedLinear):
         outlier = (x2.abs() >= self.threshold).any(dim=0)  # [K] columns routed through float
         x_in = x2.masked_fill(outlier, 0.0)
         row_scale = x_in.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # [M, 1]
-        xq = torch.round(x_in / row_scale).to(torch.int8)  # [M, K]
-        y = _int8_matmul(xq, self.weight_q) * row_scale * self.scales  # [M, N]
+        xq = torch.round(x_in / row_scale)  # [M, K] int8 values
+        if self.codes_tiled is not None and self.codes_tiled.device.type == "cpu":
+            blocks = (self.codes_tiled, self.d_tiled, None, 8, 128, None)
+            y = blocks_forward(xq * row_scale, blocks, self.out_features)  # [M, N]
+        else:
+            y = _int8_matmul(xq.to(torch.int8), self.weight_q) * row_scale * self.scales  # [M, N]
         if outlier.any():
             cols = outlier.nonzero().squeeze(1)
-            w_out = self.weight_q[:, cols].float() * self.scales[:, None]  # [N, n_outliers]
+            w_out = self._columns(cols).float() * self.scales[:, None]  # [N, n_outliers]
             y = y + x2[:, cols] @ w_out.t()
         return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from lamina.kernels import native
 from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
-from lamina.quant.blocks import tile_codes, tile_scales, untile_codes, untile_scales
+from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
 
 TYPES = ["Q4_0", "Q4_1", "Q8_0"]
 
@@ -53,6 +53,12 @@ def test_tile_layout_round_trips(bits: int) -> None:
     assert torch.equal(untile_codes(tile_codes(codes, bits), bits), codes)
     values = torch.randn(48, 3).half().float()
     assert torch.equal(untile_scales(tile_scales(values)), values)
+
+
+def test_columns_read_from_8_bit_tiles() -> None:
+    codes = torch.randint(0, 256, (48, 96), dtype=torch.uint8)
+    columns = torch.tensor([0, 5, 31, 32, 77, 95])
+    assert torch.equal(tiled_columns(tile_codes(codes, 8), columns), codes[:, columns])
 
 
 @pytest.mark.parametrize("ggml_type", TYPES)

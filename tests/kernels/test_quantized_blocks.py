@@ -1,5 +1,5 @@
-"""int4, int8, NF4 and FP4 layers (`--quantize int4 / int8 / nf4 / fp4`, GPTQ) repacked for the native
-block kernel."""
+"""int4, int8, LLM.int8, NF4 and FP4 layers (`--quantize int4 / int8 / llm.int8 / nf4 / fp4`, GPTQ)
+repacked for the native block kernel."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.apply import quantize_model
 from lamina.quant.int4 import Int4Linear, quantize_rtn
 from lamina.quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel
+from lamina.quant.llm_int8 import LLMInt8Linear
 from lamina.quant.nf4 import CODE_BOOKS, NF4Linear, kernel_table
 from tests.quant.conftest import tiny_config
 
@@ -87,6 +88,19 @@ def test_quantized_models_decode_on_native_layers(native_lib) -> None:
         assert all(m.native_blocks() is not None for m in tiny_model.modules() if hasattr(m, "native_blocks"))
 
 
+def test_llm_int8_models_keep_module_layers_with_native_linears(native_lib) -> None:
+    torch.manual_seed(0)
+    tiny_model = LlamaForCausalLM(tiny_config(head_dim=16)).eval().requires_grad_(False)
+    quantize_model(tiny_model, "llm.int8")
+    ids = torch.randint(0, 100, (1, 6))
+    before = tiny_model(ids)
+    _, layers = attach_native(tiny_model)
+    assert layers == 0  # a native layer would skip the outlier split
+    assert all(m.codes_tiled is not None for m in tiny_model.modules() if isinstance(m, LLMInt8Linear))
+    after = tiny_model(ids)
+    assert (after - before).abs().max() <= 1e-3 * before.abs().max()
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_code_book_tables_hold_the_values_to_2_to_the_minus_8(quant_type: str) -> None:
     table = kernel_table(quant_type).double()
@@ -118,3 +132,22 @@ def test_repacked_4bit_code_book_layer_computes_its_weight(
 def test_code_book_layers_whose_rows_split_a_block_keep_the_dequantizing_path(native_lib) -> None:
     layer = NF4Linear.from_float(torch.nn.Linear(96, 32), quant_type="nf4")  # 96 % 64 != 0
     assert not layer.use_native_blocks() and layer.native_blocks() is None
+
+
+def test_repacked_llm_int8_layer_keeps_its_outlier_split(native_lib) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=True)
+    layer = LLMInt8Linear.from_float(linear, threshold=6.0)
+    x = torch.randn(4, 256)
+    x[:, [7, 200]] = torch.tensor([50.0, -30.0])  # outlier features
+    before, torch_path = layer.export_tensors(), layer(x)
+    assert layer.use_native_blocks() and layer.weight_q is None
+    # the same function: int8 codes times fp16 (not float32) row scales on the native kernel
+    assert (layer(x) - torch_path).abs().max() <= 5e-4 * torch_path.abs().max()
+    after = layer.export_tensors()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    # the outlier columns still go through float: without the split the error is far larger
+    ref = x @ layer.dequantize().t() + linear.bias
+    unsplit = LLMInt8Linear.from_float(linear, threshold=1e9)
+    unsplit.use_native_blocks()
+    assert (layer(x) - ref).norm() < 0.5 * (unsplit(x) - ref).norm()

@@ -13,6 +13,7 @@ from lamina.quant.apply import quantize_model
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.int4 import Int4Linear
 from lamina.quant.int8 import Int8Linear
+from lamina.quant.llm_int8 import LLMInt8Linear
 
 from .conftest import random_linear
 
@@ -24,12 +25,15 @@ def _layers(scheme, **opts):
     ]
 
 
-@pytest.mark.parametrize(("scheme", "opts"), [(Int4Linear, {"group_size": 64}), (Int8Linear, {})])
+@pytest.mark.parametrize(
+    ("scheme", "opts"), [(Int4Linear, {"group_size": 64}), (Int8Linear, {}), (LLMInt8Linear, {})]
+)
 def test_concatenated_layer_outputs_equal_the_separate_outputs(scheme, opts):
     layers = _layers(scheme, **opts)
     fused = _fuse_linears(*layers)
     assert type(fused) is scheme and fused.out_features == 128
     x = torch.randn(3, 5, 256)
+    x[1, 2, 7] = 20.0  # an outlier feature (LLM.int8 routes its column through float)
     expected = torch.cat([layer(x) for layer in layers], dim=-1)  # [3, 5, 128]
     torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
     torch.testing.assert_close(fused.dequantize(), torch.cat([layer.dequantize() for layer in layers]))
@@ -40,9 +44,12 @@ def test_layers_that_cannot_merge_stay_separate():
     assert _fuse_linears(int4[0], *_layers(Int8Linear)[1:]) is None  # mixed schemes
     other_groups = Int4Linear.from_float(random_linear(256, 32), group_size=32)
     assert _fuse_linears(int4[0], int4[1], other_groups) is None  # mixed group sizes
+    llm_int8 = _layers(LLMInt8Linear)
+    llm_int8[2].threshold = 4.0
+    assert _fuse_linears(*llm_int8) is None  # outlier thresholds differ
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", ["int4", "int8", "llm.int8"])
 def test_quantized_model_fuses_and_keeps_its_logits(tiny_model, method):
     quantize_model(tiny_model, method, group_size=32)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
