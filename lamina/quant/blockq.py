@@ -1,4 +1,5 @@
-"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0) and multiplied by Lamina's native CPU kernel.
+"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0, and Q5_0 / Q5_1 with 8-bit codes) and multiplied by
+Lamina's native CPU kernel; Q4_K and Q6_K become Q4_1 / Q8_0 blocks (`gguf_convert.py`).
 
 Each 32-weight block along in_features keeps its own fp16 scale d (and, for Q4_1, fp16 bias m), so
 the weights are exactly the file's: w = d * (c - offset) + m. The kernel (`lamina/kernels/blockq.c`)
@@ -35,21 +36,27 @@ from lamina.quant.blocks import (
     untile_codes,
     untile_scales,
 )
+from lamina.quant.gguf_convert import CONVERTED, converted_blocks, q5_blocks
 from lamina.quant.gguf_formats import q4_codes, raw_blocks
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
-#: GGML type -> (code bits, code offset, has a per-block bias m).
+#: Block format -> (code bits, code offset, has a per-block bias m).
 FORMATS: dict[str, tuple[int, int, bool]] = {
     "Q4_0": (4, 8, False),
     "Q4_1": (4, 0, True),
     "Q8_0": (8, 128, False),
+    "Q5_0": (8, 16, False),
+    "Q5_1": (8, 0, True),
 }
 
 
 def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Raw GGUF bytes of a [N, K] Q4_0/Q4_1/Q8_0 tensor -> codes uint8 [N, K] (unsigned, offset
-    included), d and m float32 [N, K/32] (m absent unless Q4_1); every value exactly as stored."""
+    """Raw GGUF bytes of a [N, K] tensor in a `FORMATS` type -> codes uint8 [N, K] (unsigned, offset
+    included), d and m float32 [N, K/32] (m only where the format has one); every value exactly as
+    stored."""
     n, k = shape
+    if ggml_type in ("Q5_0", "Q5_1"):
+        return q5_blocks(data, ggml_type, shape)
     if ggml_type == "Q8_0":
         blocks = raw_blocks(data, ggml_type, shape)
         codes = torch.from_numpy(blocks[..., 2:] ^ np.uint8(0x80)).reshape(
@@ -66,15 +73,25 @@ def runs_natively(device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and fits(*shape) and native.library() is not None
 
 
+#: GGML types that can become a `BlockQuantLinear`: kept as stored, or converted (`gguf_convert.py`).
+KEPT_TYPES = frozenset(FORMATS) | frozenset(CONVERTED)
+
+
 def blockq_linear_from_gguf(
     data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
-) -> BlockQuantLinear:
-    """A GGUF tensor's raw bytes as a `BlockQuantLinear`, output rows reordered by `permute_rows`
-    (per-row blocks commute with it)."""
-    blocks = gguf_blocks(data, ggml_type, shape)
+) -> BlockQuantLinear | None:
+    """A GGUF tensor's raw bytes (a `KEPT_TYPES` type) as a `BlockQuantLinear`, output rows reordered by
+    `permute_rows` (per-row blocks commute with it); None where its scales do not fit the blocks."""
+    if ggml_type in FORMATS:
+        block_format, blocks = ggml_type, gguf_blocks(data, ggml_type, shape)
+    else:
+        converted = converted_blocks(data, ggml_type, shape)
+        if converted is None:
+            return None
+        block_format, blocks = converted
     if permute_rows is not None:
         blocks = {name: permute_rows(t) for name, t in blocks.items()}
-    return BlockQuantLinear.from_blocks(ggml_type, **blocks)
+    return BlockQuantLinear.from_blocks(block_format, **blocks)
 
 
 class BlockQuantLinear(QuantizedLinear):

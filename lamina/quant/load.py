@@ -32,7 +32,7 @@ from lamina.quant.apply import (
     set_submodule,
     validate_method,
 )
-from lamina.quant.blockq import BlockQuantEmbedding, blockq_linear_from_gguf, runs_natively
+from lamina.quant.blockq import KEPT_TYPES, BlockQuantEmbedding, blockq_linear_from_gguf, runs_natively
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 
@@ -111,7 +111,8 @@ def _module_name(model: nn.Module, target: nn.Module) -> str | None:
 def _gguf_claim(
     model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
-    """Build Q4_0/Q4_1/Q8_0 linears from their blocks. Linears whose stored layout differs from the
+    """Build Q4_0/Q4_1/Q8_0 linears from their blocks (on the native kernel also Q5_0/Q5_1/Q4_K/Q6_K,
+    `gguf_convert.py`; other types load as float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding: a Q8_0 embedding and its tied head become blocks here on the native kernel (never
     loaded as float: 113 MB less peak for the default model), else in `_gguf_embedding`."""
@@ -136,13 +137,17 @@ def _gguf_claim(
         if (tied and module is head) or weight not in stored or weight.endswith(spec.transposed):
             return False
         raw = checkpoint.read_raw(weight)
-        if raw.ggml_type not in BLOCK_BYTES or tuple(raw.shape) != tuple(module.weight.shape):
+        if tuple(raw.shape) != tuple(module.weight.shape):
             return False
         row_order = spec.row_order(weight, config)
-        if runs_natively(device, raw.shape):
+        if runs_natively(device, raw.shape) and raw.ggml_type in KEPT_TYPES:
             layer = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
-        else:
+        elif raw.ggml_type in BLOCK_BYTES:
             layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
+        else:
+            return False
+        if layer is None:  # scales beyond the blocks' fp16
+            return False
         set_submodule(model, name, layer.to(device))
         return True
 

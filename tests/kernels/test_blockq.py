@@ -12,7 +12,7 @@ from lamina.kernels import native
 from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
 from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
 
-TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
 
 
 def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:

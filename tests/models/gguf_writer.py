@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +303,24 @@ def add_unigram_vocabulary(writer, tokens: list[str], scores: list[float], types
     writer.add_add_eos_token(True)
 
 
+#: K-quant type -> byte offsets of its fp16 super-block scales (gguf.quants' layouts).
+KQUANT_SCALE_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_kquant(shape: tuple[int, int], ggml_type: str, rng: np.random.Generator) -> np.ndarray:
+    """Well-formed K-quant bytes uint8 [N, row bytes] for a [N, K] matrix (gguf cannot quantize to
+    K-quants): random codes and packed sub-block scales, fp16 super-block scales in [1e-3, 1e-2]."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    n, k = shape
+    data = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
+    for offset in KQUANT_SCALE_FIELDS[ggml_type]:
+        scales = rng.uniform(1e-3, 1e-2, (data.shape[0], 1)).astype(np.float16)
+        data[:, offset : offset + 2] = scales.view(np.uint8)
+    return data.reshape(n, k // block * size)
+
+
 def write_gguf(
     model: torch.nn.Module,
     arch: str,
@@ -311,14 +329,17 @@ def write_gguf(
     spm: tuple[list[str], list[float], list[int]] | None = None,
     matrix_type: str = "F16",
     fused_qkv: bool = False,
+    type_of: Callable[[str], str] | None = None,
 ) -> Path:
     """`model`'s weights and config as a llama.cpp-style GGUF of architecture `arch`.
 
     The vocabulary is `vocab_size` placeholder tokens, or `spm`'s (tokens, scores, token types)
     as a SentencePiece-style tokenizer: for T5 a Unigram one (see `add_unigram_vocabulary`), else
     a "llama" one with BOS 1 and EOS 2. Matrices are stored as
-    `matrix_type` (F16, llama.cpp's usual float type, or Q8_0), vectors as F32. `fused_qkv`: Phi's
-    q/k/v as one tensor, as in GGUFs of Phi-2's first checkpoint.
+    `matrix_type` (F16, llama.cpp's usual float type, or a type gguf quantizes to, e.g. Q8_0), or
+    `type_of(gguf name)` per matrix; K-quants (Q4_K, Q6_K) hold random codes instead of the model's
+    weights (`random_kquant`). Vectors are F32. `fused_qkv`: Phi's q/k/v as one tensor, as in GGUFs
+    of Phi-2's first checkpoint.
     """
     import gguf
 
@@ -341,16 +362,21 @@ def write_gguf(
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
     tensors = hf_tensors(model, arch)
+    rng = np.random.default_rng(0)
     for hf_name, tensor in fuse_qkv(tensors) if fused_qkv else tensors:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, hf_name
         array = to_llama_cpp(arch, hf_name, tensor, cfg).contiguous().numpy()
+        stored_type = matrix_type if type_of is None else type_of(gguf_name)
         if tensor.ndim == 1 or "norm" in hf_name:
             writer.add_tensor(gguf_name, array.astype(np.float32))
-        elif matrix_type == "F16":
+        elif stored_type == "F16":
             writer.add_tensor(gguf_name, array.astype(np.float16))
+        elif stored_type in KQUANT_SCALE_FIELDS:
+            qtype = gguf.GGMLQuantizationType[stored_type]
+            writer.add_tensor(gguf_name, random_kquant(array.shape, stored_type, rng), raw_dtype=qtype)
         else:
-            qtype = gguf.GGMLQuantizationType[matrix_type]
+            qtype = gguf.GGMLQuantizationType[stored_type]
             writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     if _rope(cfg).get("rope_type") == "longrope":  # Phi3MiniModel.generate_extra_tensors
         writer.add_tensor("rope_factors_long.weight", np.array(_rope(cfg)["long_factor"], dtype=np.float32))

@@ -1,0 +1,139 @@
+"""More GGUF types -> the native kernel's 32-weight blocks (`blockq.py`), so files made of them run
+without being expanded to float: Q5_0 / Q5_1, and the K-quants Q4_K / Q6_K (llama.cpp's Q4_K_M files
+are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256). `gguf.quants` is the
+reference for every layout.
+
+Q5_0 / Q5_1 (blocks of 32: fp16 d [and m], 32 high bits, 16 bytes of nibbles; w = d (q - 16) or
+d q + m) -> the same blocks with 8-bit codes: exact (5.5 / 6 bits a weight become 8.5 / 9).
+
+K-quants, super-blocks of 256 weights along in_features:
+- Q4_K: fp16 d and dmin, eight 6-bit (scale, min) pairs packed in 12 bytes, 128 bytes of nibbles;
+  sub-block j (32 weights): w = d * sc_j * q - dmin * m_j, q in [0, 15].
+  -> Q4_1 blocks: the codes exactly; d * sc_j and -dmin * m_j (17 significant bits) rounded to
+  the kernel's fp16 (relative error <= 2^-11 of each sub-block's scale and min).
+- Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen int8 scales, fp16 d;
+  sub-block j (16 weights): w = d * sc_j * (q - 32), q in [0, 63].
+  -> Q8_0 blocks (int8 codes, one scale per 32 weights): the values are re-quantized, since two
+  16-weight sub-blocks with their own scales share one 32-block; adds about half the new int8 step
+  (1/254 of the block's largest |w|, plus the fp16 rounding of the scale), against Q6_K's own step
+  of 1/32 of a sub-block's largest.
+Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
+tensor float.
+Memory: Q4_K 4.5 -> 5 bits a weight (fp16 d and m per 32 instead of 6-bit ones per 32), Q6_K
+6.56 -> 8.5; float32 would be 32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from lamina.errors import UnsupportedModelError
+
+#: GGML types converted here -> the block format they become (`blockq.FORMATS`).
+CONVERTED = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K": "Q4_1", "Q6_K": "Q8_0"}
+
+
+def quant_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
+    """Raw bytes of a [N, K] tensor -> uint8 [N * K / block, bytes per block] (block: 32 or 256)."""
+    n, k = shape
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    if ggml_type not in CONVERTED or k % block:
+        raise UnsupportedModelError(
+            f"GGML type {ggml_type} with {k} columns cannot stay quantized here; supported: "
+            f"{sorted(CONVERTED)} with columns a multiple of their block size"
+        )
+    return np.ascontiguousarray(data, dtype=np.uint8).reshape(n * k // block, size)
+
+
+def _fp16(field: np.ndarray) -> np.ndarray:
+    """uint8 [..., 2] little-endian fp16 fields -> float32 [..., 1]."""
+    return field.copy().view(np.float16).astype(np.float32)
+
+
+def q5_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q5_0 / Q5_1 bytes of a [N, K] tensor -> codes uint8 [N, K] in [0, 31], d (and m) float32 [N, K/32]."""
+    n, k = shape
+    b = quant_blocks(data, ggml_type, shape)  # [B, 22 or 24]: d, [m,] qh (32 bits), qs[16]
+    head = 2 if ggml_type == "Q5_0" else 4
+    qh = b[:, head : head + 4].copy().view(np.uint32)  # [B, 1]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(
+        np.uint8
+    )  # [B, 32]: bit j, element j
+    qs = b[:, head + 4 :]  # [B, 16]: element j low nibble, j + 16 high
+    codes = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1) | (high << np.uint8(4))  # [B, 32]
+    out = {
+        "codes": torch.from_numpy(codes.reshape(n, k)),
+        "d": torch.from_numpy(_fp16(b[:, 0:2]).reshape(n, k // 32)),
+    }
+    if ggml_type == "Q5_1":
+        out["m"] = torch.from_numpy(_fp16(b[:, 2:4]).reshape(n, k // 32))
+    return out
+
+
+def q4_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q4_K bytes of a [N, K] tensor -> Q4_1 blocks: codes uint8 [N, K], d and m float32 [N, K/32]."""
+    n, k = shape
+    sb = quant_blocks(data, "Q4_K", shape)  # [S, 144]: d, dmin, scales[12], qs[128]
+    sc, mins = quants.Q4_K.get_scale_min(sb[:, 4:16])  # [S, 8] each, 6-bit
+    d = _fp16(sb[:, 0:2]) * sc.astype(np.float32)  # [S, 8]
+    m = -_fp16(sb[:, 2:4]) * mins.astype(np.float32)  # [S, 8]
+    qs = sb[:, 16:].reshape(-1, 4, 1, 32)  # [S, pair of sub-blocks, 1, 32]: low nibble first sub-block
+    codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(15)  # [S, 4, 2, 32]
+    return {
+        "codes": torch.from_numpy(codes.reshape(n, k)),
+        "d": torch.from_numpy(d.reshape(n, k // 32)),
+        "m": torch.from_numpy(m.reshape(n, k // 32)),
+    }
+
+
+def q6_k_values(data: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """Q6_K bytes of a [N, K] tensor -> its exact float32 values [N, K] (gguf's own dequantization)."""
+    sb = quant_blocks(data, "Q6_K", shape)
+    return torch.from_numpy(quants.Q6_K.dequantize_blocks(sb).reshape(shape))
+
+
+def q6_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q6_K bytes of a [N, K] tensor -> Q8_0 blocks: codes uint8 [N, K] (q + 128), d float32 [N, K/32],
+    re-quantized per 32 weights with fp16 scales, in bounded row chunks."""
+    n, k = shape
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
+    row_bytes = k // block * size
+    rows = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, row_bytes)
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    d = torch.empty(n, k // 32)
+    for start in range(0, n, 1024):
+        chunk = rows[start : start + 1024]
+        w = q6_k_values(chunk, (chunk.shape[0], k)).reshape(chunk.shape[0], k // 32, 32)  # [rows, K/32, 32]
+        scale = (w.abs().amax(dim=-1) / 127).half().float()  # [rows, K/32], as the kernel holds it
+        divisor = torch.where(scale > 0, scale, 1.0)  # an all-zero block (or one fp16 rounds to 0)
+        q = torch.round(w / divisor[..., None]).clamp(-127, 127)
+        codes[start : start + 1024] = (q.to(torch.int16) + 128).to(torch.uint8).reshape(chunk.shape[0], k)
+        d[start : start + 1024] = scale
+    return {"codes": codes, "d": d}
+
+
+_CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.Tensor]]] = {
+    "Q5_0": functools.partial(q5_blocks, ggml_type="Q5_0"),
+    "Q5_1": functools.partial(q5_blocks, ggml_type="Q5_1"),
+    "Q4_K": q4_k_blocks,
+    "Q6_K": q6_k_blocks,
+}
+
+
+def converted_blocks(
+    data: np.ndarray, ggml_type: str, shape: tuple[int, int]
+) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """A tensor of a `CONVERTED` type as (block format, its blocks) for `BlockQuantLinear.from_blocks`,
+    or None when a scale is beyond fp16's range. Raises `UnsupportedModelError` for other types or
+    widths that are not a multiple of the type's block."""
+    quant_blocks(data, ggml_type, shape)  # checks the type and shape
+    blocks = _CONVERTERS[ggml_type](data, shape=shape)
+    fp16_max = torch.finfo(torch.float16).max
+    if any(blocks[name].abs().max() > fp16_max for name in ("d", "m") if name in blocks):
+        return None
+    return CONVERTED[ggml_type], blocks

@@ -1,0 +1,105 @@
+"""K-quants (Q4_K, Q6_K) and Q5_0 / Q5_1 become native blocks: values as gguf dequantizes them, within
+the stated roundings, and a GGUF made of them loads without a float copy of its matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType, quants
+
+from lamina.errors import UnsupportedModelError
+from lamina.loading.checkpoint import open_checkpoint
+from lamina.loading.loader import build_empty, load_weights
+from lamina.quant.base import QuantizedLinear
+from lamina.quant.blockq import BlockQuantLinear, blockq_linear_from_gguf
+from lamina.quant.gguf_convert import converted_blocks, q4_k_blocks, q6_k_blocks
+from lamina.quant.load import loading_claim
+from tests.models.gguf_writer import random_kquant, write_gguf
+from tests.models.test_parity import load_lamina
+from tests.models.tiny import VOCAB
+
+SHAPE = (32, 512)
+
+
+def gguf_values(data: np.ndarray, ggml_type: str) -> torch.Tensor:
+    return torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[ggml_type])).reshape(SHAPE)
+
+
+def test_q4_k_codes_and_scales_are_gguf_values() -> None:
+    data = random_kquant(SHAPE, "Q4_K", np.random.default_rng(0))
+    blocks = q4_k_blocks(data, SHAPE)
+    codes = blocks["codes"].float().reshape(32, -1, 32)  # [N, K/32, 32]
+    exact = codes * blocks["d"][..., None] + blocks["m"][..., None]
+    assert torch.equal(exact.reshape(SHAPE), gguf_values(data, "Q4_K"))  # in float32, exactly
+    # the kernel's fp16 scale and min: each within 2^-11 relative of the sub-block's
+    layer = blockq_linear_from_gguf(data, "Q4_K", SHAPE)
+    assert layer.ggml_type == "Q4_1"
+    bound = 2**-11 * (15 * blocks["d"].abs() + blocks["m"].abs())  # [N, K/32]
+    error = (layer.dequantize() - exact.reshape(SHAPE)).abs().reshape(32, -1, 32).amax(-1)
+    assert torch.all(error <= bound)
+
+
+def test_q6_k_is_requantized_within_half_a_step() -> None:
+    data = random_kquant(SHAPE, "Q6_K", np.random.default_rng(1))
+    blocks = q6_k_blocks(data, SHAPE)
+    layer = blockq_linear_from_gguf(data, "Q6_K", SHAPE)
+    assert layer.ggml_type == "Q8_0"
+    values = gguf_values(data, "Q6_K").reshape(32, -1, 32)  # [N, K/32, 32]
+    error = (layer.dequantize().reshape(values.shape) - values).abs().amax(-1)
+    # half a step, plus what the fp16 rounding of the scale moves the largest code (127 * 2^-11)
+    assert torch.all(error <= blocks["d"] * (0.5 + 127 * 2**-11))
+    assert torch.all(blocks["d"] <= values.abs().amax(-1) / 127 * (1 + 2**-11))
+
+
+def test_widths_off_the_super_block_are_refused_by_name() -> None:
+    data = np.zeros((16, 2 * 144), dtype=np.uint8)  # two Q4_K super-blocks a row, but 384 columns
+    with pytest.raises(UnsupportedModelError, match=r"Q4_K with 384 columns.*multiple of their block"):
+        converted_blocks(data, "Q4_K", (16, 384))
+    with pytest.raises(UnsupportedModelError, match="IQ4_NL"):
+        converted_blocks(data, "IQ4_NL", (16, 256))
+
+
+def test_scales_beyond_fp16_are_not_converted() -> None:
+    data = random_kquant(SHAPE, "Q4_K", np.random.default_rng(2)).copy()
+    data.reshape(-1, 144)[0, 0:2] = np.array([60000.0], dtype=np.float16).view(np.uint8)  # d * sc > 65504
+    data.reshape(-1, 144)[0, 4] = 63  # the first sub-block's 6-bit scale at its largest
+    assert converted_blocks(data, "Q4_K", SHAPE) is None
+    assert blockq_linear_from_gguf(data, "Q4_K", SHAPE) is None
+
+
+def test_a_q4_k_m_style_gguf_loads_as_blocks(native_lib, tmp_path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).float().eval()
+    # as llama.cpp's Q4_K_M mixes them: Q6_K for v and down, Q4_K elsewhere, Q5_x and Q8_0 too
+    types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q8_0"}
+
+    def type_of(name: str) -> str:
+        return next((t for key, t in types.items() if f"{key}.weight" in name), "Q4_K")
+
+    path = write_gguf(reference, "llama", tmp_path / "q4km.gguf", VOCAB, type_of=type_of)
+    kept, expanded = load_kept(path), load_lamina(path)
+    linears = {name: type(m) for name, m in kept.named_modules() if "proj" in name or name == "lm_head"}
+    assert linears and all(kind is BlockQuantLinear for kind in linears.values()), linears
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = kept(ids), expanded(ids)
+    # Q6_K's re-quantization (of random codes, its worst case) dominates: 1.4% measured with only Q6_K
+    # matrices, 1.6e-4 with only Q4_K (fp16 sub-block scales), 3e-5 to 1e-4 with Q5_0 / Q5_1 / Q8_0;
+    # a misplaced code or scale moves the logits by their own size
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+    assert not any(isinstance(m, QuantizedLinear) for m in expanded.modules())
+
+
+def load_kept(path) -> torch.nn.Module:
+    """The GGUF loaded as `LLM.load` does on CPU: its matrices claimed as blocks."""
+    with open_checkpoint(path) as checkpoint:
+        model, _ = build_empty(checkpoint)
+        claim = loading_claim(model, checkpoint, None, torch.device("cpu"), torch.float32)
+        load_weights(model, checkpoint, torch.float32, "cpu", claim=claim)
+    return model.eval()
