@@ -5,6 +5,9 @@
  * fp16 bias m per block of 32. Q4_0 is (4 bits, offset 8, no m), Q4_1 is (4 bits, offset 0, m),
  * Q8_0 is (8 bits stored as q + 128, offset 128, no m).
  *
+ * Scales per 16 weights (Q6_K's sub-blocks; `scale_block` 16, 8-bit codes, no m): each 32-block has
+ * two d, d[N/16][K/16][16], and each half's dot product gets its own.
+ *
  * Code books (NF4/FP4): 4-bit codes index a table of 16 values instead of being values themselves.
  * `lut` holds each value v (|v| <= 1) times 127 as two unsigned bytes, a = lut[c] and b = lut[16 + c],
  * with 127 v ~= (a - offset) + (b - 64) / 128 to within 2^-8 (so w = d * (127 v) with d = absmax / 127
@@ -36,7 +39,8 @@
 #define ROW_CHUNK 64    /* activation rows per pass over the tiles (keeps them in L2) */
 
 /* One activation row -> per 32-block: two int8 code sets (x ~= d1 * q1 + d2 * q2, the second
- * quantizing what the first left over), their scales, their code sums, and the block's float sum. */
+ * quantizing what the first left over), their scales, their code sums per 16 ([pass][half]), and the
+ * block's float sum. */
 static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32_t *sumq, float *sumx) {
     for (int64_t b = 0; b < k / BLOCK; b++) {
         __m512 part[2] = {_mm512_loadu_ps(x + b * BLOCK), _mm512_loadu_ps(x + b * BLOCK + 16)};
@@ -45,15 +49,13 @@ static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(part[0]), _mm512_abs_ps(part[1])));
             __m512 scale = _mm512_set1_ps(amax / 127.0f);
             __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            __m512i sum = _mm512_setzero_si512();
             for (int h = 0; h < 2; h++) {
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(part[h], inv)); /* round to nearest even */
                 _mm_storeu_si128((__m128i *)(qx + b * 2 * BLOCK + pass * BLOCK + h * 16), _mm512_cvtepi32_epi8(q));
-                sum = _mm512_add_epi32(sum, q);
+                sumq[4 * b + 2 * pass + h] = _mm512_reduce_add_epi32(q);
                 part[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q), scale, part[h]); /* what is left */
             }
             dx[2 * b + pass] = amax / 127.0f;
-            sumq[2 * b + pass] = _mm512_reduce_add_epi32(sum);
         }
     }
 }
@@ -75,7 +77,7 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *code
 /* `rows` activation rows (1..ROWS_PER_PASS) against one tile: y[r][0..15]. */
 static inline __attribute__((always_inline)) void tile_rows(
     const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t nblocks, int bits, int offset,
-    const uint8_t *lut, const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy,
+    const uint8_t *lut, const int sub16, const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy,
     const int rows) {
     const int64_t block_bytes = bits * BLOCK * TILE / 8;
     __m512 acc[ROWS_PER_PASS];
@@ -91,11 +93,30 @@ static inline __attribute__((always_inline)) void tile_rows(
                 ub[j] = _mm512_shuffle_epi8(lut_b, u[j]);
                 u[j] = _mm512_shuffle_epi8(lut_a, u[j]);
             }
+        if (sub16) {
+            const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 2 * b * TILE)));
+            const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (2 * b + 1) * TILE)));
+            for (int r = 0; r < rows; r++) {
+                const int32_t *q = (const int32_t *)(qx + r * 2 * k + b * 2 * BLOCK);
+                const int32_t *s = sumq + r * 4 * (k / BLOCK) + 4 * b;
+                const float *xs = dx + r * 2 * (k / BLOCK) + 2 * b;
+                __m512i dot[4]; /* [pass][half] */
+                for (int i = 0; i < 4; i++) dot[i] = _mm512_set1_epi32(-offset * s[i]);
+                for (int j = 0; j < 8; j++) {
+                    dot[j / 4] = _mm512_dpbusd_epi32(dot[j / 4], u[j], _mm512_set1_epi32(q[j]));
+                    dot[2 + j / 4] = _mm512_dpbusd_epi32(dot[2 + j / 4], u[j], _mm512_set1_epi32(q[8 + j]));
+                }
+                for (int i = 0; i < 4; i++)
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(i % 2 ? db : da, _mm512_set1_ps(xs[i / 2])), acc[r]);
+            }
+            continue;
+        }
         __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * TILE)));
         __m512 mv = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * TILE))) : dv;
         for (int r = 0; r < rows; r++) {
             const int32_t *q = (const int32_t *)(qx + r * 2 * k + b * 2 * BLOCK); /* 4 codes per lane */
-            const int32_t *s = sumq + r * 2 * (k / BLOCK) + 2 * b;
+            const int32_t *sh = sumq + r * 4 * (k / BLOCK) + 4 * b;
+            const int32_t s[2] = {sh[0] + sh[1], sh[2] + sh[3]}; /* per pass */
             const float *xs = dx + r * 2 * (k / BLOCK) + 2 * b;
             __m512i dot1 = _mm512_set1_epi32(-offset * s[0]), dot2 = _mm512_set1_epi32(-offset * s[1]);
             for (int j = 0; j < 8; j++) {
@@ -115,16 +136,18 @@ static inline __attribute__((always_inline)) void tile_rows(
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 
-/* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above).
- * Returns 0, or -1 when scratch memory is unavailable. */
+/* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above);
+ * `scale_block` 32, or 16 (8-bit codes, no m, no lut). Returns 0, or -1 when scratch memory is
+ * unavailable. */
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
-                         const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, float *y,
-                         int64_t ldy) {
+                         const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
+                         float *y, int64_t ldy) {
+    const int sub16 = scale_block == 16;
     const int64_t nblocks = k / BLOCK, ntiles = n / TILE;
     const int64_t tile_bytes = nblocks * (bits * BLOCK * TILE / 8);
     int8_t *qx = malloc(m_rows * 2 * k);
     float *dx = malloc(m_rows * 2 * nblocks * sizeof(float));
-    int32_t *sumq = malloc(m_rows * 2 * nblocks * sizeof(int32_t));
+    int32_t *sumq = malloc(m_rows * 4 * nblocks * sizeof(int32_t));
     float *sumx = malloc(m_rows * nblocks * sizeof(float));
     if (!qx || !dx || !sumq || !sumx) {
         free(qx), free(dx), free(sumq), free(sumx);
@@ -134,23 +157,23 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m_rows; r++)
-            quantize_row(x + r * k, k, qx + r * 2 * k, dx + r * 2 * nblocks, sumq + r * 2 * nblocks, sumx + r * nblocks);
+            quantize_row(x + r * k, k, qx + r * 2 * k, dx + r * 2 * nblocks, sumq + r * 4 * nblocks, sumx + r * nblocks);
         for (int64_t r0 = 0; r0 < m_rows; r0 += ROW_CHUNK) {
             const int64_t r1 = r0 + ROW_CHUNK < m_rows ? r0 + ROW_CHUNK : m_rows;
 #pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < ntiles; t++) {
                 const uint8_t *tc = codes + t * tile_bytes;
-                const uint16_t *td = d + t * nblocks * TILE, *tm = m ? m + t * nblocks * TILE : NULL;
+                const uint16_t *td = d + t * nblocks * (sub16 ? 2 : 1) * TILE, *tm = m ? m + t * nblocks * TILE : NULL;
                 for (int64_t r = r0; r < r1; r += ROWS_PER_PASS) {
                     const int64_t left = r1 - r;
                     const int8_t *q = qx + r * 2 * k;
                     const float *s = dx + r * 2 * nblocks, *sx = sumx + r * nblocks;
-                    const int32_t *sq = sumq + r * 2 * nblocks;
+                    const int32_t *sq = sumq + r * 4 * nblocks;
                     float *out = y + r * ldy + t * TILE;
-                    if (left >= 4) tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 4);
-                    else if (left == 3) tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 3);
-                    else if (left == 2) tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 2);
-                    else tile_rows(tc, td, tm, nblocks, bits, offset, lut, q, s, sq, sx, k, out, ldy, 1);
+                    if (left >= 4) tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 4);
+                    else if (left == 3) tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 3);
+                    else if (left == 2) tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 2);
+                    else tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 1);
                 }
             }
         }

@@ -22,8 +22,8 @@
 #include "vector_math.h"
 
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
-                         const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, float *y,
-                         int64_t ldy);
+                         const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
+                         float *y, int64_t ldy);
 void lamina_f32_linear(const float *x, int64_t m_rows, int64_t k, const float *w, int64_t n, const float *bias,
                        float *y, int64_t ldy);
 int lamina_decode_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh, const float *keys,
@@ -39,6 +39,7 @@ typedef struct {
     int64_t out_features, in_features;
     int32_t bits, offset;
     const uint8_t *lut; /* a 4-bit code book (blockq.c), or NULL */
+    int64_t scale_block; /* weights per d: 32, or 16 */
 } Weight;
 
 /* A projection: up to 3 weights reading the same input, outputs side by side. */
@@ -62,7 +63,7 @@ static int matmul(const Projection *p, const float *x, int64_t rows, float *y) {
         const Weight *w = &p->parts[i];
         if (w->codes) {
             if (lamina_blockq_matmul(x, rows, w->in_features, w->codes, w->d, w->m, w->out_features, w->bits,
-                                     w->offset, w->lut, y + column, width))
+                                     w->offset, w->lut, (int)w->scale_block, y + column, width))
                 return -1;
         } else {
             lamina_f32_linear(x, rows, w->in_features, w->dense, w->out_features, NULL, y + column, width);

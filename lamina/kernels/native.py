@@ -99,7 +99,7 @@ def library() -> ctypes.CDLL | None:
         _reason.append(f"building the kernels failed: {err}")
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lamina_blockq_matmul.argtypes = [pointer, i64, i64, pointer, pointer, pointer, i64, i32, i32, pointer, pointer, i64]  # fmt: skip
+    lib.lamina_blockq_matmul.argtypes = [pointer, i64, i64, pointer, pointer, pointer, i64, i32, i32, pointer, i32, pointer, i64]  # fmt: skip
     lib.lamina_blockq_matmul.restype = ctypes.c_int
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
@@ -130,8 +130,8 @@ def blockq_matmul(
     """y [M, N] float32 = x [M, K] float32 (contiguous) times the tiled block-quantized weight.
 
     `codes`, `d`, `m` are in the tile layout described in blockq.c (`lamina.quant.blocks` builds it);
-    `lut` is a 4-bit code book's uint8 [32] table (blockq.c), or None for linear codes.
-    N = d.shape[0] * 16. Needs `library()` to be available.
+    `lut` is a 4-bit code book's uint8 [32] table (blockq.c), or None for linear codes. d holds a
+    scale per 32 weights, or per 16 (d.shape[1] == K / 16). N = d.shape[0] * 16. Needs `library()`.
     """
     lib = library()
     rows, k = x.shape
@@ -139,7 +139,7 @@ def blockq_matmul(
     y = torch.empty(rows, n, dtype=torch.float32)
     status = lib.lamina_blockq_matmul(
         x.data_ptr(), rows, k, codes.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
-        n, bits, offset, None if lut is None else lut.data_ptr(), y.data_ptr(), n,
+        n, bits, offset, None if lut is None else lut.data_ptr(), k // d.shape[1], y.data_ptr(), n,
     )  # fmt: skip
     if status != 0:
         raise MemoryError(f"blockq matmul: no memory for the quantized activations ({rows} x {k})")

@@ -35,6 +35,7 @@ class _Weight(ctypes.Structure):
         ("bits", ctypes.c_int32),
         ("offset", ctypes.c_int32),
         ("lut", ctypes.c_void_p),
+        ("scale_block", ctypes.c_int64),
     ]
 
 
@@ -74,9 +75,13 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
             None if t is None else t.data_ptr() for t in _weight_tensors(module)
         )
         part.out_features, part.in_features = module.out_features, module.in_features
-        bits, offset, lut = (0, 0, None) if isinstance(module, nn.Linear) else module.native_blocks()[3:]
-        part.bits, part.offset = bits, offset
+        if isinstance(module, nn.Linear):
+            part.bits = part.offset = part.scale_block = 0
+            part.lut = None
+            continue
+        _, d, _, part.bits, part.offset, lut = module.native_blocks()
         part.lut = None if lut is None else lut.data_ptr()  # a shared table that never moves
+        part.scale_block = module.in_features // d.shape[1]  # weights per scale: 32, or 16
 
 
 def _native_projection(module: nn.Module) -> bool:

@@ -40,13 +40,14 @@ from lamina.quant.gguf_convert import CONVERTED, converted_blocks, q5_blocks
 from lamina.quant.gguf_formats import q4_codes, raw_blocks
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
-#: Block format -> (code bits, code offset, has a per-block bias m).
-FORMATS: dict[str, tuple[int, int, bool]] = {
-    "Q4_0": (4, 8, False),
-    "Q4_1": (4, 0, True),
-    "Q8_0": (8, 128, False),
-    "Q5_0": (8, 16, False),
-    "Q5_1": (8, 0, True),
+#: Block format -> (code bits, code offset, has a per-block bias m, weights per scale d).
+FORMATS: dict[str, tuple[int, int, bool, int]] = {
+    "Q4_0": (4, 8, False, 32),
+    "Q4_1": (4, 0, True, 32),
+    "Q8_0": (8, 128, False, 32),
+    "Q5_0": (8, 16, False, 32),
+    "Q5_1": (8, 0, True, 32),
+    "Q6_K": (8, 32, False, 16),
 }
 
 
@@ -74,7 +75,7 @@ def runs_natively(device: torch.device, shape: tuple[int, int]) -> bool:
 
 
 #: GGML types that can become a `BlockQuantLinear`: kept as stored, or converted (`gguf_convert.py`).
-KEPT_TYPES = frozenset(FORMATS) | frozenset(CONVERTED)
+KEPT_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0"}) | frozenset(CONVERTED)
 
 
 def blockq_linear_from_gguf(
@@ -82,13 +83,13 @@ def blockq_linear_from_gguf(
 ) -> BlockQuantLinear | None:
     """A GGUF tensor's raw bytes (a `KEPT_TYPES` type) as a `BlockQuantLinear`, output rows reordered by
     `permute_rows` (per-row blocks commute with it); None where its scales do not fit the blocks."""
-    if ggml_type in FORMATS:
-        block_format, blocks = ggml_type, gguf_blocks(data, ggml_type, shape)
-    else:
+    if ggml_type in CONVERTED:
         converted = converted_blocks(data, ggml_type, shape)
         if converted is None:
             return None
         block_format, blocks = converted
+    else:
+        block_format, blocks = ggml_type, gguf_blocks(data, ggml_type, shape)
     if permute_rows is not None:
         blocks = {name: permute_rows(t) for name, t in blocks.items()}
     return BlockQuantLinear.from_blocks(block_format, **blocks)
@@ -109,9 +110,9 @@ class BlockQuantLinear(QuantizedLinear):
         bias: torch.Tensor | None = None,
     ) -> None:
         """From tiles (see `blocks.py`); `from_blocks` builds them from codes and scales."""
-        super().__init__(d_tiled.shape[1] * BLOCK, d_tiled.shape[0] * TILE, bias)
+        super().__init__(codes_tiled.shape[1] * BLOCK, codes_tiled.shape[0] * TILE, bias)
         self.ggml_type = ggml_type
-        self.bits, self.offset, _ = FORMATS[ggml_type]
+        self.bits, self.offset, _, self.scale_block = FORMATS[ggml_type]
         self.register_buffer("codes_tiled", codes_tiled)
         self.register_buffer("d_tiled", d_tiled)
         self.register_buffer("m_tiled", m_tiled)
@@ -126,8 +127,9 @@ class BlockQuantLinear(QuantizedLinear):
         m: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> BlockQuantLinear:
-        """`codes` uint8 [N, K] unsigned (Q8_0: q + 128), `d` / `m` [N, K/32]; N % 16 == 0, K % 32 == 0."""
-        bits, _, has_m = FORMATS[ggml_type]
+        """`codes` uint8 [N, K] unsigned (Q8_0: q + 128), `d` / `m` [N, K/32] (Q6_K: d [N, K/16]);
+        N % 16 == 0, K % 32 == 0."""
+        bits, _, has_m, _ = FORMATS[ggml_type]
         m_tiled = tile_scales(m) if has_m else None
         return cls(ggml_type, tile_codes(codes.to(torch.uint8), bits), tile_scales(d), m_tiled, bias)
 
@@ -145,12 +147,12 @@ class BlockQuantLinear(QuantizedLinear):
         cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> BlockQuantLinear:
         where, ggml_type = config.get("name", "?"), config["ggml_type"]
-        bits, _, has_m = FORMATS[ggml_type]
+        bits, _, has_m, scale_block = FORMATS[ggml_type]
         names = ("codes", "d", "m") if has_m else ("codes", "d")
         stored = require_tensors(tensors, names, where)
         check_shape(stored[0], (out_features, in_features * bits // 8), "codes", where)
         for name, t in zip(names[1:], stored[1:], strict=True):
-            check_shape(t, (out_features, in_features // BLOCK), name, where)
+            check_shape(t, (out_features, in_features // scale_block), name, where)
         codes = unpack_nibbles(stored[0]) if bits == 4 else stored[0]
         return cls.from_blocks(ggml_type, codes, *(t.float() for t in stored[1:]), bias=tensors.get("bias"))
 
@@ -190,7 +192,9 @@ class BlockQuantLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        c = self.codes().float().reshape(n, k // BLOCK, BLOCK)  # [N, K/32, 32]
+        c = (
+            self.codes().float().reshape(n, k // self.scale_block, self.scale_block)
+        )  # [N, K/32 or K/16, 32 or 16]
         w = untile_scales(self.d_tiled.cpu())[..., None] * (c - self.offset)
         if self.m_tiled is not None:
             w = w + untile_scales(self.m_tiled.cpu())[..., None]
@@ -211,9 +215,13 @@ class BlockQuantLinear(QuantizedLinear):
         return self._add_bias(y)
 
 
+#: GGML types whose blocks `BlockQuantEmbedding` reads: 8-bit codes and no per-block m.
+EMBEDDING_TYPES = frozenset({"Q8_0", "Q5_0", "Q6_K"})
+
+
 class BlockQuantEmbedding(nn.Module):
-    """A Q8_0 token embedding on the same tiles as its tied `BlockQuantLinear` head (one copy for both);
-    looked-up rows are dequantized exactly (d * q)."""
+    """A token embedding on the same 8-bit tiles as its tied `BlockQuantLinear` head (one copy for both;
+    Q8_0 blocks, or Q5_0 / Q6_K as they become); looked-up rows are dequantized exactly, d (c - offset)."""
 
     def __init__(self, head: BlockQuantLinear) -> None:
         super().__init__()
@@ -227,8 +235,11 @@ class BlockQuantEmbedding(nn.Module):
         tile, row = ids // TILE, ids % TILE
         codes = self.codes_tiled.view(*self.codes_tiled.shape[:2], 8, TILE, 4)  # [tile, block, j, row, kk]
         picked = codes[tile, :, :, row, :]  # [..., K/32, 8, 4]
-        scales = self.d_tiled[tile, :, row].float()  # [..., K/32]
-        values = (picked.float() - self.offset).flatten(-2) * scales[..., None]  # [..., K/32, 32]
+        scales = self.d_tiled[tile, :, row].float()  # [..., K/32] (Q6_K: [..., K/16])
+        codes = (picked.float() - self.offset).flatten(-3)  # [..., K]
+        values = (
+            codes.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]
+        )  # [..., K/32, 32] or K/16, 16
         return values.flatten(-2).to(self.output_dtype)  # [..., K]
 
     def dequantize(self) -> torch.Tensor:

@@ -13,14 +13,12 @@ K-quants, super-blocks of 256 weights along in_features:
   the kernel's fp16 (relative error <= 2^-11 of each sub-block's scale and min).
 - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen int8 scales, fp16 d;
   sub-block j (16 weights): w = d * sc_j * (q - 32), q in [0, 63].
-  -> Q8_0 blocks (int8 codes, one scale per 32 weights): the values are re-quantized, since two
-  16-weight sub-blocks with their own scales share one 32-block; adds about half the new int8 step
-  (1/254 of the block's largest |w|, plus the fp16 rounding of the scale), against Q6_K's own step
-  of 1/32 of a sub-block's largest.
+  -> "Q6_K" blocks: 8-bit codes q (offset 32), a scale d * sc_j per 16 weights (the kernel's
+  `scale_block` 16): codes exact, scales rounded to fp16 (relative error <= 2^-11).
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
 Memory: Q4_K 4.5 -> 5 bits a weight (fp16 d and m per 32 instead of 6-bit ones per 32), Q6_K
-6.56 -> 8.5; float32 would be 32.
+6.56 -> 9; float32 would be 32.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from lamina.errors import UnsupportedModelError
 
 #: GGML types converted here -> the block format they become (`blockq.FORMATS`).
-CONVERTED = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K": "Q4_1", "Q6_K": "Q8_0"}
+CONVERTED = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K": "Q4_1", "Q6_K": "Q6_K"}
 
 
 def quant_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
@@ -91,30 +89,17 @@ def q4_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Ten
     }
 
 
-def q6_k_values(data: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """Q6_K bytes of a [N, K] tensor -> its exact float32 values [N, K] (gguf's own dequantization)."""
-    sb = quant_blocks(data, "Q6_K", shape)
-    return torch.from_numpy(quants.Q6_K.dequantize_blocks(sb).reshape(shape))
-
-
 def q6_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Q6_K bytes of a [N, K] tensor -> Q8_0 blocks: codes uint8 [N, K] (q + 128), d float32 [N, K/32],
-    re-quantized per 32 weights with fp16 scales, in bounded row chunks."""
+    """Q6_K bytes of a [N, K] tensor -> codes uint8 [N, K] in [0, 63] (offset 32), d float32 [N, K/16]."""
     n, k = shape
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
-    row_bytes = k // block * size
-    rows = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, row_bytes)
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    d = torch.empty(n, k // 32)
-    for start in range(0, n, 1024):
-        chunk = rows[start : start + 1024]
-        w = q6_k_values(chunk, (chunk.shape[0], k)).reshape(chunk.shape[0], k // 32, 32)  # [rows, K/32, 32]
-        scale = (w.abs().amax(dim=-1) / 127).half().float()  # [rows, K/32], as the kernel holds it
-        divisor = torch.where(scale > 0, scale, 1.0)  # an all-zero block (or one fp16 rounds to 0)
-        q = torch.round(w / divisor[..., None]).clamp(-127, 127)
-        codes[start : start + 1024] = (q.to(torch.int16) + 128).to(torch.uint8).reshape(chunk.shape[0], k)
-        d[start : start + 1024] = scale
-    return {"codes": codes, "d": d}
+    sb = quant_blocks(data, "Q6_K", shape)  # [S, 210]: ql[128], qh[64], scales[16] int8, d
+    ql = sb[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & np.uint8(15)).reshape(-1, 2, 128)  # [S, half, 128]: low 4 bits of 128 weights each
+    qh = sb[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qh = (qh & np.uint8(3)).reshape(-1, 2, 128)  # [S, half, 128]: high 2 bits
+    codes = ql | (qh << np.uint8(4))  # [S, 2, 128] -> 256 weights in order
+    d = _fp16(sb[:, 208:210]) * sb[:, 192:208].view(np.int8).astype(np.float32)  # [S, 16]
+    return {"codes": torch.from_numpy(codes.reshape(n, k)), "d": torch.from_numpy(d.reshape(n, k // 16))}
 
 
 _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.Tensor]]] = {

@@ -32,7 +32,13 @@ from lamina.quant.apply import (
     set_submodule,
     validate_method,
 )
-from lamina.quant.blockq import KEPT_TYPES, BlockQuantEmbedding, blockq_linear_from_gguf, runs_natively
+from lamina.quant.blockq import (
+    EMBEDDING_TYPES,
+    KEPT_TYPES,
+    BlockQuantEmbedding,
+    blockq_linear_from_gguf,
+    runs_natively,
+)
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 
@@ -114,8 +120,9 @@ def _gguf_claim(
     """Build Q4_0/Q4_1/Q8_0 linears from their blocks (on the native kernel also Q5_0/Q5_1/Q4_K/Q6_K,
     `gguf_convert.py`; other types load as float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
-    embedding: a Q8_0 embedding and its tied head become blocks here on the native kernel (never
-    loaded as float: 113 MB less peak for the default model), else in `_gguf_embedding`."""
+    embedding: a Q8_0 (Q5_0, Q6_K) embedding and its tied head become blocks here on the native
+    kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
+    `_gguf_embedding`."""
     spec, config = checkpoint.spec, checkpoint.config
     stored = set(checkpoint.tensor_names())
     head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
@@ -126,12 +133,11 @@ def _gguf_claim(
         weight = f"{name}.weight"
         if module is embed and isinstance(module, nn.Embedding) and weight in stored:
             raw = checkpoint.read_raw(weight)
-            if raw.ggml_type != "Q8_0" or tuple(raw.shape) != tuple(module.weight.shape):
+            if raw.ggml_type not in EMBEDDING_TYPES or tuple(raw.shape) != tuple(module.weight.shape):
                 return False
             if not runs_natively(device, raw.shape):
                 return False
-            _embedding_blocks(model, name, _module_name(model, head) if tied else None, raw, dtype)
-            return True
+            return _embedding_blocks(model, name, _module_name(model, head) if tied else None, raw, dtype)
         if type(module) is not nn.Linear or module.bias is not None:
             return False
         if (tied and module is head) or weight not in stored or weight.endswith(spec.transposed):
@@ -179,15 +185,19 @@ def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
 
 def _embedding_blocks(
     model: nn.Module, embed_name: str, head_name: str | None, raw: RawTensor, dtype: torch.dtype
-) -> None:
-    """A Q8_0 embedding as `BlockQuantEmbedding` over the tiles of a `BlockQuantLinear`, which also
-    becomes the output head when `head_name` (the tied head) is given."""
+) -> bool:
+    """An `EMBEDDING_TYPES` embedding as `BlockQuantEmbedding` over the tiles of a `BlockQuantLinear`,
+    which also becomes the output head when `head_name` (the tied head) is given. False (nothing
+    changed) where its scales do not fit the blocks."""
     new_head = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape)
+    if new_head is None:
+        return False
     new_embed = BlockQuantEmbedding(new_head)
     new_embed.output_dtype = dtype
     set_submodule(model, embed_name, new_embed)
     if head_name is not None:
         set_submodule(model, head_name, new_head)
+    return True
 
 
 def resident_bytes(model: nn.Module) -> dict[str, int]:

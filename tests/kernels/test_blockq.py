@@ -9,17 +9,24 @@ from gguf import GGMLQuantizationType, quants
 from torch import nn
 
 from lamina.kernels import native
-from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
+from lamina.quant.blockq import (
+    EMBEDDING_TYPES,
+    BlockQuantEmbedding,
+    BlockQuantLinear,
+    blockq_linear_from_gguf,
+)
 from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
 
+#: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's (a scale per 16 weights), built from codes
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
+RUNTIME_TYPES = [*TYPES, "Q6_K"]
 
 
 def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:
     g = torch.Generator().manual_seed(seed)
-    bits, _, has_m = BlockQuantLinear.formats[ggml_type]
+    bits, _, has_m, scale_block = BlockQuantLinear.formats[ggml_type]
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
-    d = (torch.rand(n, k // 32, generator=g) * 0.02).half().float()
+    d = (torch.rand(n, k // scale_block, generator=g) * 0.02).half().float()
     m = (torch.randn(n, k // 32, generator=g) * 0.05).half().float() if has_m else None
     return BlockQuantLinear.from_blocks(ggml_type, codes, d, m)
 
@@ -39,8 +46,8 @@ def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor
         scale = amax / 127
         approx += q.double() * scale.double()
         rest = (rest.double() - q.double() * scale.double()).float()  # the kernel's fused multiply-add
-    scales = untile_scales(layer.d_tiled).double()  # [N, K/32]
-    codes = layer.codes().double().reshape(layer.out_features, -1, 32) - layer.offset  # [N, K/32, 32]
+    scales = untile_scales(layer.d_tiled).double()  # [N, K/32] (Q6_K: [N, K/16])
+    codes = layer.codes().double().reshape(*scales.shape, -1) - layer.offset  # [N, K/32, 32] (or 16s)
     y = approx.reshape(x.shape) @ (scales[..., None] * codes).reshape(layer.out_features, -1).t()
     if layer.m_tiled is not None:
         y += blocks.sum(-1) @ untile_scales(layer.m_tiled).double().t()  # [M, K/32] x [K/32, N]
@@ -70,7 +77,7 @@ def test_gguf_bytes_dequantize_to_gguf_values_exactly(ggml_type: str) -> None:
     assert torch.equal(layer.dequantize(), torch.from_numpy(quants.dequantize(data, qtype)).reshape(32, 96))
 
 
-@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("ggml_type", RUNTIME_TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 7, 70])
 def test_kernel_matches_the_two_pass_reference(native_lib, ggml_type: str, rows: int) -> None:
     layer = random_layer(ggml_type, 64, 192)
@@ -84,7 +91,7 @@ def test_kernel_matches_the_two_pass_reference(native_lib, ggml_type: str, rows:
     assert (y.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
 
 
-@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("ggml_type", RUNTIME_TYPES)
 def test_rows_are_bit_identical_alone_or_together_and_across_thread_counts(
     native_lib, ggml_type: str
 ) -> None:
@@ -109,7 +116,7 @@ def test_fallback_without_the_kernel_computes_the_float_product(monkeypatch) -> 
     assert torch.allclose(layer(x), x @ layer.dequantize().t(), atol=1e-5)
 
 
-@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("ggml_type", RUNTIME_TYPES)
 def test_concatenated_layers_compute_each_layer(ggml_type: str) -> None:
     parts = [random_layer(ggml_type, n, 64, seed=n) for n in (32, 16, 48)]
     merged = BlockQuantLinear.concatenate(parts)
@@ -123,15 +130,16 @@ def test_concatenated_layers_compute_each_layer(ggml_type: str) -> None:
     )
 
 
-@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("ggml_type", RUNTIME_TYPES)
 def test_export_and_rebuild_round_trip(ggml_type: str) -> None:
     layer = random_layer(ggml_type, 32, 64)
     rebuilt = BlockQuantLinear.from_tensors(64, 32, layer.scheme_config(), layer.export_tensors())
     assert torch.equal(rebuilt.dequantize(), layer.dequantize())
 
 
-def test_embedding_rows_are_the_head_rows_exactly() -> None:
-    head = random_layer("Q8_0", 48, 64)
+@pytest.mark.parametrize("ggml_type", sorted(EMBEDDING_TYPES))
+def test_embedding_rows_are_the_head_rows_exactly(ggml_type: str) -> None:
+    head = random_layer(ggml_type, 48, 64)
     embedding = BlockQuantEmbedding(head)
     assert embedding.codes_tiled is head.codes_tiled  # one copy for both
     ids = torch.tensor([[0, 17, 47], [5, 5, 31]])

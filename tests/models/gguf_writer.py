@@ -303,20 +303,22 @@ def add_unigram_vocabulary(writer, tokens: list[str], scores: list[float], types
     writer.add_add_eos_token(True)
 
 
-#: K-quant type -> byte offsets of its fp16 super-block scales (gguf.quants' layouts).
-KQUANT_SCALE_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,)}
+#: K-quant type -> (byte offsets of its fp16 super-block scales, their range): ranges that give
+#: weights of a few hundredths, as a model's (Q4_K |w| ~ 256 d, Q6_K ~ 1000 d for random codes).
+KQUANT_SCALES = {"Q4_K": ((0, 2), (1e-4, 4e-4)), "Q6_K": ((208,), (6.2e-5, 2e-4))}
 
 
 def random_kquant(shape: tuple[int, int], ggml_type: str, rng: np.random.Generator) -> np.ndarray:
     """Well-formed K-quant bytes uint8 [N, row bytes] for a [N, K] matrix (gguf cannot quantize to
-    K-quants): random codes and packed sub-block scales, fp16 super-block scales in [1e-3, 1e-2]."""
+    K-quants): random codes and packed sub-block scales, fp16 super-block scales in `KQUANT_SCALES`."""
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
     n, k = shape
     data = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
-    for offset in KQUANT_SCALE_FIELDS[ggml_type]:
-        scales = rng.uniform(1e-3, 1e-2, (data.shape[0], 1)).astype(np.float16)
+    offsets, (low, high) = KQUANT_SCALES[ggml_type]
+    for offset in offsets:
+        scales = rng.uniform(low, high, (data.shape[0], 1)).astype(np.float16)
         data[:, offset : offset + 2] = scales.view(np.uint8)
     return data.reshape(n, k // block * size)
 
@@ -372,7 +374,7 @@ def write_gguf(
             writer.add_tensor(gguf_name, array.astype(np.float32))
         elif stored_type == "F16":
             writer.add_tensor(gguf_name, array.astype(np.float16))
-        elif stored_type in KQUANT_SCALE_FIELDS:
+        elif stored_type in KQUANT_SCALES:
             qtype = gguf.GGMLQuantizationType[stored_type]
             writer.add_tensor(gguf_name, random_kquant(array.shape, stored_type, rng), raw_dtype=qtype)
         else:

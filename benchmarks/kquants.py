@@ -1,0 +1,99 @@
+"""A llama.cpp Q4_K_M file (K-quants, Q5_0, Q8_0) kept quantized vs expanded to float32: weights, perplexity
+and decode tokens/s in one run.
+
+    python benchmarks/kquants.py [--gguf FILE] [--max-tokens 1024] [--decode-tokens 32] [--threads 2]
+
+Without --gguf, the bundled SmolLM2-135M-Instruct (Q4_1) is re-quantized to Q4_K_M with llama.cpp's own
+quantizer (`llama-cpp-python`, `pip install -e .[bench]`) into ~/.cache/lamina/bench/. SmolLM2's
+576-wide matrices are not a multiple of 256, so llama.cpp stores most of them as Q5_0; ffn_down
+(1536 wide) is Q4_K or Q6_K and attn_v Q8_0. For llama.cpp's and transformers' speed on the same
+file: `python benchmarks/compare.py --model FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from pathlib import Path
+
+import torch
+
+from lamina import LLM
+from lamina.default_model import default_model_path
+from lamina.engine.perplexity import default_text, perplexity
+from lamina.loading.gguf_header import read_gguf
+
+PROMPT = "The Python language reference describes"
+
+
+def make_q4_k_m(out: Path) -> Path:
+    """The bundled model re-quantized to Q4_K_M by llama.cpp (once; reused while it exists)."""
+    if out.exists():
+        return out
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True  # the source is Q4_1: llama.cpp dequantizes it first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".part")
+    if llama_cpp.llama_model_quantize(str(default_model_path()).encode(), str(partial).encode(), params):
+        raise SystemExit("llama.cpp's quantizer failed")
+    partial.rename(out)
+    return out
+
+
+def measure(label: str, path: Path, ids: list[int], args: argparse.Namespace, **load) -> dict:
+    started = time.perf_counter()
+    llm = LLM.load(str(path), device="cpu", **load)
+    load_s = time.perf_counter() - started
+    ppl = perplexity(llm.model, ids, context=512, stride=256)
+    llm.generate(PROMPT, max_new_tokens=4, temperature=0)  # warm-up
+    text = llm.generate(PROMPT, max_new_tokens=args.decode_tokens, temperature=0)
+    return {
+        "label": label,
+        "weight_mb": sum(llm.memory_footprint().values()) / 1e6,
+        "perplexity": ppl.perplexity,
+        "decode_tok_s": llm.last_stats.decode_tokens_per_s,
+        "load_s": load_s,
+        "text": text,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gguf", type=Path, help="a K-quant GGUF (default: make SmolLM2 Q4_K_M)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.gguf or make_q4_k_m(Path.home() / ".cache/lamina/bench/smollm2-135m-q4_k_m.gguf")
+
+    _, tensors = read_gguf(path)
+    types = collections.Counter(t.ggml_type.name for t in tensors.values() if len(t.dims) == 2)
+    print(f"{path.name}: {path.stat().st_size / 1e6:.1f} MB; matrices by type: {dict(types.most_common())}")
+    probe = LLM.load(str(path), device="cpu", quantize="none")
+    ids = probe.tokenizer.encode(default_text(), add_special_tokens=False)[: args.max_tokens]
+    del probe
+    rows = [
+        measure("kept quantized (default)", path, ids, args),
+        measure("expanded to float32", path, ids, args, quantize="none"),
+    ]
+    print(
+        f"perplexity over {len(ids) - 1} tokens, decode {args.decode_tokens} tokens, {args.threads} thread(s)"
+    )
+    print(f"{'load':26} {'weights MB':>10} {'perplexity':>11} {'decode tok/s':>13} {'load s':>7}")
+    for row in rows:
+        print(
+            f"{row['label']:26} {row['weight_mb']:10.1f} {row['perplexity']:11.4f} "
+            f"{row['decode_tok_s']:13.1f} {row['load_s']:7.2f}"
+        )
+    print("same greedy text:", rows[0]["text"] == rows[1]["text"])
+
+
+if __name__ == "__main__":
+    main()
