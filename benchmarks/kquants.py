@@ -1,12 +1,13 @@
-"""A llama.cpp Q4_K_M file (K-quants, Q5_0, Q8_0) kept quantized vs expanded to float32: weights, perplexity
+"""A llama.cpp K-quant file (Q4_K_M or Q5_K_M) kept quantized vs expanded to float32: weights, perplexity
 and decode tokens/s in one run.
 
-    python benchmarks/kquants.py [--gguf FILE] [--max-tokens 1024] [--decode-tokens 32] [--threads 2]
+    python benchmarks/kquants.py [--preset Q4_K_M|Q5_K_M | --gguf FILE] [--max-tokens 1024]
+                                 [--decode-tokens 32] [--threads 2]
 
-Without --gguf, the bundled SmolLM2-135M-Instruct (Q4_1) is re-quantized to Q4_K_M with llama.cpp's own
-quantizer (`llama-cpp-python`, `pip install -e .[bench]`) into ~/.cache/lamina/bench/. SmolLM2's
-576-wide matrices are not a multiple of 256, so llama.cpp stores most of them as Q5_0; ffn_down
-(1536 wide) is Q4_K or Q6_K and attn_v Q8_0. For llama.cpp's and transformers' speed on the same
+Without --gguf, the bundled SmolLM2-135M-Instruct (Q4_1) is re-quantized to --preset with llama.cpp's
+own quantizer (`llama-cpp-python`, `pip install -e .[bench]`) into ~/.cache/lamina/bench/. SmolLM2's
+576-wide matrices are not a multiple of 256, so llama.cpp stores most of them as Q5_0 / Q5_1;
+ffn_down (1536 wide) gets the K-quants and attn_v Q8_0. For llama.cpp's and transformers' speed on the same
 file: `python benchmarks/compare.py --model FILE`.
 """
 
@@ -27,14 +28,15 @@ from lamina.loading.gguf_header import read_gguf
 PROMPT = "The Python language reference describes"
 
 
-def make_q4_k_m(out: Path) -> Path:
-    """The bundled model re-quantized to Q4_K_M by llama.cpp (once; reused while it exists)."""
+def make_kquant(preset: str) -> Path:
+    """The bundled model re-quantized to `preset` by llama.cpp (once; reused while it exists)."""
+    out = Path.home() / f".cache/lamina/bench/smollm2-135m-{preset.lower()}.gguf"
     if out.exists():
         return out
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
     params.allow_requantize = True  # the source is Q4_1: llama.cpp dequantizes it first
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".part")
@@ -65,13 +67,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--gguf", type=Path, help="a K-quant GGUF (default: make SmolLM2 Q4_K_M)")
+    parser.add_argument("--gguf", type=Path, help="a K-quant GGUF (default: make SmolLM2 --preset)")
+    parser.add_argument("--preset", choices=("Q4_K_M", "Q5_K_M"), default="Q4_K_M")
     parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = args.gguf or make_q4_k_m(Path.home() / ".cache/lamina/bench/smollm2-135m-q4_k_m.gguf")
+    path = args.gguf or make_kquant(args.preset)
 
     _, tensors = read_gguf(path)
     types = collections.Counter(t.ggml_type.name for t in tensors.values() if len(t.dims) == 2)

@@ -1,6 +1,6 @@
-"""More GGUF types -> the native kernel's 32-weight blocks (`blockq.py`), so files made of them run
-without being expanded to float: Q5_0 / Q5_1, and the K-quants Q4_K / Q6_K (llama.cpp's Q4_K_M files
-are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256). `gguf.quants` is the
+"""More GGUF types -> the native kernel's blocks (`blockq.py`), so files made of them run without being
+expanded to float: Q5_0 / Q5_1, and the K-quants Q4_K / Q5_K / Q6_K (llama.cpp's Q4_K_M and Q5_K_M
+files are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256). `gguf.quants` is the
 reference for every layout.
 
 Q5_0 / Q5_1 (blocks of 32: fp16 d [and m], 32 high bits, 16 bytes of nibbles; w = d (q - 16) or
@@ -11,14 +11,16 @@ K-quants, super-blocks of 256 weights along in_features:
   sub-block j (32 weights): w = d * sc_j * q - dmin * m_j, q in [0, 15].
   -> Q4_1 blocks: the codes exactly; d * sc_j and -dmin * m_j (17 significant bits) rounded to
   the kernel's fp16 (relative error <= 2^-11 of each sub-block's scale and min).
+- Q5_K: Q4_K's layout plus 32 bytes of high bits (bit j of byte i: sub-block j, weight i), q in
+  [0, 31] -> Q5_1 blocks (8-bit codes), codes exact, scales as for Q4_K.
 - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen int8 scales, fp16 d;
   sub-block j (16 weights): w = d * sc_j * (q - 32), q in [0, 63].
   -> "Q6_K" blocks: 8-bit codes q (offset 32), a scale d * sc_j per 16 weights (the kernel's
   `scale_block` 16): codes exact, scales rounded to fp16 (relative error <= 2^-11).
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
-Memory: Q4_K 4.5 -> 5 bits a weight (fp16 d and m per 32 instead of 6-bit ones per 32), Q6_K
-6.56 -> 9; float32 would be 32.
+Memory: Q4_K 4.5 -> 5 bits a weight (fp16 d and m per 32 instead of 6-bit ones per 32), Q5_K 5.5 ->
+9, Q6_K 6.56 -> 9; float32 would be 32.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from lamina.errors import UnsupportedModelError
 
 #: GGML types converted here -> the block format they become (`blockq.FORMATS`).
-CONVERTED = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K": "Q4_1", "Q6_K": "Q6_K"}
+CONVERTED = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q6_K"}
 
 
 def quant_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
@@ -73,20 +75,37 @@ def q5_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[
     return out
 
 
+def _k_scales(sb: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Q4_K / Q5_K super-blocks [S, bytes] -> each 32-weight sub-block's d * sc and -dmin * m, [N, K/32]."""
+    sc, mins = quants.Q4_K.get_scale_min(sb[:, 4:16])  # [S, 8] each, 6-bit
+    d = _fp16(sb[:, 0:2]) * sc.astype(np.float32)  # [S, 8]
+    m = -_fp16(sb[:, 2:4]) * mins.astype(np.float32)  # [S, 8]
+    return {"d": torch.from_numpy(d.reshape(n, k // 32)), "m": torch.from_numpy(m.reshape(n, k // 32))}
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """128 bytes of Q4_K / Q5_K nibbles [S, 128] -> uint8 [S, 8, 32]: sub-blocks 2i and 2i + 1 are the low
+    and high nibbles of bytes 32i..32i + 31."""
+    pairs = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)  # [S, 4, 2, 32]
+    return (pairs & np.uint8(15)).reshape(-1, 8, 32)
+
+
 def q4_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Q4_K bytes of a [N, K] tensor -> Q4_1 blocks: codes uint8 [N, K], d and m float32 [N, K/32]."""
     n, k = shape
     sb = quant_blocks(data, "Q4_K", shape)  # [S, 144]: d, dmin, scales[12], qs[128]
-    sc, mins = quants.Q4_K.get_scale_min(sb[:, 4:16])  # [S, 8] each, 6-bit
-    d = _fp16(sb[:, 0:2]) * sc.astype(np.float32)  # [S, 8]
-    m = -_fp16(sb[:, 2:4]) * mins.astype(np.float32)  # [S, 8]
-    qs = sb[:, 16:].reshape(-1, 4, 1, 32)  # [S, pair of sub-blocks, 1, 32]: low nibble first sub-block
-    codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(15)  # [S, 4, 2, 32]
-    return {
-        "codes": torch.from_numpy(codes.reshape(n, k)),
-        "d": torch.from_numpy(d.reshape(n, k // 32)),
-        "m": torch.from_numpy(m.reshape(n, k // 32)),
-    }
+    codes = _k_low_nibbles(sb[:, 16:])
+    return {"codes": torch.from_numpy(codes.reshape(n, k)), **_k_scales(sb, n, k)}
+
+
+def q5_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q5_K bytes of a [N, K] tensor -> Q5_1 blocks: codes uint8 [N, K] in [0, 31], d and m [N, K/32]."""
+    n, k = shape
+    sb = quant_blocks(data, "Q5_K", shape)  # [S, 176]: d, dmin, scales[12], qh[32], qs[128]
+    shifts = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    high = (sb[:, 16:48].reshape(-1, 1, 32) >> shifts) & np.uint8(1)  # [S, 8, 32]: bit j for sub-block j
+    codes = _k_low_nibbles(sb[:, 48:]) | (high << np.uint8(4))
+    return {"codes": torch.from_numpy(codes.reshape(n, k)), **_k_scales(sb, n, k)}
 
 
 def q6_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -106,6 +125,7 @@ _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.T
     "Q5_0": functools.partial(q5_blocks, ggml_type="Q5_0"),
     "Q5_1": functools.partial(q5_blocks, ggml_type="Q5_1"),
     "Q4_K": q4_k_blocks,
+    "Q5_K": q5_k_blocks,
     "Q6_K": q6_k_blocks,
 }
 

@@ -304,8 +304,12 @@ def add_unigram_vocabulary(writer, tokens: list[str], scores: list[float], types
 
 
 #: K-quant type -> (byte offsets of its fp16 super-block scales, their range): ranges that give
-#: weights of a few hundredths, as a model's (Q4_K |w| ~ 256 d, Q6_K ~ 1000 d for random codes).
-KQUANT_SCALES = {"Q4_K": ((0, 2), (1e-4, 4e-4)), "Q6_K": ((208,), (6.2e-5, 2e-4))}
+#: weights of a few hundredths, as a model's (|w| ~ 256 d for Q4_K, 512 d Q5_K, 1000 d Q6_K).
+KQUANT_SCALES = {
+    "Q4_K": ((0, 2), (1e-4, 4e-4)),
+    "Q5_K": ((0, 2), (5e-5, 2e-4)),
+    "Q6_K": ((208,), (6.2e-5, 2e-4)),
+}
 
 
 def random_kquant(shape: tuple[int, int], ggml_type: str, rng: np.random.Generator) -> np.ndarray:

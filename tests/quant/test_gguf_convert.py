@@ -1,4 +1,4 @@
-"""K-quants (Q4_K, Q6_K) and Q5_0 / Q5_1 become native blocks: values as gguf dequantizes them, within
+"""K-quants (Q4_K, Q5_K, Q6_K) and Q5_0 / Q5_1 become native blocks: values as gguf dequantizes them, within
 the stated roundings, and a GGUF made of them loads without a float copy of its matrices."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
-from lamina.quant.gguf_convert import converted_blocks, q4_k_blocks, q6_k_blocks
+from lamina.quant.gguf_convert import converted_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks
 from lamina.quant.load import loading_claim
 from tests.models.gguf_writer import random_kquant, write_gguf
 from tests.models.test_parity import load_lamina
@@ -27,16 +27,18 @@ def gguf_values(data: np.ndarray, ggml_type: str) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[ggml_type])).reshape(SHAPE)
 
 
-def test_q4_k_codes_and_scales_are_gguf_values() -> None:
-    data = random_kquant(SHAPE, "Q4_K", np.random.default_rng(0))
-    blocks = q4_k_blocks(data, SHAPE)
+@pytest.mark.parametrize(("ggml_type", "block_format", "top"), [("Q4_K", "Q4_1", 15), ("Q5_K", "Q5_1", 31)])
+def test_q4_k_and_q5_k_codes_and_scales_are_gguf_values(ggml_type: str, block_format: str, top: int) -> None:
+    data = random_kquant(SHAPE, ggml_type, np.random.default_rng(0))
+    blocks = (q4_k_blocks if ggml_type == "Q4_K" else q5_k_blocks)(data, SHAPE)
+    assert blocks["codes"].max() == top
     codes = blocks["codes"].float().reshape(32, -1, 32)  # [N, K/32, 32]
     exact = codes * blocks["d"][..., None] + blocks["m"][..., None]
-    assert torch.equal(exact.reshape(SHAPE), gguf_values(data, "Q4_K"))  # in float32, exactly
+    assert torch.equal(exact.reshape(SHAPE), gguf_values(data, ggml_type))  # in float32, exactly
     # the kernel's fp16 scale and min: each within 2^-11 relative of the sub-block's
-    layer = blockq_linear_from_gguf(data, "Q4_K", SHAPE)
-    assert layer.ggml_type == "Q4_1"
-    bound = 2**-11 * (15 * blocks["d"].abs() + blocks["m"].abs())  # [N, K/32]
+    layer = blockq_linear_from_gguf(data, ggml_type, SHAPE)
+    assert layer.ggml_type == block_format
+    bound = 2**-11 * (top * blocks["d"].abs() + blocks["m"].abs())  # [N, K/32]
     error = (layer.dequantize() - exact.reshape(SHAPE)).abs().reshape(32, -1, 32).amax(-1)
     assert torch.all(error <= bound)
 
@@ -76,8 +78,9 @@ def test_a_q4_k_m_style_gguf_loads_as_blocks(native_lib, tmp_path) -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(config).float().eval()
-    # as llama.cpp's Q4_K_M mixes them: Q6_K for v and down, Q4_K elsewhere, Q5_x and Q8_0 too
+    # as llama.cpp's Q4_K_M mixes them: Q6_K for v and down, Q4_K elsewhere; Q5_x and Q8_0 too
     types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q8_0"}
+    types["ffn_up"] = "Q5_K"
     types["token_embd"] = "Q6_K"
 
     def type_of(name: str) -> str:
