@@ -23,6 +23,7 @@ import time
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from lamina.engine.generate import input_device_dtype
 from lamina.engine.kv_cache import KVCache, LayerKV
@@ -80,8 +81,12 @@ class CompiledDecoder:
         self.device = input_device_dtype(model)[0]
         self.verbose = verbose
         # One graph for all layers needs dynamo to treat a layer's weights as inputs rather than
-        # constants of one module (the default from torch 2.5); without it, compile the whole step.
-        self.per_layer = self.device.type != "cuda" and torch._dynamo.config.inline_inbuilt_nn_modules
+        # constants of one module (always from torch 2.5, a flag before: newer versions warn when it
+        # is read); without it, compile the whole step.
+        inlines_modules = (
+            torch.__version__ >= TorchVersion("2.5") or torch._dynamo.config.inline_inbuilt_nn_modules
+        )
+        self.per_layer = self.device.type != "cuda" and inlines_modules
         # CUDA graphs on GPU (what mode="reduce-overhead" sets). emulate_precision_casts: round
         # bf16/fp16 intermediates where eager does, so greedy tokens match the eager path (fused
         # kernels otherwise keep them in float32 and the two drift apart within tens of tokens).

@@ -215,31 +215,40 @@ class BlockQuantLinear(QuantizedLinear):
         return self._add_bias(y)
 
 
-#: GGML types whose blocks `BlockQuantEmbedding` reads: 8-bit codes and no per-block m.
-EMBEDDING_TYPES = frozenset({"Q8_0", "Q5_0", "Q6_K"})
-
-
 class BlockQuantEmbedding(nn.Module):
-    """A token embedding on the same 8-bit tiles as its tied `BlockQuantLinear` head (one copy for both;
-    Q8_0 blocks, or Q5_0 / Q6_K as they become); looked-up rows are dequantized exactly, d (c - offset)."""
+    """A token embedding on the tiles of a `BlockQuantLinear` (one copy when that is the tied head);
+    looked-up rows are dequantized exactly, d (c - offset) + m, whatever the block format."""
 
     def __init__(self, head: BlockQuantLinear) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.register_buffer("codes_tiled", head.codes_tiled)
         self.register_buffer("d_tiled", head.d_tiled)
-        self.offset = head.offset
+        self.register_buffer("m_tiled", head.m_tiled)
+        self.bits, self.offset = head.bits, head.offset
         self.output_dtype = torch.float32  # the model's activation dtype
+
+    def _codes(self, tile: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Rows `tile * 16 + row` of the codes, float32 [..., K/32, 32]."""
+        ntiles, nblocks, _ = self.codes_tiled.shape
+        if self.bits == 8:
+            picked = self.codes_tiled.view(ntiles, nblocks, 8, TILE, 4)[
+                tile, :, :, row, :
+            ]  # [..., K/32, 8, 4]
+            return picked.flatten(-2).float()  # [..., K/32, 32]: k = 4j + kk
+        picked = self.codes_tiled.view(ntiles, nblocks, 4, TILE, 4)[tile, :, :, row, :]  # [..., K/32, 4, 4]
+        halves = torch.stack([picked & 15, picked >> 4], dim=-3)  # [..., K/32, 2, 4, 4]: k = 16 h + 4p + kk
+        return halves.flatten(-3).float()  # [..., K/32, 32]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tile, row = ids // TILE, ids % TILE
-        codes = self.codes_tiled.view(*self.codes_tiled.shape[:2], 8, TILE, 4)  # [tile, block, j, row, kk]
-        picked = codes[tile, :, :, row, :]  # [..., K/32, 8, 4]
         scales = self.d_tiled[tile, :, row].float()  # [..., K/32] (Q6_K: [..., K/16])
-        codes = (picked.float() - self.offset).flatten(-3)  # [..., K]
+        codes = (self._codes(tile, row) - self.offset).flatten(-2)  # [..., K]
         values = (
             codes.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]
         )  # [..., K/32, 32] or K/16, 16
+        if self.m_tiled is not None:
+            values = values + self.m_tiled[tile, :, row].float()[..., None]
         return values.flatten(-2).to(self.output_dtype)  # [..., K]
 
     def dequantize(self) -> torch.Tensor:

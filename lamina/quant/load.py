@@ -33,7 +33,6 @@ from lamina.quant.apply import (
     validate_method,
 )
 from lamina.quant.blockq import (
-    EMBEDDING_TYPES,
     KEPT_TYPES,
     BlockQuantEmbedding,
     blockq_linear_from_gguf,
@@ -120,8 +119,8 @@ def _gguf_claim(
     """Build Q4_0/Q4_1/Q8_0 linears from their blocks (on the native kernel also Q5_0/Q5_1/Q4_K/Q6_K,
     `gguf_convert.py`; other types load as float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
-    embedding: a Q8_0 (Q5_0, Q6_K) embedding and its tied head become blocks here on the native
-    kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
+    embedding: an embedding of a `KEPT_TYPES` type and its tied head become blocks here on the
+    native kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
     `_gguf_embedding`."""
     spec, config = checkpoint.spec, checkpoint.config
     stored = set(checkpoint.tensor_names())
@@ -133,7 +132,7 @@ def _gguf_claim(
         weight = f"{name}.weight"
         if module is embed and isinstance(module, nn.Embedding) and weight in stored:
             raw = checkpoint.read_raw(weight)
-            if raw.ggml_type not in EMBEDDING_TYPES or tuple(raw.shape) != tuple(module.weight.shape):
+            if raw.ggml_type not in KEPT_TYPES or tuple(raw.shape) != tuple(module.weight.shape):
                 return False
             if not runs_natively(device, raw.shape):
                 return False
@@ -186,7 +185,7 @@ def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
 def _embedding_blocks(
     model: nn.Module, embed_name: str, head_name: str | None, raw: RawTensor, dtype: torch.dtype
 ) -> bool:
-    """An `EMBEDDING_TYPES` embedding as `BlockQuantEmbedding` over the tiles of a `BlockQuantLinear`,
+    """A `KEPT_TYPES` embedding as `BlockQuantEmbedding` over the tiles of a `BlockQuantLinear`,
     which also becomes the output head when `head_name` (the tied head) is given. False (nothing
     changed) where its scales do not fit the blocks."""
     new_head = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape)

@@ -81,7 +81,7 @@ def test_a_q4_k_m_style_gguf_loads_as_blocks(native_lib, tmp_path) -> None:
     # as llama.cpp's Q4_K_M mixes them: Q6_K for v and down, Q4_K elsewhere; Q5_x and Q8_0 too
     types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q8_0"}
     types["ffn_up"] = "Q5_K"
-    types["token_embd"] = "Q6_K"
+    types["token_embd"] = "Q4_K"
 
     def type_of(name: str) -> str:
         return next((t for key, t in types.items() if f"{key}.weight" in name), "Q4_K")
