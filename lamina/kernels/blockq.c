@@ -23,6 +23,8 @@
  * sums in 16 lanes, with no horizontal reduction:
  *   codes 4-bit: [N/16][K/32][4 p][16 row][4 kk] bytes; low nibble = k 4p + kk, high = k 16 + 4p + kk
  *   codes 8-bit: [N/16][K/32][8 j][16 row][4 kk] bytes = k 4j + kk
+ *   codes 5/6-bit (Q5_x, Q6_K): the 4-bit tile of the low 4 bits, then one 64-byte plane per higher
+ *                bit: [8 j][8 bytes], bit (4 row + kk) of the 8 bytes is that bit of k 4j + kk
  *   d, m:        [N/16][K/32][16 row] fp16
  * Every output row is computed by one thread in the same order whatever M, the row grouping and
  * the thread count, so results are bit-identical between a 1-row and an M-row call.
@@ -31,6 +33,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 #define BLOCK 32
@@ -62,15 +65,24 @@ static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32
 
 /* The 8 vectors of one tile's block: vector j holds 16 rows x codes of k 4j..4j+3. */
 static inline __attribute__((always_inline)) void load_block(const uint8_t *codes, int bits, __m512i u[8]) {
-    if (bits == 4) {
-        const __m512i nibble = _mm512_set1_epi8(0x0F);
-        for (int p = 0; p < 4; p++) {
-            __m512i packed = _mm512_loadu_si512(codes + 64 * p);
-            u[p] = _mm512_and_si512(packed, nibble);
-            u[p + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
-        }
-    } else {
+    if (bits == 8) {
         for (int j = 0; j < 8; j++) u[j] = _mm512_loadu_si512(codes + 64 * j);
+        return;
+    }
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; p++) {
+        __m512i packed = _mm512_loadu_si512(codes + 64 * p);
+        u[p] = _mm512_and_si512(packed, nibble);
+        u[p + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+    }
+    for (int plane = 0; plane < bits - 4; plane++) { /* bit 4 (and 5) of every code, from its bit plane */
+        const uint8_t *mask = codes + 256 + 64 * plane;
+        const __m512i bit = _mm512_set1_epi8((char)(16 << plane));
+        for (int j = 0; j < 8; j++) {
+            uint64_t m;
+            memcpy(&m, mask + 8 * j, 8);
+            u[j] = _mm512_or_si512(u[j], _mm512_maskz_mov_epi8(_cvtu64_mask64(m), bit));
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0, and Q5_0 / Q5_1 with 8-bit codes) and multiplied by
+"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1) and multiplied by
 Lamina's native CPU kernel; Q4_K and Q6_K become Q4_1 / Q8_0 blocks (`gguf_convert.py`).
 
 Each 32-weight block along in_features keeps its own fp16 scale d (and, for Q4_1, fp16 bias m), so
@@ -45,9 +45,9 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q4_0": (4, 8, False, 32),
     "Q4_1": (4, 0, True, 32),
     "Q8_0": (8, 128, False, 32),
-    "Q5_0": (8, 16, False, 32),
-    "Q5_1": (8, 0, True, 32),
-    "Q6_K": (8, 32, False, 16),
+    "Q5_0": (5, 16, False, 32),
+    "Q5_1": (5, 0, True, 32),
+    "Q6_K": (6, 32, False, 16),
 }
 
 
@@ -150,7 +150,7 @@ class BlockQuantLinear(QuantizedLinear):
         bits, _, has_m, scale_block = FORMATS[ggml_type]
         names = ("codes", "d", "m") if has_m else ("codes", "d")
         stored = require_tensors(tensors, names, where)
-        check_shape(stored[0], (out_features, in_features * bits // 8), "codes", where)
+        check_shape(stored[0], (out_features, in_features // 2 if bits == 4 else in_features), "codes", where)
         for name, t in zip(names[1:], stored[1:], strict=True):
             check_shape(t, (out_features, in_features // scale_block), name, where)
         codes = unpack_nibbles(stored[0]) if bits == 4 else stored[0]
@@ -236,9 +236,25 @@ class BlockQuantEmbedding(nn.Module):
                 tile, :, :, row, :
             ]  # [..., K/32, 8, 4]
             return picked.flatten(-2).float()  # [..., K/32, 32]: k = 4j + kk
-        picked = self.codes_tiled.view(ntiles, nblocks, 4, TILE, 4)[tile, :, :, row, :]  # [..., K/32, 4, 4]
+        nibbles = self.codes_tiled[..., :256].reshape(
+            ntiles, nblocks, 4, TILE, 4
+        )  # [tile, block, p, row, kk]
+        picked = nibbles[tile, :, :, row, :]  # [..., K/32, 4, 4]
         halves = torch.stack([picked & 15, picked >> 4], dim=-3)  # [..., K/32, 2, 4, 4]: k = 16 h + 4p + kk
-        return halves.flatten(-3).float()  # [..., K/32, 32]
+        codes = halves.flatten(-3)  # [..., K/32, 32]
+        planes = self.codes_tiled[..., 256:].reshape(
+            ntiles, nblocks, self.bits - 4, 8, 8
+        )  # [.., plane, j, byte]
+        for plane in range(
+            self.bits - 4
+        ):  # bit 4 + plane of k 4j + kk: bit 4 (row % 2) + kk of byte row // 2
+            picked = planes[tile, :, plane, :, row // 2]  # [..., K/32, 8 j]
+            shifts = (4 * (row % 2))[..., None, None, None] + torch.arange(
+                4, dtype=torch.uint8
+            )  # [..., 1, 1, 4]
+            bit = (picked[..., None] >> shifts.to(torch.uint8)) & 1  # [..., K/32, 8, 4]
+            codes = codes | (bit.flatten(-2) << (4 + plane))
+        return codes.float()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tile, row = ids // TILE, ids % TILE

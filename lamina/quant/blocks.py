@@ -1,7 +1,7 @@
 """The block layout Lamina's native block kernel reads (`lamina/kernels/blockq.c`), shared by the
 layers that use it: GGUF blocks kept as stored (`blockq.py`) and int4 layers repacked for it
 (`int4.py`). A weight is 32-column blocks w = d * (c - offset) + m, rows in tiles of 16: codes
-[N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16. Needs N % 16 == 0, K % 32 == 0.
+(4, 5, 6 or 8 bits) [N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16. Needs N % 16 == 0, K % 32 == 0.
 4-bit codes may instead index a code book (NF4/FP4, `nf4.py`): c stands for the table's value.
 """
 
@@ -21,9 +21,24 @@ def fits(out_features: int, in_features: int) -> bool:
     return out_features % TILE == 0 and in_features % BLOCK == 0
 
 
+def _bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bits 4.. of codes uint8 [N, K] -> planes uint8 [N/16, K/32, (bits - 4) * 64] (see blockq.c)."""
+    n, k = codes.shape
+    planes = []
+    for plane in range(bits - 4):
+        bit = (codes >> (4 + plane)) & 1
+        c = bit.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
+        c = c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8, 8, 8)  # [.., j, byte, bit]: 4 row + kk
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+        planes.append((c * weights).sum(-1, dtype=torch.uint8).reshape(n // TILE, k // BLOCK, 64))
+    return torch.cat(planes, dim=-1)
+
+
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes uint8 [N, K] -> the kernel's tiles uint8 [N/16, K/32, bits * 64]."""
     n, k = codes.shape
+    if bits in (5, 6):
+        return torch.cat([tile_codes(codes & 15, 4), _bit_planes(codes, bits)], dim=-1)
     if bits == 8:
         c = codes.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
         return c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8 * 64)  # [tile, block, j*row*kk]
@@ -35,6 +50,18 @@ def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `tile_codes`: uint8 [N/16, K/32, bits * 64] -> codes uint8 [N, K]."""
     ntiles, nblocks, _ = tiles.shape
+    if bits in (5, 6):
+        codes = untile_codes(tiles[..., :256], 4)
+        for plane in range(bits - 4):
+            packed = tiles[..., 256 + 64 * plane : 320 + 64 * plane].reshape(
+                ntiles, nblocks, 8, 8, 1
+            )  # [.., j, byte]
+            bit = (packed >> torch.arange(8, dtype=torch.uint8)) & 1  # [tile, block, j, byte, bit]
+            rows = bit.reshape(ntiles, nblocks, 8, TILE, 4).permute(
+                0, 3, 1, 2, 4
+            )  # [tile, row, block, j, kk]
+            codes |= rows.reshape(ntiles * TILE, nblocks * BLOCK) << (4 + plane)
+        return codes
     if bits == 8:
         c = tiles.reshape(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]
         return c.permute(0, 3, 1, 2, 4).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]

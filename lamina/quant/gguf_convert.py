@@ -4,7 +4,7 @@ files are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256).
 reference for every layout.
 
 Q5_0 / Q5_1 (blocks of 32: fp16 d [and m], 32 high bits, 16 bytes of nibbles; w = d (q - 16) or
-d q + m) -> the same blocks with 8-bit codes: exact (5.5 / 6 bits a weight become 8.5 / 9).
+d q + m) -> the same blocks, 5-bit codes as a nibble plus a bit plane (blockq.c): exact, same size.
 
 K-quants, super-blocks of 256 weights along in_features:
 - Q4_K: fp16 d and dmin, eight 6-bit (scale, min) pairs packed in 12 bytes, 128 bytes of nibbles;
@@ -12,15 +12,15 @@ K-quants, super-blocks of 256 weights along in_features:
   -> Q4_1 blocks: the codes exactly; d * sc_j and -dmin * m_j (17 significant bits) rounded to
   the kernel's fp16 (relative error <= 2^-11 of each sub-block's scale and min).
 - Q5_K: Q4_K's layout plus 32 bytes of high bits (bit j of byte i: sub-block j, weight i), q in
-  [0, 31] -> Q5_1 blocks (8-bit codes), codes exact, scales as for Q4_K.
+  [0, 31] -> Q5_1 blocks (5-bit codes), codes exact, scales as for Q4_K.
 - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen int8 scales, fp16 d;
   sub-block j (16 weights): w = d * sc_j * (q - 32), q in [0, 63].
-  -> "Q6_K" blocks: 8-bit codes q (offset 32), a scale d * sc_j per 16 weights (the kernel's
+  -> "Q6_K" blocks: 6-bit codes q (offset 32), a scale d * sc_j per 16 weights (the kernel's
   `scale_block` 16): codes exact, scales rounded to fp16 (relative error <= 2^-11).
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
-Memory: Q4_K 4.5 -> 5 bits a weight (fp16 d and m per 32 instead of 6-bit ones per 32), Q5_K 5.5 ->
-9, Q6_K 6.56 -> 9; float32 would be 32.
+Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, Q4_K 4.5 -> 5 and Q5_K 5.5 -> 6
+(fp16 d and m per 32 weights instead of 6-bit ones), Q6_K 6.56 -> 7; float32 would be 32.
 """
 
 from __future__ import annotations

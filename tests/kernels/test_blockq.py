@@ -53,7 +53,7 @@ def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor
     return y
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_tile_layout_round_trips(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (48, 96), dtype=torch.uint8)
     assert torch.equal(untile_codes(tile_codes(codes, bits), bits), codes)
