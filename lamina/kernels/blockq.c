@@ -1,12 +1,13 @@
 /* Block-quantized matrix products on x86-64 CPUs with AVX-512 VNNI: Lamina's decode kernel.
  *
  * y[M, N] = x[M, K] . W^T where W is stored in 32-weight blocks along K, as GGUF stores it:
- * w = d * (c - offset) + m, with unsigned codes c (4 or 8 bits), an fp16 scale d and an optional
- * fp16 bias m per block of 32. Q4_0 is (4 bits, offset 8, no m), Q4_1 is (4 bits, offset 0, m),
- * Q8_0 is (8 bits stored as q + 128, offset 128, no m).
+ * w = d * (c - offset) + m, with unsigned codes c (4, 5, 6 or 8 bits), an fp16 scale d and an
+ * optional fp16 bias m per block of 32. Q4_0 is (4 bits, offset 8, no m), Q4_1 is (4 bits, offset 0,
+ * m), Q8_0 is (8 bits stored as q + 128, offset 128, no m), Q5_0 / Q5_1 are Q4_0 / Q4_1 with 5 bits
+ * and offset 16 / 0.
  *
- * Scales per 16 weights (Q6_K's sub-blocks; `scale_block` 16, 8-bit codes, no m): each 32-block has
- * two d, d[N/16][K/16][16], and each half's dot product gets its own.
+ * Scales per 16 weights (Q6_K's sub-blocks: `scale_block` 16, no m, no code book): each 32-block
+ * has two d, d[N/16][K/16][16], and each half's dot product gets its own.
  *
  * Code books (NF4/FP4): 4-bit codes index a table of 16 values instead of being values themselves.
  * `lut` holds each value v (|v| <= 1) times 127 as two unsigned bytes, a = lut[c] and b = lut[16 + c],
@@ -25,7 +26,7 @@
  *   codes 8-bit: [N/16][K/32][8 j][16 row][4 kk] bytes = k 4j + kk
  *   codes 5/6-bit (Q5_x, Q6_K): the 4-bit tile of the low 4 bits, then one 64-byte plane per higher
  *                bit: [8 j][8 bytes], bit (4 row + kk) of the 8 bytes is that bit of k 4j + kk
- *   d, m:        [N/16][K/32][16 row] fp16
+ *   d, m:        [N/16][K/32][16 row] fp16 (d per 16 weights: [N/16][K/16][16 row])
  * Every output row is computed by one thread in the same order whatever M, the row grouping and
  * the thread count, so results are bit-identical between a 1-row and an M-row call.
  */

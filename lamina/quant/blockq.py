@@ -1,5 +1,5 @@
-"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1) and multiplied by
-Lamina's native CPU kernel; Q4_K and Q6_K become Q4_1 / Q8_0 blocks (`gguf_convert.py`).
+"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1) and multiplied by Lamina's native CPU
+kernel; Q4_K / Q5_K / Q6_K become Q4_1 / Q5_1 / Q6_K blocks (`gguf_convert.py`).
 
 Each 32-weight block along in_features keeps its own fp16 scale d (and, for Q4_1, fp16 bias m), so
 the weights are exactly the file's: w = d * (c - offset) + m. The kernel (`lamina/kernels/blockq.c`)
@@ -192,9 +192,8 @@ class BlockQuantLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        c = (
-            self.codes().float().reshape(n, k // self.scale_block, self.scale_block)
-        )  # [N, K/32 or K/16, 32 or 16]
+        # [N, K] -> [N, K/32, 32] (Q6_K: [N, K/16, 16]), one scale per row of the last dim
+        c = self.codes().float().reshape(n, k // self.scale_block, self.scale_block)
         w = untile_scales(self.d_tiled.cpu())[..., None] * (c - self.offset)
         if self.m_tiled is not None:
             w = w + untile_scales(self.m_tiled.cpu())[..., None]
@@ -232,27 +231,21 @@ class BlockQuantEmbedding(nn.Module):
         """Rows `tile * 16 + row` of the codes, float32 [..., K/32, 32]."""
         ntiles, nblocks, _ = self.codes_tiled.shape
         if self.bits == 8:
-            picked = self.codes_tiled.view(ntiles, nblocks, 8, TILE, 4)[
-                tile, :, :, row, :
-            ]  # [..., K/32, 8, 4]
-            return picked.flatten(-2).float()  # [..., K/32, 32]: k = 4j + kk
-        nibbles = self.codes_tiled[..., :256].reshape(
-            ntiles, nblocks, 4, TILE, 4
-        )  # [tile, block, p, row, kk]
-        picked = nibbles[tile, :, :, row, :]  # [..., K/32, 4, 4]
-        halves = torch.stack([picked & 15, picked >> 4], dim=-3)  # [..., K/32, 2, 4, 4]: k = 16 h + 4p + kk
+            # [tile, block, j, row, kk] -> picked [..., K/32, 8, 4] -> [..., K/32, 32]: k = 4j + kk
+            picked = self.codes_tiled.view(ntiles, nblocks, 8, TILE, 4)[tile, :, :, row, :]
+            return picked.flatten(-2).float()
+        # [tile, block, p, row, kk] -> picked [..., K/32, 4, 4]; low nibble k = 4p + kk, high 16 + 4p + kk
+        nibbles = self.codes_tiled[..., :256].reshape(ntiles, nblocks, 4, TILE, 4)
+        picked = nibbles[tile, :, :, row, :]
+        halves = torch.stack([picked & 15, picked >> 4], dim=-3)  # [..., K/32, 2, 4, 4]
         codes = halves.flatten(-3)  # [..., K/32, 32]
-        planes = self.codes_tiled[..., 256:].reshape(
-            ntiles, nblocks, self.bits - 4, 8, 8
-        )  # [.., plane, j, byte]
-        for plane in range(
-            self.bits - 4
-        ):  # bit 4 + plane of k 4j + kk: bit 4 (row % 2) + kk of byte row // 2
-            picked = planes[tile, :, plane, :, row // 2]  # [..., K/32, 8 j]
-            shifts = (4 * (row % 2))[..., None, None, None] + torch.arange(
-                4, dtype=torch.uint8
-            )  # [..., 1, 1, 4]
-            bit = (picked[..., None] >> shifts.to(torch.uint8)) & 1  # [..., K/32, 8, 4]
+        # bit planes [tile, block, plane, j, byte]: bit 4 + plane of k 4j + kk is bit 4 (row % 2) + kk
+        # of byte row // 2
+        planes = self.codes_tiled[..., 256:].reshape(ntiles, nblocks, self.bits - 4, 8, 8)
+        shifts = ((4 * (row % 2))[..., None, None, None] + torch.arange(4)).to(torch.uint8)  # [..., 1, 1, 4]
+        for plane in range(self.bits - 4):
+            picked = planes[tile, :, plane, :, row // 2]  # [..., K/32, 8]
+            bit = (picked[..., None] >> shifts) & 1  # [..., K/32, 8, 4]
             codes = codes | (bit.flatten(-2) << (4 + plane))
         return codes.float()
 
@@ -260,9 +253,8 @@ class BlockQuantEmbedding(nn.Module):
         tile, row = ids // TILE, ids % TILE
         scales = self.d_tiled[tile, :, row].float()  # [..., K/32] (Q6_K: [..., K/16])
         codes = (self._codes(tile, row) - self.offset).flatten(-2)  # [..., K]
-        values = (
-            codes.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]
-        )  # [..., K/32, 32] or K/16, 16
+        # [..., K] -> [..., K/32, 32] (Q6_K: [..., K/16, 16]), one scale per row of the last dim
+        values = codes.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]
         if self.m_tiled is not None:
             values = values + self.m_tiled[tile, :, row].float()[..., None]
         return values.flatten(-2).to(self.output_dtype)  # [..., K]

@@ -1,7 +1,8 @@
 """The block layout Lamina's native block kernel reads (`lamina/kernels/blockq.c`), shared by the
-layers that use it: GGUF blocks kept as stored (`blockq.py`) and int4 layers repacked for it
-(`int4.py`). A weight is 32-column blocks w = d * (c - offset) + m, rows in tiles of 16: codes
-(4, 5, 6 or 8 bits) [N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16. Needs N % 16 == 0, K % 32 == 0.
+layers that use it: GGUF blocks kept as stored or converted (`blockq.py`, `gguf_convert.py`) and the
+`--quantize` schemes' layers repacked for it (`int4.py`, `int8.py`, `nf4.py`, `llm_int8.py`). A weight is 32-column blocks w = d * (c - offset) + m, rows in tiles of 16: codes
+(4, 5, 6 or 8 bits) [N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16 (or d per 16 weights,
+[N/16, K/16, 16]). Needs N % 16 == 0, K % 32 == 0.
 4-bit codes may instead index a code book (NF4/FP4, `nf4.py`): c stands for the table's value.
 """
 
@@ -28,7 +29,8 @@ def _bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     for plane in range(bits - 4):
         bit = (codes >> (4 + plane)) & 1
         c = bit.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
-        c = c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8, 8, 8)  # [.., j, byte, bit]: 4 row + kk
+        # [tile, block, j, row, kk] -> [tile, block, j, byte, bit] with 8 byte + bit = 4 row + kk
+        c = c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8, 8, 8)
         weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
         planes.append((c * weights).sum(-1, dtype=torch.uint8).reshape(n // TILE, k // BLOCK, 64))
     return torch.cat(planes, dim=-1)
@@ -52,14 +54,12 @@ def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
     ntiles, nblocks, _ = tiles.shape
     if bits in (5, 6):
         codes = untile_codes(tiles[..., :256], 4)
+        shifts = torch.arange(8, dtype=torch.uint8)
         for plane in range(bits - 4):
-            packed = tiles[..., 256 + 64 * plane : 320 + 64 * plane].reshape(
-                ntiles, nblocks, 8, 8, 1
-            )  # [.., j, byte]
-            bit = (packed >> torch.arange(8, dtype=torch.uint8)) & 1  # [tile, block, j, byte, bit]
-            rows = bit.reshape(ntiles, nblocks, 8, TILE, 4).permute(
-                0, 3, 1, 2, 4
-            )  # [tile, row, block, j, kk]
+            packed = tiles[..., 256 + 64 * plane : 320 + 64 * plane]  # [tile, block, 64]
+            bit = (packed.reshape(ntiles, nblocks, 8, 8, 1) >> shifts) & 1  # [tile, block, j, byte, bit]
+            # bit (8 byte + b) = 4 row + kk  ->  [tile, row, block, j, kk]
+            rows = bit.reshape(ntiles, nblocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)
             codes |= rows.reshape(ntiles * TILE, nblocks * BLOCK) << (4 + plane)
         return codes
     if bits == 8:

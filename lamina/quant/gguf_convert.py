@@ -61,9 +61,8 @@ def q5_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[
     b = quant_blocks(data, ggml_type, shape)  # [B, 22 or 24]: d, [m,] qh (32 bits), qs[16]
     head = 2 if ggml_type == "Q5_0" else 4
     qh = b[:, head : head + 4].copy().view(np.uint32)  # [B, 1]
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(
-        np.uint8
-    )  # [B, 32]: bit j, element j
+    # [B, 32]: bit j of qh is element j's fifth bit
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)
     qs = b[:, head + 4 :]  # [B, 16]: element j low nibble, j + 16 high
     codes = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1) | (high << np.uint8(4))  # [B, 32]
     out = {

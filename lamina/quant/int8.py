@@ -60,7 +60,32 @@ def untile_int8(codes_tiled: torch.Tensor) -> torch.Tensor:
     return (untile_codes(codes_tiled.cpu(), 8) ^ 0x80).view(torch.int8)  # q + 128 -> q
 
 
-class Int8Linear(QuantizedLinear):
+class TiledInt8Weight:
+    """Per-row int8 `weight_q` + `scales` that `use_native_blocks` moves into the native block tiles
+    (`codes_tiled`, `d_tiled`, replacing `weight_q`); shared by `Int8Linear` and `LLMInt8Linear`."""
+
+    weight_q: torch.Tensor | None
+    scales: torch.Tensor
+    codes_tiled: torch.Tensor | None
+    d_tiled: torch.Tensor | None
+
+    def int8_weight(self) -> torch.Tensor:
+        """q int8 [N, K], whatever the runtime layout."""
+        return self.weight_q if self.codes_tiled is None else untile_int8(self.codes_tiled)
+
+    def use_native_blocks(self) -> bool:
+        """Repack with `tile_int8` (row scales to fp16's 11 bits; the torch kernel rounds them to bf16's
+        8). Returns whether the layer now uses the tiles; layers whose scales fp16 cannot hold, or off
+        the CPU, keep the torch path."""
+        tiled = None if self.codes_tiled is not None else tile_int8(self.weight_q, self.scales)
+        if tiled is None:
+            return False
+        self.codes_tiled, self.d_tiled = tiled
+        self.weight_q = None
+        return True
+
+
+class Int8Linear(TiledInt8Weight, QuantizedLinear):
     """Per-channel weight-only int8 linear."""
 
     method = "int8"
@@ -106,21 +131,6 @@ class Int8Linear(QuantizedLinear):
         weight_q = torch.cat([layer.int8_weight() for layer in layers])  # [sum N, K]
         scales = torch.cat([layer.scales for layer in layers])  # [sum N]
         return cls(weight_q, scales, cls.concatenated_bias(layers))
-
-    def int8_weight(self) -> torch.Tensor:
-        """q int8 [N, K], whatever the runtime layout."""
-        return self.weight_q if self.codes_tiled is None else untile_int8(self.codes_tiled)
-
-    def use_native_blocks(self) -> bool:
-        """Repack for Lamina's native block kernel (`lamina/kernels/blockq.c`) with `tile_int8` (the
-        torch kernel rounds the scales to bf16's 8 bits, this to fp16's 11). Returns whether the layer
-        now uses it; layers whose scales fp16 cannot hold keep the torch kernel."""
-        tiled = None if self.codes_tiled is not None else tile_int8(self.weight_q, self.scales)
-        if tiled is None:
-            return False
-        self.codes_tiled, self.d_tiled = tiled
-        self.weight_q = None
-        return True
 
     def native_blocks(self) -> Blocks | None:
         """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""

@@ -24,13 +24,14 @@ from torch import nn
 
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
 from lamina.quant.blocks import blocks_forward, tiled_columns
-from lamina.quant.int8 import quantize_per_channel, tile_int8, untile_int8
+from lamina.quant.int8 import TiledInt8Weight, quantize_per_channel
 
 DEFAULT_THRESHOLD = 6.0
 
 
-class LLMInt8Linear(QuantizedLinear):
-    """LLM.int8() linear: int8 weights, mixed int8 / float activations."""
+class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
+    """LLM.int8() linear: int8 weights, mixed int8 / float activations. It offers no `native_blocks()`
+    once repacked: a native decoder layer would run the weight without the outlier split."""
 
     method = "llm.int8"
 
@@ -90,20 +91,6 @@ class LLMInt8Linear(QuantizedLinear):
         if self.bias is not None:
             out["bias"] = self.bias.detach().cpu()
         return out
-
-    def int8_weight(self) -> torch.Tensor:
-        """q int8 [N, K], whatever the runtime layout."""
-        return self.weight_q if self.codes_tiled is None else untile_int8(self.codes_tiled)
-
-    def use_native_blocks(self) -> bool:
-        """Repack for the native block kernel (see the module docstring); returns whether it now uses it.
-        (Not `native_blocks()`: a native decoder layer would run the weight without the outlier split.)"""
-        tiled = None if self.codes_tiled is not None else tile_int8(self.weight_q, self.scales)
-        if tiled is None:
-            return False
-        self.codes_tiled, self.d_tiled = tiled
-        self.weight_q = None
-        return True
 
     def dequantize(self) -> torch.Tensor:
         return self.int8_weight().float() * self.scales[:, None]

@@ -116,7 +116,7 @@ def _module_name(model: nn.Module, target: nn.Module) -> str | None:
 def _gguf_claim(
     model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
-    """Build Q4_0/Q4_1/Q8_0 linears from their blocks (on the native kernel also Q5_0/Q5_1/Q4_K/Q6_K,
+    """Build Q4_0/Q4_1/Q8_0 linears from their blocks (on the native kernel also Q5_0/Q5_1/Q4_K/Q5_K/Q6_K,
     `gguf_convert.py`; other types load as float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding: an embedding of a `KEPT_TYPES` type and its tied head become blocks here on the
