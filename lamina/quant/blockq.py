@@ -15,6 +15,7 @@ built, `forward` falls back to dequantizing the weight (correct, slow).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,7 +49,26 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q5_0": (5, 16, False, 32),
     "Q5_1": (5, 0, True, 32),
     "Q6_K": (6, 32, False, 16),
+    "IQ4_NL": (4, 128, False, 32),
 }
+#: Block formats whose 4-bit codes index a code book: format -> its integer values, w = d * book[c].
+CODE_BOOKS = {"IQ4_NL": tuple(quants.IQ4_NL.kvalues)}
+
+
+@functools.cache
+def code_book_table(block_format: str) -> torch.Tensor:
+    """The kernel's uint8 [32] table for an integer code book (blockq.c): a = value + 128 and b = 64,
+    nothing left over, so the kernel's weight is exactly d * book[c]. Never moved (the kernel keeps its
+    address)."""
+    values = torch.tensor(CODE_BOOKS[block_format], dtype=torch.int16)
+    return torch.cat([values + 128, torch.full((16,), 64, dtype=torch.int16)]).to(torch.uint8)
+
+
+def code_values(block_format: str, codes: torch.Tensor, offset: int) -> torch.Tensor:
+    """What codes stand for before their scale: c - offset, or the code book's values; float32."""
+    if block_format in CODE_BOOKS:
+        return torch.tensor(CODE_BOOKS[block_format], dtype=torch.float32)[codes.long()]
+    return codes.float() - offset
 
 
 def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -96,10 +116,10 @@ def blockq_linear_from_gguf(
 
 
 class BlockQuantLinear(QuantizedLinear):
-    """A linear whose weight is GGUF Q4_0 / Q4_1 / Q8_0 blocks, on the native kernel."""
+    """A linear whose weight is GGUF blocks (`FORMATS`), on the native kernel."""
 
     method = "gguf"
-    formats: ClassVar[dict[str, tuple[int, int, bool]]] = FORMATS
+    formats: ClassVar[dict[str, tuple[int, int, bool, int]]] = FORMATS
 
     def __init__(
         self,
@@ -193,8 +213,8 @@ class BlockQuantLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         # [N, K] -> [N, K/32, 32] (Q6_K: [N, K/16, 16]), one scale per row of the last dim
-        c = self.codes().float().reshape(n, k // self.scale_block, self.scale_block)
-        w = untile_scales(self.d_tiled.cpu())[..., None] * (c - self.offset)
+        c = code_values(self.ggml_type, self.codes(), self.offset).reshape(n, k // self.scale_block, -1)
+        w = untile_scales(self.d_tiled.cpu())[..., None] * c
         if self.m_tiled is not None:
             w = w + untile_scales(self.m_tiled.cpu())[..., None]
         return w.reshape(n, k)
@@ -203,7 +223,8 @@ class BlockQuantLinear(QuantizedLinear):
         """(codes, d, m tiles, bits, code offset) for the native kernels, or None where they do not run."""
         if not self.use_native or self.codes_tiled.device.type != "cpu":
             return None
-        return self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset, None
+        lut = code_book_table(self.ggml_type) if self.ggml_type in CODE_BOOKS else None
+        return self.codes_tiled, self.d_tiled, self.m_tiled, self.bits, self.offset, lut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self.native_blocks()
@@ -224,16 +245,16 @@ class BlockQuantEmbedding(nn.Module):
         self.register_buffer("codes_tiled", head.codes_tiled)
         self.register_buffer("d_tiled", head.d_tiled)
         self.register_buffer("m_tiled", head.m_tiled)
-        self.bits, self.offset = head.bits, head.offset
+        self.block_format, self.bits, self.offset = head.ggml_type, head.bits, head.offset
         self.output_dtype = torch.float32  # the model's activation dtype
 
     def _codes(self, tile: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """Rows `tile * 16 + row` of the codes, float32 [..., K/32, 32]."""
+        """Rows `tile * 16 + row` of the codes, uint8 [..., K/32, 32]."""
         ntiles, nblocks, _ = self.codes_tiled.shape
         if self.bits == 8:
             # [tile, block, j, row, kk] -> picked [..., K/32, 8, 4] -> [..., K/32, 32]: k = 4j + kk
             picked = self.codes_tiled.view(ntiles, nblocks, 8, TILE, 4)[tile, :, :, row, :]
-            return picked.flatten(-2).float()
+            return picked.flatten(-2)
         # [tile, block, p, row, kk] -> picked [..., K/32, 4, 4]; low nibble k = 4p + kk, high 16 + 4p + kk
         nibbles = self.codes_tiled[..., :256].reshape(ntiles, nblocks, 4, TILE, 4)
         picked = nibbles[tile, :, :, row, :]
@@ -247,12 +268,12 @@ class BlockQuantEmbedding(nn.Module):
             picked = planes[tile, :, plane, :, row // 2]  # [..., K/32, 8]
             bit = (picked[..., None] >> shifts) & 1  # [..., K/32, 8, 4]
             codes = codes | (bit.flatten(-2) << (4 + plane))
-        return codes.float()
+        return codes
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tile, row = ids // TILE, ids % TILE
         scales = self.d_tiled[tile, :, row].float()  # [..., K/32] (Q6_K: [..., K/16])
-        codes = (self._codes(tile, row) - self.offset).flatten(-2)  # [..., K]
+        codes = code_values(self.block_format, self._codes(tile, row), self.offset).flatten(-2)  # [..., K]
         # [..., K] -> [..., K/32, 32] (Q6_K: [..., K/16, 16]), one scale per row of the last dim
         values = codes.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]
         if self.m_tiled is not None:

@@ -1,6 +1,7 @@
 """More GGUF types -> the native kernel's blocks (`blockq.py`), so files made of them run without being
-expanded to float: Q5_0 / Q5_1, and the K-quants Q4_K / Q5_K / Q6_K (llama.cpp's Q4_K_M and Q5_K_M
-files are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256). `gguf.quants` is the
+expanded to float: Q5_0 / Q5_1, the K-quants Q4_K / Q5_K / Q6_K (llama.cpp's Q4_K_M and Q5_K_M
+files are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256), and the non-linear
+IQ4_NL / IQ4_XS. `gguf.quants` is the
 reference for every layout.
 
 Q5_0 / Q5_1 (blocks of 32: fp16 d [and m], 32 high bits, 16 bytes of nibbles; w = d (q - 16) or
@@ -17,10 +18,17 @@ K-quants, super-blocks of 256 weights along in_features:
   sub-block j (16 weights): w = d * sc_j * (q - 32), q in [0, 63].
   -> "Q6_K" blocks: 6-bit codes q (offset 32), a scale d * sc_j per 16 weights (the kernel's
   `scale_block` 16): codes exact, scales rounded to fp16 (relative error <= 2^-11).
+
+Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers in [-127, 113]):
+- IQ4_NL (blocks of 32: fp16 d, 16 bytes of nibbles as Q4_0's) -> the same blocks; the kernel reads
+  the code book through its table (blockq.c): exact.
+- IQ4_XS (super-blocks of 256: fp16 d, 6-bit scales ls_j per 32 split in 2 + 4 bits, nibbles as
+  IQ4_NL's per 32) -> IQ4_NL blocks with d * (ls_j - 32) rounded to fp16 (relative <= 2^-11).
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
-Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, Q4_K 4.5 -> 5 and Q5_K 5.5 -> 6
-(fp16 d and m per 32 weights instead of 6-bit ones), Q6_K 6.56 -> 7; float32 would be 32.
+Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, IQ4_NL 4.5 -> 4.5, Q4_K 4.5 -> 5
+and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q6_K 6.56
+-> 7; float32 would be 32.
 """
 
 from __future__ import annotations
@@ -35,7 +43,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from lamina.errors import UnsupportedModelError
 
 #: GGML types converted here -> the block format they become (`blockq.FORMATS`).
-CONVERTED = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q6_K"}
+CONVERTED = {
+    "Q5_0": "Q5_0",
+    "Q5_1": "Q5_1",
+    "Q4_K": "Q4_1",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q6_K",
+    "IQ4_NL": "IQ4_NL",
+    "IQ4_XS": "IQ4_NL",
+}
 
 
 def quant_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
@@ -64,7 +80,7 @@ def q5_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[
     # [B, 32]: bit j of qh is element j's fifth bit
     high = ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)
     qs = b[:, head + 4 :]  # [B, 16]: element j low nibble, j + 16 high
-    codes = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1) | (high << np.uint8(4))  # [B, 32]
+    codes = _nibbles32(qs) | (high << np.uint8(4))  # [B, 32]
     out = {
         "codes": torch.from_numpy(codes.reshape(n, k)),
         "d": torch.from_numpy(_fp16(b[:, 0:2]).reshape(n, k // 32)),
@@ -120,12 +136,43 @@ def q6_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Ten
     return {"codes": torch.from_numpy(codes.reshape(n, k)), "d": torch.from_numpy(d.reshape(n, k // 16))}
 
 
+def _nibbles32(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per 32 weights [B, 16] -> codes uint8 [B, 32]: element j low nibble of byte j, j + 16 high."""
+    return np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1)
+
+
+def iq4_nl_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """IQ4_NL bytes of a [N, K] tensor -> codes uint8 [N, K] (code book indices), d float32 [N, K/32]."""
+    n, k = shape
+    b = quant_blocks(data, "IQ4_NL", shape)  # [B, 18]: d, qs[16]
+    return {
+        "codes": torch.from_numpy(_nibbles32(b[:, 2:]).reshape(n, k)),
+        "d": torch.from_numpy(_fp16(b[:, 0:2]).reshape(n, k // 32)),
+    }
+
+
+def iq4_xs_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """IQ4_XS bytes of a [N, K] tensor -> IQ4_NL blocks: codes uint8 [N, K], d float32 [N, K/32]."""
+    n, k = shape
+    sb = quant_blocks(data, "IQ4_XS", shape)  # [S, 136]: d, scales_h (uint16), scales_l[4], qs[128]
+    high = (sb[:, 2:4].copy().view(np.uint16) >> np.arange(0, 16, 2, dtype=np.uint16)) & np.uint16(
+        3
+    )  # [S, 8]
+    low = (sb[:, 4:8, None] >> np.array([0, 4], dtype=np.uint8)) & np.uint8(15)  # [S, 4, 2]: sub-block 2i + h
+    scales = low.reshape(-1, 8).astype(np.int32) | (high.astype(np.int32) << 4)  # [S, 8] in [0, 63]
+    d = _fp16(sb[:, 0:2]) * (scales - 32).astype(np.float32)  # [S, 8]
+    codes = _nibbles32(sb[:, 8:].reshape(-1, 16))  # [S * 8, 32]
+    return {"codes": torch.from_numpy(codes.reshape(n, k)), "d": torch.from_numpy(d.reshape(n, k // 32))}
+
+
 _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.Tensor]]] = {
     "Q5_0": functools.partial(q5_blocks, ggml_type="Q5_0"),
     "Q5_1": functools.partial(q5_blocks, ggml_type="Q5_1"),
     "Q4_K": q4_k_blocks,
     "Q5_K": q5_k_blocks,
     "Q6_K": q6_k_blocks,
+    "IQ4_NL": iq4_nl_blocks,
+    "IQ4_XS": iq4_xs_blocks,
 }
 
 

@@ -13,12 +13,13 @@ from lamina.quant.blockq import (
     BlockQuantEmbedding,
     BlockQuantLinear,
     blockq_linear_from_gguf,
+    code_values,
 )
 from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
 
 #: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's (a scale per 16 weights), built from codes
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
-RUNTIME_TYPES = [*TYPES, "Q6_K"]
+RUNTIME_TYPES = [*TYPES, "Q6_K", "IQ4_NL"]
 
 
 def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:
@@ -46,7 +47,8 @@ def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor
         approx += q.double() * scale.double()
         rest = (rest.double() - q.double() * scale.double()).float()  # the kernel's fused multiply-add
     scales = untile_scales(layer.d_tiled).double()  # [N, K/32] (Q6_K: [N, K/16])
-    codes = layer.codes().double().reshape(*scales.shape, -1) - layer.offset  # [N, K/32, 32] (or 16s)
+    codes = code_values(layer.ggml_type, layer.codes(), layer.offset).double()  # [N, K]
+    codes = codes.reshape(*scales.shape, -1)  # [N, K/32, 32] (Q6_K: [N, K/16, 16])
     y = approx.reshape(x.shape) @ (scales[..., None] * codes).reshape(layer.out_features, -1).t()
     if layer.m_tiled is not None:
         y += blocks.sum(-1) @ untile_scales(layer.m_tiled).double().t()  # [M, K/32] x [K/32, N]

@@ -1,4 +1,4 @@
-"""K-quants (Q4_K, Q5_K, Q6_K) and Q5_0 / Q5_1 become native blocks: values as gguf dequantizes them, within
+"""K-quants (Q4_K, Q5_K, Q6_K), Q5_0 / Q5_1 and IQ4_NL / IQ4_XS become native blocks: values as gguf dequantizes them, within
 the stated roundings, and a GGUF made of them loads without a float copy of its matrices."""
 
 from __future__ import annotations
@@ -55,12 +55,25 @@ def test_q6_k_codes_and_scales_are_gguf_values() -> None:
     assert torch.all(error <= 2**-11 * 32 * blocks["d"].abs())  # the fp16 scale, times |q - 32| <= 32
 
 
+def test_iq4_nl_is_exact_and_iq4_xs_within_its_fp16_scales(native_lib) -> None:
+    for ggml_type, bound in (("IQ4_NL", 0.0), ("IQ4_XS", 2**-11)):
+        data = random_kquant(SHAPE, ggml_type, np.random.default_rng(4))
+        layer = blockq_linear_from_gguf(data, ggml_type, SHAPE)
+        assert (layer.ggml_type, layer.native_blocks()[5] is not None) == ("IQ4_NL", True)  # a code book
+        values = gguf_values(data, ggml_type)
+        error = (layer.dequantize() - values).abs().reshape(32, -1, 32).amax(-1)  # [N, K/32]
+        assert torch.all(error <= bound * values.abs().reshape(32, -1, 32).amax(-1))
+        x = torch.randn(3, SHAPE[1])
+        want = x @ values.t()
+        assert (layer(x) - want).abs().max() <= (bound + 1e-4) * want.abs().max()  # + x's two int8 passes
+
+
 def test_widths_off_the_super_block_are_refused_by_name() -> None:
     data = np.zeros((16, 2 * 144), dtype=np.uint8)  # two Q4_K super-blocks a row, but 384 columns
     with pytest.raises(UnsupportedModelError, match=r"Q4_K with 384 columns.*multiple of their block"):
         converted_blocks(data, "Q4_K", (16, 384))
-    with pytest.raises(UnsupportedModelError, match="IQ4_NL"):
-        converted_blocks(data, "IQ4_NL", (16, 256))
+    with pytest.raises(UnsupportedModelError, match="IQ2_XS"):
+        converted_blocks(data, "IQ2_XS", (16, 256))
 
 
 def test_scales_beyond_fp16_are_not_converted() -> None:
@@ -80,7 +93,7 @@ def test_a_q4_k_m_style_gguf_loads_as_blocks(native_lib, tmp_path) -> None:
     reference = transformers.LlamaForCausalLM(config).float().eval()
     # as llama.cpp's Q4_K_M mixes them: Q6_K for v and down, Q4_K elsewhere; Q5_x and Q8_0 too
     types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q8_0"}
-    types["ffn_up"] = "Q5_K"
+    types |= {"ffn_up": "Q5_K", "attn_q": "IQ4_XS", "ffn_gate": "IQ4_NL"}
     types["token_embd"] = "Q4_K"
 
     def type_of(name: str) -> str:
