@@ -149,6 +149,20 @@ static inline __attribute__((always_inline)) void tile_rows(
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 
+/* `tile_rows` with `rows` (1..ROWS_PER_PASS) a constant in each copy; called with `lut` NULL or not
+ * and `sub16` 0 or 1 as constants too, so every format gets a loop without the others' branches. */
+static inline __attribute__((always_inline)) void tile_pass(
+    const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t nblocks, int bits, int offset,
+    const uint8_t *lut, const int sub16, const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx,
+    int64_t k, float *y, int64_t ldy, int rows) {
+    switch (rows) {
+    case 4: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 4); break;
+    case 3: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 3); break;
+    case 2: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 2); break;
+    default: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 1);
+    }
+}
+
 /* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above);
  * `scale_block` 32, or 16 (8-bit codes, no m, no lut). Returns 0, or -1 when scratch memory is
  * unavailable. */
@@ -183,10 +197,10 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
                     const float *s = dx + r * 2 * nblocks, *sx = sumx + r * nblocks;
                     const int32_t *sq = sumq + r * 4 * nblocks;
                     float *out = y + r * ldy + t * TILE;
-                    if (left >= 4) tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 4);
-                    else if (left == 3) tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 3);
-                    else if (left == 2) tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 2);
-                    else tile_rows(tc, td, tm, nblocks, bits, offset, lut, sub16, q, s, sq, sx, k, out, ldy, 1);
+                    const int rows = left >= ROWS_PER_PASS ? ROWS_PER_PASS : (int)left;
+                    if (lut) tile_pass(tc, td, tm, nblocks, bits, offset, lut, 0, q, s, sq, sx, k, out, ldy, rows);
+                    else if (sub16) tile_pass(tc, td, tm, nblocks, bits, offset, NULL, 1, q, s, sq, sx, k, out, ldy, rows);
+                    else tile_pass(tc, td, tm, nblocks, bits, offset, NULL, 0, q, s, sq, sx, k, out, ldy, rows);
                 }
             }
         }
