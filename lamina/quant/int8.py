@@ -73,6 +73,16 @@ class TiledInt8Weight:
         """q int8 [N, K], whatever the runtime layout."""
         return self.weight_q if self.codes_tiled is None else untile_int8(self.codes_tiled)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """After a move (`.to`, `.cuda`): tiles that left the CPU, where the native kernel runs, go back
+        to the plain `weight_q` the torch kernels take."""
+        module = super()._apply(fn, recurse)  # type: ignore[misc]
+        tiles = self.codes_tiled
+        if tiles is not None and tiles.device.type not in ("cpu", "meta"):
+            self.weight_q = untile_int8(tiles).to(tiles.device)
+            self.codes_tiled = self.d_tiled = None
+        return module
+
     def use_native_blocks(self) -> bool:
         """Repack with `tile_int8` (row scales to fp16's 11 bits; the torch kernel rounds them to bf16's
         8). Returns whether the layer now uses the tiles; layers whose scales fp16 cannot hold, or off

@@ -55,3 +55,19 @@ def test_nf4_uses_bitsandbytes_with_identical_codes() -> None:
     qweight, state = q._bnb
     assert torch.equal(bnbf.dequantize_4bit(qweight, state).float(), q.dequantize().cuda().half().float())
     assert rel_err(y, x @ q.dequantize().cuda().t()) < 0.01
+
+
+@pytest.mark.parametrize("method", ["int8", "llm.int8", "nf4"])
+def test_layers_repacked_for_the_cpu_kernel_still_run_after_moving_to_cuda(method: str) -> None:
+    lin = random_linear(in_features=256, out_features=128)
+    q = quantize_linear(lin, method)
+    x = torch.randn(3, 256)
+    before = q.export_tensors()
+    q.use_native_blocks()  # a no-op where the native kernels cannot run
+    y_cpu = q(x)
+    q.cuda()
+    assert rel_err(q(x.cuda()).cpu(), y_cpu) < 0.01
+    after = q.export_tensors()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    q.cpu()
+    assert rel_err(q(x), y_cpu) < 0.01
