@@ -1,7 +1,7 @@
 /* Block-quantized matrix products on x86-64 CPUs with AVX-512 VNNI: Lamina's decode kernel.
  *
  * y[M, N] = x[M, K] . W^T where W is stored in 32-weight blocks along K, as GGUF stores it:
- * w = d * (c - offset) + m, with unsigned codes c (4, 5, 6 or 8 bits), an fp16 scale d and an
+ * w = d * (c - offset) + m, with unsigned codes c (3, 4, 5, 6 or 8 bits), an fp16 scale d and an
  * optional fp16 bias m per block of 32. Q4_0 is (4 bits, offset 8, no m), Q4_1 is (4 bits, offset 0,
  * m), Q8_0 is (8 bits stored as q + 128, offset 128, no m), Q5_0 / Q5_1 are Q4_0 / Q4_1 with 5 bits
  * and offset 16 / 0.
@@ -24,8 +24,10 @@
  * sums in 16 lanes, with no horizontal reduction:
  *   codes 4-bit: [N/16][K/32][4 p][16 row][4 kk] bytes; low nibble = k 4p + kk, high = k 16 + 4p + kk
  *   codes 8-bit: [N/16][K/32][8 j][16 row][4 kk] bytes = k 4j + kk
- *   codes 5/6-bit (Q5_x, Q6_K): the 4-bit tile of the low 4 bits, then one 64-byte plane per higher
- *                bit: [8 j][8 bytes], bit (4 row + kk) of the 8 bytes is that bit of k 4j + kk
+ *   codes 2-bit: [N/16][K/32][2 v][16 row][4 kk] bytes; bits 2s..2s+1 = k 4 (4v + s) + kk
+ *   codes 3/5/6-bit (Q3_K, Q5_x, Q6_K): the 2-bit (3) or 4-bit (5, 6) tile of the low bits, then one
+ *                64-byte plane per higher bit: [8 j][8 bytes], bit (4 row + kk) of the 8 bytes is
+ *                that bit of k 4j + kk
  *   d, m:        [N/16][K/32][16 row] fp16 (d per 16 weights: [N/16][K/16][16 row])
  * Every output row is computed by one thread in the same order whatever M, the row grouping and
  * the thread count, so results are bit-identical between a 1-row and an M-row call.
@@ -70,15 +72,24 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *code
         for (int j = 0; j < 8; j++) u[j] = _mm512_loadu_si512(codes + 64 * j);
         return;
     }
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    for (int p = 0; p < 4; p++) {
-        __m512i packed = _mm512_loadu_si512(codes + 64 * p);
-        u[p] = _mm512_and_si512(packed, nibble);
-        u[p + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+    const int base = bits < 4 ? 2 : 4; /* bits in the tile; the rest come from bit planes */
+    if (base == 4) {
+        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        for (int p = 0; p < 4; p++) {
+            __m512i packed = _mm512_loadu_si512(codes + 64 * p);
+            u[p] = _mm512_and_si512(packed, nibble);
+            u[p + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        }
+    } else {
+        const __m512i pair = _mm512_set1_epi8(0x03);
+        for (int v = 0; v < 2; v++) {
+            __m512i packed = _mm512_loadu_si512(codes + 64 * v);
+            for (int sh = 0; sh < 4; sh++) u[4 * v + sh] = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * sh), pair);
+        }
     }
-    for (int plane = 0; plane < bits - 4; plane++) { /* bit 4 (and 5) of every code, from its bit plane */
-        const uint8_t *mask = codes + 256 + 64 * plane;
-        const __m512i bit = _mm512_set1_epi8((char)(16 << plane));
+    for (int plane = 0; plane < bits - base; plane++) { /* the higher bits of every code, one plane each */
+        const uint8_t *mask = codes + 64 * base + 64 * plane;
+        const __m512i bit = _mm512_set1_epi8((char)((1 << base) << plane));
         for (int j = 0; j < 8; j++) {
             uint64_t m;
             memcpy(&m, mask + 8 * j, 8);

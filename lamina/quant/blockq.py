@@ -32,6 +32,7 @@ from lamina.quant.blocks import (
     Blocks,
     blocks_forward,
     fits,
+    tile_base,
     tile_codes,
     tile_scales,
     untile_codes,
@@ -49,6 +50,7 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q5_0": (5, 16, False, 32),
     "Q5_1": (5, 0, True, 32),
     "Q6_K": (6, 32, False, 16),
+    "Q3_K": (3, 4, False, 16),
     "IQ4_NL": (4, 128, False, 32),
 }
 #: Block formats whose 4-bit codes index a code book: format -> its integer values, w = d * book[c].
@@ -255,19 +257,25 @@ class BlockQuantEmbedding(nn.Module):
             # [tile, block, j, row, kk] -> picked [..., K/32, 8, 4] -> [..., K/32, 32]: k = 4j + kk
             picked = self.codes_tiled.view(ntiles, nblocks, 8, TILE, 4)[tile, :, :, row, :]
             return picked.flatten(-2)
-        # [tile, block, p, row, kk] -> picked [..., K/32, 4, 4]; low nibble k = 4p + kk, high 16 + 4p + kk
-        nibbles = self.codes_tiled[..., :256].reshape(ntiles, nblocks, 4, TILE, 4)
-        picked = nibbles[tile, :, :, row, :]
-        halves = torch.stack([picked & 15, picked >> 4], dim=-3)  # [..., K/32, 2, 4, 4]
-        codes = halves.flatten(-3)  # [..., K/32, 32]
-        # bit planes [tile, block, plane, j, byte]: bit 4 + plane of k 4j + kk is bit 4 (row % 2) + kk
-        # of byte row // 2
-        planes = self.codes_tiled[..., 256:].reshape(ntiles, nblocks, self.bits - 4, 8, 8)
+        base = tile_base(self.bits)
+        if base == 4:
+            # [tile, block, p, row, kk] -> [..., K/32, 4, 4]; low nibble k = 4p + kk, high 16 + 4p + kk
+            picked = self.codes_tiled[..., :256].reshape(ntiles, nblocks, 4, TILE, 4)[tile, :, :, row, :]
+            parts = torch.stack([picked & 15, picked >> 4], dim=-3)  # [..., K/32, 2, 4, 4]
+        else:
+            # [tile, block, v, row, kk] -> [..., K/32, 2, 4]; bits 2s..2s+1 = k 16v + 4s + kk
+            picked = self.codes_tiled[..., :128].reshape(ntiles, nblocks, 2, TILE, 4)[tile, :, :, row, :]
+            shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]  # [4 s, 1]
+            parts = (picked[..., None, :] >> shifts) & 3  # [..., K/32, 2, 4, 4]
+        codes = parts.flatten(-3)  # [..., K/32, 32]
+        # bit planes [tile, block, plane, j, byte]: bit `base + plane` of k 4j + kk is bit
+        # 4 (row % 2) + kk of byte row // 2
+        planes = self.codes_tiled[..., 64 * base :].reshape(ntiles, nblocks, self.bits - base, 8, 8)
         shifts = ((4 * (row % 2))[..., None, None, None] + torch.arange(4)).to(torch.uint8)  # [..., 1, 1, 4]
-        for plane in range(self.bits - 4):
+        for plane in range(self.bits - base):
             picked = planes[tile, :, plane, :, row // 2]  # [..., K/32, 8]
             bit = (picked[..., None] >> shifts) & 1  # [..., K/32, 8, 4]
-            codes = codes | (bit.flatten(-2) << (4 + plane))
+            codes = codes | (bit.flatten(-2) << (base + plane))
         return codes
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

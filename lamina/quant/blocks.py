@@ -1,7 +1,7 @@
 """The block layout Lamina's native block kernel reads (`lamina/kernels/blockq.c`), shared by the
 layers that use it: GGUF blocks kept as stored or converted (`blockq.py`, `gguf_convert.py`) and the
 `--quantize` schemes' layers repacked for it (`int4.py`, `int8.py`, `nf4.py`, `llm_int8.py`). A weight is 32-column blocks w = d * (c - offset) + m, rows in tiles of 16: codes
-(4, 5, 6 or 8 bits) [N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16 (or d per 16 weights,
+(2 to 8 bits) [N/16, K/32, bits * 64] bytes, d and m [N/16, K/32, 16] fp16 (or d per 16 weights,
 [N/16, K/16, 16]). Needs N % 16 == 0, K % 32 == 0.
 4-bit codes may instead index a code book (NF4/FP4, `nf4.py`): c stands for the table's value.
 """
@@ -22,12 +22,18 @@ def fits(out_features: int, in_features: int) -> bool:
     return out_features % TILE == 0 and in_features % BLOCK == 0
 
 
+def tile_base(bits: int) -> int:
+    """Bits of a code held in its tile (2 or 4, or all 8); the rest are bit planes (blockq.c)."""
+    return 8 if bits == 8 else 2 if bits < 4 else 4
+
+
 def _bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bits 4.. of codes uint8 [N, K] -> planes uint8 [N/16, K/32, (bits - 4) * 64] (see blockq.c)."""
+    """Bits above the tile's of codes uint8 [N, K] -> planes uint8 [N/16, K/32, planes * 64] (blockq.c)."""
     n, k = codes.shape
+    base = tile_base(bits)
     planes = []
-    for plane in range(bits - 4):
-        bit = (codes >> (4 + plane)) & 1
+    for plane in range(bits - base):
+        bit = (codes >> (base + plane)) & 1
         c = bit.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
         # [tile, block, j, row, kk] -> [tile, block, j, byte, bit] with 8 byte + bit = 4 row + kk
         c = c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8, 8, 8)
@@ -39,8 +45,14 @@ def _bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes uint8 [N, K] -> the kernel's tiles uint8 [N/16, K/32, bits * 64]."""
     n, k = codes.shape
-    if bits in (5, 6):
-        return torch.cat([tile_codes(codes & 15, 4), _bit_planes(codes, bits)], dim=-1)
+    base = tile_base(bits)
+    if bits != base:
+        return torch.cat([tile_codes(codes & (2**base - 1), base), _bit_planes(codes, bits)], dim=-1)
+    if bits == 2:
+        c = codes.reshape(n // TILE, TILE, k // BLOCK, 2, 4, 4)  # [tile, row, block, v, s, kk]: j = 4v + s
+        c = c.permute(0, 2, 3, 4, 1, 5).reshape(n // TILE, k // BLOCK, 2, 4, 64)  # [tile, block, v, s, lane]
+        packed = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
+        return packed.reshape(n // TILE, k // BLOCK, 128)  # [tile, block, v*lane]
     if bits == 8:
         c = codes.reshape(n // TILE, TILE, k // BLOCK, 8, 4)  # [tile, row, block, j, kk]
         return c.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8 * 64)  # [tile, block, j*row*kk]
@@ -52,16 +64,24 @@ def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `tile_codes`: uint8 [N/16, K/32, bits * 64] -> codes uint8 [N, K]."""
     ntiles, nblocks, _ = tiles.shape
-    if bits in (5, 6):
-        codes = untile_codes(tiles[..., :256], 4)
+    base = tile_base(bits)
+    if bits != base:
+        codes = untile_codes(tiles[..., : 64 * base], base)
         shifts = torch.arange(8, dtype=torch.uint8)
-        for plane in range(bits - 4):
-            packed = tiles[..., 256 + 64 * plane : 320 + 64 * plane]  # [tile, block, 64]
+        for plane in range(bits - base):
+            packed = tiles[..., 64 * (base + plane) : 64 * (base + plane + 1)]  # [tile, block, 64]
             bit = (packed.reshape(ntiles, nblocks, 8, 8, 1) >> shifts) & 1  # [tile, block, j, byte, bit]
             # bit (8 byte + b) = 4 row + kk  ->  [tile, row, block, j, kk]
             rows = bit.reshape(ntiles, nblocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)
-            codes |= rows.reshape(ntiles * TILE, nblocks * BLOCK) << (4 + plane)
+            codes |= rows.reshape(ntiles * TILE, nblocks * BLOCK) << (base + plane)
         return codes
+    if bits == 2:
+        packed = tiles.reshape(ntiles, nblocks, 2, 1, 64)  # [tile, block, v, 1, lane]
+        c = (packed >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)) & 3  # [.., v, s, lane]
+        c = c.reshape(ntiles, nblocks, 2, 4, TILE, 4).permute(
+            0, 4, 1, 2, 3, 5
+        )  # [tile, row, block, v, s, kk]
+        return c.reshape(ntiles * TILE, nblocks * BLOCK)
     if bits == 8:
         c = tiles.reshape(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]
         return c.permute(0, 3, 1, 2, 4).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]

@@ -14,6 +14,10 @@ K-quants, super-blocks of 256 weights along in_features:
   the kernel's fp16 (relative error <= 2^-11 of each sub-block's scale and min).
 - Q5_K: Q4_K's layout plus 32 bytes of high bits (bit j of byte i: sub-block j, weight i), q in
   [0, 31] -> Q5_1 blocks (5-bit codes), codes exact, scales as for Q4_K.
+- Q3_K: 32 bytes of high bits, 64 bytes of 2-bit low parts, sixteen 6-bit scales packed in 12 bytes,
+  fp16 d; sub-block j (16 weights): w = d * (sc_j - 32) * (q - 4), q in [0, 7] (the high bit set
+  means +4). -> "Q3_K" blocks: 3-bit codes (2-bit tile + a bit plane), offset 4, d * (sc_j - 32) per
+  16 weights in fp16: codes exact, scales rounded (relative <= 2^-11).
 - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen int8 scales, fp16 d;
   sub-block j (16 weights): w = d * sc_j * (q - 32), q in [0, 63].
   -> "Q6_K" blocks: 6-bit codes q (offset 32), a scale d * sc_j per 16 weights (the kernel's
@@ -27,7 +31,7 @@ Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers 
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
 Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, IQ4_NL 4.5 -> 4.5, Q4_K 4.5 -> 5
-and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q6_K 6.56
+and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q3_K 3.44 -> 4, Q6_K 6.56
 -> 7; float32 would be 32.
 """
 
@@ -49,6 +53,7 @@ CONVERTED = {
     "Q4_K": "Q4_1",
     "Q5_K": "Q5_1",
     "Q6_K": "Q6_K",
+    "Q3_K": "Q3_K",
     "IQ4_NL": "IQ4_NL",
     "IQ4_XS": "IQ4_NL",
 }
@@ -123,6 +128,26 @@ def q5_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Ten
     return {"codes": torch.from_numpy(codes.reshape(n, k)), **_k_scales(sb, n, k)}
 
 
+def q3_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q3_K bytes of a [N, K] tensor -> codes uint8 [N, K] in [0, 7] (offset 4), d float32 [N, K/16]."""
+    n, k = shape
+    sb = quant_blocks(data, "Q3_K", shape)  # [S, 110]: hmask[32], qs[64], scales[12], d
+    shifts2 = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    low = (sb[:, 32:96].reshape(-1, 2, 1, 32) >> shifts2) & np.uint8(3)  # [S, half, 4, 32]: 256 in order
+    high = (sb[:, :32].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(
+        1
+    )  # [S, 8, 32]
+    codes = low.reshape(-1, 256) | (high.reshape(-1, 256) << np.uint8(2))  # [S, 256]
+    packed = sb[:, 96:108]
+    low_scales = (packed[:, :8, None] >> np.array([0, 4], dtype=np.uint8)).transpose(0, 2, 1) & np.uint8(15)
+    high_scales = (packed[:, 8:12, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)).transpose(
+        0, 2, 1
+    ) & np.uint8(3)
+    scales = low_scales.reshape(-1, 16).astype(np.int32) | (high_scales.reshape(-1, 16).astype(np.int32) << 4)
+    d = _fp16(sb[:, 108:110]) * (scales - 32).astype(np.float32)  # [S, 16]
+    return {"codes": torch.from_numpy(codes.reshape(n, k)), "d": torch.from_numpy(d.reshape(n, k // 16))}
+
+
 def q6_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Q6_K bytes of a [N, K] tensor -> codes uint8 [N, K] in [0, 63] (offset 32), d float32 [N, K/16]."""
     n, k = shape
@@ -171,6 +196,7 @@ _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.T
     "Q4_K": q4_k_blocks,
     "Q5_K": q5_k_blocks,
     "Q6_K": q6_k_blocks,
+    "Q3_K": q3_k_blocks,
     "IQ4_NL": iq4_nl_blocks,
     "IQ4_XS": iq4_xs_blocks,
 }

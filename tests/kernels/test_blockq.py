@@ -17,9 +17,10 @@ from lamina.quant.blockq import (
 )
 from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
 
-#: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's (a scale per 16 weights), built from codes
+#: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's and Q3_K's (a scale per 16 weights) and IQ4_NL's
+#: (a code book), built from codes
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
-RUNTIME_TYPES = [*TYPES, "Q6_K", "IQ4_NL"]
+RUNTIME_TYPES = [*TYPES, "Q6_K", "Q3_K", "IQ4_NL"]
 
 
 def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:
@@ -55,7 +56,7 @@ def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor
     return y
 
 
-@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_tile_layout_round_trips(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (48, 96), dtype=torch.uint8)
     assert torch.equal(untile_codes(tile_codes(codes, bits), bits), codes)

@@ -1,4 +1,4 @@
-"""K-quants (Q4_K, Q5_K, Q6_K), Q5_0 / Q5_1 and IQ4_NL / IQ4_XS become native blocks: values as gguf dequantizes them, within
+"""K-quants (Q3_K, Q4_K, Q5_K, Q6_K), Q5_0 / Q5_1 and IQ4_NL / IQ4_XS become native blocks: values as gguf dequantizes them, within
 the stated roundings, and a GGUF made of them loads without a float copy of its matrices."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantEmbedding, BlockQuantLinear, blockq_linear_from_gguf
-from lamina.quant.gguf_convert import converted_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks
+from lamina.quant.gguf_convert import converted_blocks, q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks
 from lamina.quant.load import loading_claim
 from tests.models.gguf_writer import random_kquant, write_gguf
 from tests.models.test_parity import load_lamina
@@ -43,16 +43,18 @@ def test_q4_k_and_q5_k_codes_and_scales_are_gguf_values(ggml_type: str, block_fo
     assert torch.all(error <= bound)
 
 
-def test_q6_k_codes_and_scales_are_gguf_values() -> None:
-    data = random_kquant(SHAPE, "Q6_K", np.random.default_rng(1))
-    blocks = q6_k_blocks(data, SHAPE)
-    codes = blocks["codes"].float().reshape(32, -1, 16) - 32  # [N, K/16, 16]
+@pytest.mark.parametrize(("ggml_type", "offset"), [("Q6_K", 32), ("Q3_K", 4)])
+def test_q6_k_and_q3_k_codes_and_scales_are_gguf_values(ggml_type: str, offset: int) -> None:
+    data = random_kquant(SHAPE, ggml_type, np.random.default_rng(1))
+    blocks = (q6_k_blocks if ggml_type == "Q6_K" else q3_k_blocks)(data, SHAPE)
+    assert blocks["codes"].max() == 2 * offset - 1
+    codes = blocks["codes"].float().reshape(32, -1, 16) - offset  # [N, K/16, 16]
     exact = codes * blocks["d"][..., None]
-    assert torch.equal(exact.reshape(SHAPE), gguf_values(data, "Q6_K"))  # in float32, exactly
-    layer = blockq_linear_from_gguf(data, "Q6_K", SHAPE)
-    assert (layer.ggml_type, layer.scale_block) == ("Q6_K", 16)
+    assert torch.equal(exact.reshape(SHAPE), gguf_values(data, ggml_type))  # in float32, exactly
+    layer = blockq_linear_from_gguf(data, ggml_type, SHAPE)
+    assert (layer.ggml_type, layer.scale_block) == (ggml_type, 16)
     error = (layer.dequantize() - exact.reshape(SHAPE)).abs().reshape(32, -1, 16).amax(-1)
-    assert torch.all(error <= 2**-11 * 32 * blocks["d"].abs())  # the fp16 scale, times |q - 32| <= 32
+    assert torch.all(error <= 2**-11 * offset * blocks["d"].abs())  # the fp16 scale, times |q - offset|
 
 
 def test_iq4_nl_is_exact_and_iq4_xs_within_its_fp16_scales(native_lib) -> None:
@@ -92,7 +94,7 @@ def test_a_q4_k_m_style_gguf_loads_as_blocks(native_lib, tmp_path) -> None:
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(config).float().eval()
     # as llama.cpp's Q4_K_M mixes them: Q6_K for v and down, Q4_K elsewhere; Q5_x and Q8_0 too
-    types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q8_0"}
+    types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q3_K"}
     types |= {"ffn_up": "Q5_K", "attn_q": "IQ4_XS", "ffn_gate": "IQ4_NL"}
     types["token_embd"] = "Q4_K"
 
