@@ -1,14 +1,14 @@
-"""A llama.cpp K-quant or IQ4 file (Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS) kept quantized vs expanded to float32:
+"""A llama.cpp K-quant or IQ4 file (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS) kept vs expanded to float32:
 weights, perplexity and decode tokens/s in one run.
 
-    python benchmarks/kquants.py [--preset Q3_K_M|Q4_K_M|Q5_K_M|IQ4_XS | --gguf FILE] [--max-tokens 1024]
-                                 [--decode-tokens 32] [--threads 2]
+    python benchmarks/kquants.py [--preset Q2_K|Q3_K_M|Q4_K_M|Q5_K_M|IQ4_XS | --gguf FILE]
+                                 [--max-tokens 1024] [--decode-tokens 32] [--threads 2]
 
 Without --gguf, the bundled SmolLM2-135M-Instruct (Q4_1) is re-quantized to --preset with llama.cpp's
 own quantizer (`llama-cpp-python`, `pip install -e .[bench]`) into ~/.cache/lamina/bench/. SmolLM2's
 576-wide matrices are not a multiple of 256, so llama.cpp stores most of them as Q4_0 / Q5_0 / Q5_1
 (IQ4_NL for IQ4_XS); ffn_down (1536 wide) gets the K-quants (IQ4_XS) and attn_v Q8_0. (Q3_K_M's
-Q3_K matrices are all 576 wide, so its file holds no Q3_K.) For llama.cpp's and transformers' speed on the same
+Q3_K matrices are all 576 wide, so its file holds no Q3_K; the Q2_K preset's ffn_down are Q3_K.) For llama.cpp's and transformers' speed on the same
 file: `python benchmarks/compare.py --model FILE`.
 """
 
@@ -69,7 +69,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--gguf", type=Path, help="a K-quant GGUF (default: make SmolLM2 --preset)")
-    parser.add_argument("--preset", choices=("Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS"), default="Q4_K_M")
+    parser.add_argument(
+        "--preset", choices=("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS"), default="Q4_K_M"
+    )
     parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)

@@ -6,8 +6,8 @@
  * m), Q8_0 is (8 bits stored as q + 128, offset 128, no m), Q5_0 / Q5_1 are Q4_0 / Q4_1 with 5 bits
  * and offset 16 / 0.
  *
- * Scales per 16 weights (Q6_K's sub-blocks: `scale_block` 16, no m, no code book): each 32-block
- * has two d, d[N/16][K/16][16], and each half's dot product gets its own.
+ * Scales per 16 weights (Q2_K's, Q3_K's and Q6_K's sub-blocks: `scale_block` 16, no code book): each
+ * 32-block has two d (and m), d[N/16][K/16][16], and each half's dot product gets its own.
  *
  * Code books (NF4/FP4): 4-bit codes index a table of 16 values instead of being values themselves.
  * `lut` holds each value v (|v| <= 1) times 127 as two unsigned bytes, a = lut[c] and b = lut[16 + c],
@@ -46,11 +46,12 @@
 
 /* One activation row -> per 32-block: two int8 code sets (x ~= d1 * q1 + d2 * q2, the second
  * quantizing what the first left over), their scales, their code sums per 16 ([pass][half]), and the
- * block's float sum. */
+ * float sums of x per 16 ([half]). */
 static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32_t *sumq, float *sumx) {
     for (int64_t b = 0; b < k / BLOCK; b++) {
         __m512 part[2] = {_mm512_loadu_ps(x + b * BLOCK), _mm512_loadu_ps(x + b * BLOCK + 16)};
-        sumx[b] = _mm512_reduce_add_ps(_mm512_add_ps(part[0], part[1]));
+        sumx[2 * b] = _mm512_reduce_add_ps(part[0]);
+        sumx[2 * b + 1] = _mm512_reduce_add_ps(part[1]);
         for (int pass = 0; pass < 2; pass++) {
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(part[0]), _mm512_abs_ps(part[1])));
             __m512 scale = _mm512_set1_ps(amax / 127.0f);
@@ -120,6 +121,8 @@ static inline __attribute__((always_inline)) void tile_rows(
         if (sub16) {
             const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 2 * b * TILE)));
             const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (2 * b + 1) * TILE)));
+            const __m512 ma = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + 2 * b * TILE))) : da;
+            const __m512 mb = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + (2 * b + 1) * TILE))) : db;
             for (int r = 0; r < rows; r++) {
                 const int32_t *q = (const int32_t *)(qx + r * 2 * k + b * 2 * BLOCK);
                 const int32_t *s = sumq + r * 4 * (k / BLOCK) + 4 * b;
@@ -132,6 +135,11 @@ static inline __attribute__((always_inline)) void tile_rows(
                 }
                 for (int i = 0; i < 4; i++)
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(i % 2 ? db : da, _mm512_set1_ps(xs[i / 2])), acc[r]);
+                if (m) {
+                    const float *sx = sumx + r * 2 * (k / BLOCK) + 2 * b;
+                    acc[r] = _mm512_fmadd_ps(ma, _mm512_set1_ps(sx[0]), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(mb, _mm512_set1_ps(sx[1]), acc[r]);
+                }
             }
             continue;
         }
@@ -154,7 +162,10 @@ static inline __attribute__((always_inline)) void tile_rows(
                 for (int j = 0; j < 8; j++) dot3 = _mm512_dpbusd_epi32(dot3, ub[j], _mm512_set1_epi32(q[j]));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot3), _mm512_mul_ps(dv, _mm512_set1_ps(xs[0] / 128.0f)), acc[r]);
             }
-            if (m) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sumx[r * (k / BLOCK) + b]), acc[r]);
+            if (m) {
+                const float *sx = sumx + r * 2 * (k / BLOCK) + 2 * b;
+                acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[0] + sx[1]), acc[r]);
+            }
         }
     }
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
@@ -175,7 +186,7 @@ static inline __attribute__((always_inline)) void tile_pass(
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above);
- * `scale_block` 32, or 16 (8-bit codes, no m, no lut). Returns 0, or -1 when scratch memory is
+ * `scale_block` 32, or 16 (no lut). Returns 0, or -1 when scratch memory is
  * unavailable. */
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
                          const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
@@ -186,7 +197,7 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
     int8_t *qx = malloc(m_rows * 2 * k);
     float *dx = malloc(m_rows * 2 * nblocks * sizeof(float));
     int32_t *sumq = malloc(m_rows * 4 * nblocks * sizeof(int32_t));
-    float *sumx = malloc(m_rows * nblocks * sizeof(float));
+    float *sumx = malloc(m_rows * 2 * nblocks * sizeof(float));
     if (!qx || !dx || !sumq || !sumx) {
         free(qx), free(dx), free(sumq), free(sumx);
         return -1;
@@ -195,17 +206,18 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m_rows; r++)
-            quantize_row(x + r * k, k, qx + r * 2 * k, dx + r * 2 * nblocks, sumq + r * 4 * nblocks, sumx + r * nblocks);
+            quantize_row(x + r * k, k, qx + r * 2 * k, dx + r * 2 * nblocks, sumq + r * 4 * nblocks, sumx + r * 2 * nblocks);
         for (int64_t r0 = 0; r0 < m_rows; r0 += ROW_CHUNK) {
             const int64_t r1 = r0 + ROW_CHUNK < m_rows ? r0 + ROW_CHUNK : m_rows;
 #pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < ntiles; t++) {
                 const uint8_t *tc = codes + t * tile_bytes;
-                const uint16_t *td = d + t * nblocks * (sub16 ? 2 : 1) * TILE, *tm = m ? m + t * nblocks * TILE : NULL;
+                const int64_t per_tile = nblocks * (sub16 ? 2 : 1) * TILE; /* scales (and mins) per tile */
+                const uint16_t *td = d + t * per_tile, *tm = m ? m + t * per_tile : NULL;
                 for (int64_t r = r0; r < r1; r += ROWS_PER_PASS) {
                     const int64_t left = r1 - r;
                     const int8_t *q = qx + r * 2 * k;
-                    const float *s = dx + r * 2 * nblocks, *sx = sumx + r * nblocks;
+                    const float *s = dx + r * 2 * nblocks, *sx = sumx + r * 2 * nblocks;
                     const int32_t *sq = sumq + r * 4 * nblocks;
                     float *out = y + r * ldy + t * TILE;
                     const int rows = left >= ROWS_PER_PASS ? ROWS_PER_PASS : (int)left;

@@ -51,6 +51,7 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q5_1": (5, 0, True, 32),
     "Q6_K": (6, 32, False, 16),
     "Q3_K": (3, 4, False, 16),
+    "Q2_K": (2, 0, True, 16),
     "IQ4_NL": (4, 128, False, 32),
 }
 #: Block formats whose 4-bit codes index a code book: format -> its integer values, w = d * book[c].
@@ -149,7 +150,8 @@ class BlockQuantLinear(QuantizedLinear):
         m: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> BlockQuantLinear:
-        """`codes` uint8 [N, K] unsigned (Q8_0: q + 128), `d` / `m` [N, K/32] (Q6_K: d [N, K/16]);
+        """`codes` uint8 [N, K] unsigned (Q8_0: q + 128), `d` / `m` [N, K/32] (per 16 weights, [N, K/16],
+        for Q2_K, Q3_K and Q6_K);
         N % 16 == 0, K % 32 == 0."""
         bits, _, has_m, _ = FORMATS[ggml_type]
         m_tiled = tile_scales(m) if has_m else None

@@ -14,6 +14,9 @@ K-quants, super-blocks of 256 weights along in_features:
   the kernel's fp16 (relative error <= 2^-11 of each sub-block's scale and min).
 - Q5_K: Q4_K's layout plus 32 bytes of high bits (bit j of byte i: sub-block j, weight i), q in
   [0, 31] -> Q5_1 blocks (5-bit codes), codes exact, scales as for Q4_K.
+- Q2_K: sixteen bytes of 4-bit (scale, min) pairs, 64 bytes of 2-bit codes, fp16 d and dmin; sub-block
+  j (16 weights): w = d * sc_j * q - dmin * m_j, q in [0, 3]. -> "Q2_K" blocks: 2-bit codes, d * sc_j
+  and -dmin * m_j per 16 weights in fp16: codes exact, scales rounded (relative <= 2^-11).
 - Q3_K: 32 bytes of high bits, 64 bytes of 2-bit low parts, sixteen 6-bit scales packed in 12 bytes,
   fp16 d; sub-block j (16 weights): w = d * (sc_j - 32) * (q - 4), q in [0, 7] (the high bit set
   means +4). -> "Q3_K" blocks: 3-bit codes (2-bit tile + a bit plane), offset 4, d * (sc_j - 32) per
@@ -31,7 +34,7 @@ Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers 
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
 Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, IQ4_NL 4.5 -> 4.5, Q4_K 4.5 -> 5
-and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q3_K 3.44 -> 4, Q6_K 6.56
+and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q2_K 2.63 -> 4, Q3_K 3.44 -> 4, Q6_K 6.56
 -> 7; float32 would be 32.
 """
 
@@ -54,6 +57,7 @@ CONVERTED = {
     "Q5_K": "Q5_1",
     "Q6_K": "Q6_K",
     "Q3_K": "Q3_K",
+    "Q2_K": "Q2_K",
     "IQ4_NL": "IQ4_NL",
     "IQ4_XS": "IQ4_NL",
 }
@@ -128,6 +132,21 @@ def q5_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Ten
     return {"codes": torch.from_numpy(codes.reshape(n, k)), **_k_scales(sb, n, k)}
 
 
+def q2_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q2_K bytes of a [N, K] tensor -> codes uint8 [N, K] in [0, 3], d and m float32 [N, K/16]."""
+    n, k = shape
+    sb = quant_blocks(data, "Q2_K", shape)  # [S, 84]: scales[16] (sc low, m high nibble), qs[64], d, dmin
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    codes = (sb[:, 16:80].reshape(-1, 2, 1, 32) >> shifts) & np.uint8(3)  # [S, half, 4, 32]: 256 in order
+    d = _fp16(sb[:, 80:82]) * (sb[:, :16] & np.uint8(15)).astype(np.float32)  # [S, 16]
+    m = -_fp16(sb[:, 82:84]) * (sb[:, :16] >> np.uint8(4)).astype(np.float32)  # [S, 16]
+    return {
+        "codes": torch.from_numpy(codes.reshape(n, k)),
+        "d": torch.from_numpy(d.reshape(n, k // 16)),
+        "m": torch.from_numpy(m.reshape(n, k // 16)),
+    }
+
+
 def q3_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Q3_K bytes of a [N, K] tensor -> codes uint8 [N, K] in [0, 7] (offset 4), d float32 [N, K/16]."""
     n, k = shape
@@ -197,6 +216,7 @@ _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.T
     "Q5_K": q5_k_blocks,
     "Q6_K": q6_k_blocks,
     "Q3_K": q3_k_blocks,
+    "Q2_K": q2_k_blocks,
     "IQ4_NL": iq4_nl_blocks,
     "IQ4_XS": iq4_xs_blocks,
 }

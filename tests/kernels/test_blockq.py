@@ -17,10 +17,10 @@ from lamina.quant.blockq import (
 )
 from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
 
-#: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's and Q3_K's (a scale per 16 weights) and IQ4_NL's
-#: (a code book), built from codes
+#: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's, Q3_K's and Q2_K's (a scale per 16 weights) and
+#: IQ4_NL's (a code book), built from codes
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
-RUNTIME_TYPES = [*TYPES, "Q6_K", "Q3_K", "IQ4_NL"]
+RUNTIME_TYPES = [*TYPES, "Q6_K", "Q3_K", "Q2_K", "IQ4_NL"]
 
 
 def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:
@@ -28,7 +28,7 @@ def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLin
     bits, _, has_m, scale_block = BlockQuantLinear.formats[ggml_type]
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
     d = (torch.rand(n, k // scale_block, generator=g) * 0.02).half().float()
-    m = (torch.randn(n, k // 32, generator=g) * 0.05).half().float() if has_m else None
+    m = (torch.randn(n, k // scale_block, generator=g) * 0.05).half().float() if has_m else None
     return BlockQuantLinear.from_blocks(ggml_type, codes, d, m)
 
 
@@ -52,7 +52,9 @@ def two_pass_reference(x: torch.Tensor, layer: BlockQuantLinear) -> torch.Tensor
     codes = codes.reshape(*scales.shape, -1)  # [N, K/32, 32] (Q6_K: [N, K/16, 16])
     y = approx.reshape(x.shape) @ (scales[..., None] * codes).reshape(layer.out_features, -1).t()
     if layer.m_tiled is not None:
-        y += blocks.sum(-1) @ untile_scales(layer.m_tiled).double().t()  # [M, K/32] x [K/32, N]
+        mins = untile_scales(layer.m_tiled).double()  # [N, K/32] (Q2_K: [N, K/16])
+        sums = x.double().reshape(x.shape[0], mins.shape[1], -1).sum(-1)  # x's sum per block of m
+        y += sums @ mins.t()  # [M, K/32] x [K/32, N]
     return y
 
 

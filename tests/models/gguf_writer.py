@@ -305,12 +305,13 @@ def add_unigram_vocabulary(writer, tokens: list[str], scores: list[float], types
 
 #: Type gguf cannot quantize to -> (byte offsets of its fp16 (super-)block scales, their range): ranges
 #: that give weights of a few hundredths, as a model's (|w| ~ 256 d for Q4_K, 512 d Q5_K, 1000 d Q6_K,
-#: 128 d Q3_K, 100 d IQ4_NL, 2000 d IQ4_XS).
+#: 128 d Q3_K, 20 d Q2_K, 100 d IQ4_NL, 2000 d IQ4_XS).
 KQUANT_SCALES = {
     "Q4_K": ((0, 2), (1e-4, 4e-4)),
     "Q5_K": ((0, 2), (5e-5, 2e-4)),
     "Q6_K": ((208,), (6.2e-5, 2e-4)),
     "Q3_K": ((108,), (2e-4, 5e-4)),
+    "Q2_K": ((80, 82), (1e-3, 3e-3)),
     "IQ4_NL": ((0,), (2e-4, 5e-4)),
     "IQ4_XS": ((0,), (6.2e-5, 1.5e-4)),
 }
