@@ -1,5 +1,5 @@
-"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1) and multiplied by Lamina's native CPU
-kernel; Q4_K / Q5_K / Q6_K become Q4_1 / Q5_1 / Q6_K blocks (`gguf_convert.py`).
+"""GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0) and multiplied by Lamina's native CPU kernel; Q5_x,
+the K-quants and IQ4 come converted by `gguf_convert.py` into the formats listed in `FORMATS`.
 
 Each 32-weight block along in_features keeps its own fp16 scale d (and, for Q4_1, fp16 bias m), so
 the weights are exactly the file's: w = d * (c - offset) + m. The kernel (`lamina/kernels/blockq.c`)

@@ -78,9 +78,8 @@ def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 2:
         packed = tiles.reshape(ntiles, nblocks, 2, 1, 64)  # [tile, block, v, 1, lane]
         c = (packed >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)) & 3  # [.., v, s, lane]
-        c = c.reshape(ntiles, nblocks, 2, 4, TILE, 4).permute(
-            0, 4, 1, 2, 3, 5
-        )  # [tile, row, block, v, s, kk]
+        # [tile, block, v, s, row, kk] -> [tile, row, block, v, s, kk] -> [N, K]: k = 16v + 4s + kk
+        c = c.reshape(ntiles, nblocks, 2, 4, TILE, 4).permute(0, 4, 1, 2, 3, 5)
         return c.reshape(ntiles * TILE, nblocks * BLOCK)
     if bits == 8:
         c = tiles.reshape(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]

@@ -1,8 +1,7 @@
 """More GGUF types -> the native kernel's blocks (`blockq.py`), so files made of them run without being
-expanded to float: Q5_0 / Q5_1, the K-quants Q4_K / Q5_K / Q6_K (llama.cpp's Q4_K_M and Q5_K_M
-files are made of these, Q8_0, and Q5_0 where a width is not a multiple of 256), and the non-linear
-IQ4_NL / IQ4_XS. `gguf.quants` is the
-reference for every layout.
+expanded to float: Q5_0 / Q5_1, the K-quants Q2_K to Q6_K (llama.cpp's Q*_K_* files are made of
+these, Q8_0, and Q4_0 / Q5_0 where a width is not a multiple of 256), and the non-linear IQ4_NL /
+IQ4_XS. `gguf.quants` is the reference for every layout.
 
 Q5_0 / Q5_1 (blocks of 32: fp16 d [and m], 32 high bits, 16 bytes of nibbles; w = d (q - 16) or
 d q + m) -> the same blocks, 5-bit codes as a nibble plus a bit plane (blockq.c): exact, same size.
@@ -31,11 +30,13 @@ Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers 
   the code book through its table (blockq.c): exact.
 - IQ4_XS (super-blocks of 256: fp16 d, 6-bit scales ls_j per 32 split in 2 + 4 bits, nibbles as
   IQ4_NL's per 32) -> IQ4_NL blocks with d * (ls_j - 32) rounded to fp16 (relative <= 2^-11).
+
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
+
 Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, IQ4_NL 4.5 -> 4.5, Q4_K 4.5 -> 5
-and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q2_K 2.63 -> 4, Q3_K 3.44 -> 4, Q6_K 6.56
--> 7; float32 would be 32.
+and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q2_K
+2.63 -> 4 (fp16 d and m per 16), Q3_K 3.44 -> 4, Q6_K 6.56 -> 7; float32 would be 32.
 """
 
 from __future__ import annotations
