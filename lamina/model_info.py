@@ -44,11 +44,32 @@ class ModelInfo:
         """Estimated bytes of all weights when run in `run_format` (a key of RUN_FORMATS)."""
         return _bytes(self.linear_parameters, self.parameters - self.linear_parameters, run_format)
 
+    def kept_bytes(self) -> int | None:
+        """Estimated bytes of all weights when a GGUF's quantized matrices stay as stored (what loading
+        it on a CPU with the native kernel does by default; the rest runs float32), or None when none of
+        its types stays quantized."""
+        bits = {kind: kept_bits(kind) for kind in self.stored_types}
+        if all(b is None for b in bits.values()):
+            return None
+        return int(sum(n * (bits[kind] or 32) / 8 for kind, n in self.stored_types.items()))
+
     def layer_bytes(self, run_format: str) -> int:
         """Estimated bytes of the largest decoder layer when run in `run_format`."""
         return _bytes(
             self.layer_linear_parameters, self.layer_parameters - self.layer_linear_parameters, run_format
         )
+
+
+def kept_bits(stored_type: str) -> float | None:
+    """Bits a weight stored as this GGML type takes kept quantized on the native CPU kernel (codes plus
+    fp16 scales and mins, `quant/blockq.py`), or None where it loads as float."""
+    from lamina.quant.blockq import FORMATS, KEPT_TYPES
+    from lamina.quant.gguf_convert import CONVERTED
+
+    if stored_type not in KEPT_TYPES:
+        return None
+    bits, _, has_m, scale_block = FORMATS[CONVERTED.get(stored_type, stored_type)]
+    return bits + 16 * (1 + has_m) / scale_block
 
 
 def _bytes(linear: int, other: int, run_format: str) -> int:

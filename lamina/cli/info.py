@@ -48,6 +48,10 @@ def render(info: ModelInfo, context: int) -> str:
         f"estimated memory for a {context}-token context (KV cache in the run dtype; int8/int4 keep it 16-bit):",
         f"  {'run as':<10}{'weights':>12}{'KV cache':>12}{'all on one tier':>18}{'GPU, streaming':>17}",
     ]
+    kept = info.kept_bytes()
+    if kept is not None:  # the default on a CPU with the native kernel; streaming expands to float
+        kv = info.kv_bytes_per_token["float32"] * context
+        lines.append(f"  {'as stored':<10}{_size(kept):>12}{_size(kv):>12}{_size(kept + kv):>18}{'-':>17}")
     for run_format in RUN_FORMATS:
         kv_dtype = "float32" if run_format == "float32" else "bfloat16"
         weights = info.weight_bytes(run_format)

@@ -45,3 +45,11 @@ def test_bad_context_is_an_error(tmp_path, capsys):
     save_tiny("gpt2", tmp_path)
     assert main(["info", str(tmp_path), "--context", "0"]) == 2
     assert "--context must be >= 1" in capsys.readouterr().err
+
+
+def test_info_estimates_a_gguf_kept_quantized(capsys):
+    """The default model as LLM.load keeps it on the native kernel: 96,576,768 bytes of weights
+    (Q4_1 linears at 5 bits a weight, the Q8_0 embedding at 8.5, float32 norms)."""
+    assert main(["info"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("as stored"))
+    assert row.split()[2:4] == ["92.1", "MiB"]  # 96,576,768 bytes
