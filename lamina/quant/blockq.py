@@ -38,8 +38,8 @@ from lamina.quant.blocks import (
     untile_codes,
     untile_scales,
 )
-from lamina.quant.gguf_convert import CONVERTED, converted_blocks, q5_blocks
-from lamina.quant.gguf_formats import q4_codes, raw_blocks
+from lamina.quant.gguf_convert import CONVERTED, converted_blocks
+from lamina.quant.gguf_formats import fp16_field, q4_codes, raw_blocks
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
 #: Block format -> (code bits, code offset, has a per-block bias m, weights per scale d).
@@ -74,22 +74,22 @@ def code_values(block_format: str, codes: torch.Tensor, offset: int) -> torch.Te
     return codes.float() - offset
 
 
-def gguf_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Raw GGUF bytes of a [N, K] tensor in a `FORMATS` type -> codes uint8 [N, K] (unsigned, offset
-    included), d and m float32 [N, K/32] (m only where the format has one); every value exactly as
-    stored."""
+def gguf_blocks(
+    data: np.ndarray, ggml_type: str, shape: tuple[int, int]
+) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """Raw GGUF bytes of a [N, K] tensor in a `KEPT_TYPES` type -> (its block format in `FORMATS`, the
+    blocks: codes uint8 [N, K] unsigned with the offset included, d and m float32 [N, K/32] or
+    [N, K/16], m only where the format has one). Q4_0/Q4_1/Q8_0 are exactly as stored; other types as
+    `gguf_convert` converts them, or None where their scales do not fit the blocks."""
+    if ggml_type in CONVERTED:
+        return converted_blocks(data, ggml_type, shape)
     n, k = shape
-    if ggml_type in ("Q5_0", "Q5_1"):
-        return q5_blocks(data, ggml_type, shape)
     if ggml_type == "Q8_0":
         blocks = raw_blocks(data, ggml_type, shape)
-        codes = torch.from_numpy(blocks[..., 2:] ^ np.uint8(0x80)).reshape(
-            n, k
-        )  # int8 q -> q + 128, one copy
-        d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
-        return {"codes": codes, "d": d}
+        codes = torch.from_numpy(blocks[..., 2:] ^ np.uint8(0x80)).reshape(n, k)  # int8 q -> q + 128
+        return ggml_type, {"codes": codes, "d": fp16_field(blocks, 0)}
     codes, d, m = q4_codes(data, ggml_type, shape)
-    return {"codes": codes, "d": d} if m is None else {"codes": codes, "d": d, "m": m}
+    return ggml_type, {"codes": codes, "d": d} if m is None else {"codes": codes, "d": d, "m": m}
 
 
 def runs_natively(device: torch.device, shape: tuple[int, int]) -> bool:
@@ -106,13 +106,10 @@ def blockq_linear_from_gguf(
 ) -> BlockQuantLinear | None:
     """A GGUF tensor's raw bytes (a `KEPT_TYPES` type) as a `BlockQuantLinear`, output rows reordered by
     `permute_rows` (per-row blocks commute with it); None where its scales do not fit the blocks."""
-    if ggml_type in CONVERTED:
-        converted = converted_blocks(data, ggml_type, shape)
-        if converted is None:
-            return None
-        block_format, blocks = converted
-    else:
-        block_format, blocks = ggml_type, gguf_blocks(data, ggml_type, shape)
+    stored = gguf_blocks(data, ggml_type, shape)
+    if stored is None:
+        return None
+    block_format, blocks = stored
     if permute_rows is not None:
         blocks = {name: permute_rows(t) for name, t in blocks.items()}
     return BlockQuantLinear.from_blocks(block_format, **blocks)
@@ -163,8 +160,8 @@ class BlockQuantLinear(QuantizedLinear):
         converter writes), e.g. for tests and for weights a GGUF stores as float."""
         weight = linear.weight.detach().float().cpu().numpy()
         data = quants.quantize(weight, GGMLQuantizationType[ggml_type])
-        blocks = gguf_blocks(data, ggml_type, tuple(weight.shape))
-        return cls.from_blocks(ggml_type, **blocks, bias=linear.bias)
+        block_format, blocks = gguf_blocks(data, ggml_type, tuple(weight.shape))
+        return cls.from_blocks(block_format, **blocks, bias=linear.bias)
 
     @classmethod
     def from_tensors(
@@ -224,7 +221,7 @@ class BlockQuantLinear(QuantizedLinear):
         return w.reshape(n, k)
 
     def native_blocks(self) -> Blocks | None:
-        """(codes, d, m tiles, bits, code offset) for the native kernels, or None where they do not run."""
+        """The `Blocks` the native kernels take (a code book for IQ4_NL), or None where they do not run."""
         if not self.use_native or self.codes_tiled.device.type != "cpu":
             return None
         lut = code_book_table(self.ggml_type) if self.ggml_type in CODE_BOOKS else None

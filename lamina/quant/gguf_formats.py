@@ -46,7 +46,7 @@ def raw_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.n
     return np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // BLOCK, BLOCK_BYTES[ggml_type])
 
 
-def _fp16(blocks: np.ndarray, offset: int) -> torch.Tensor:
+def fp16_field(blocks: np.ndarray, offset: int) -> torch.Tensor:
     """The fp16 field at byte `offset` of each block, as float32 [N, K/32]."""
     return torch.from_numpy(
         blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -59,8 +59,8 @@ def q4_codes(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> tuple[
     blocks = raw_blocks(data, ggml_type, shape)
     qs = torch.from_numpy(blocks[..., -16:].copy())  # [N, K/32, 16]
     codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)  # element j low nibble, j + 16 high
-    d = _fp16(blocks, 0)
-    m = _fp16(blocks, 2) if ggml_type == "Q4_1" else None
+    d = fp16_field(blocks, 0)
+    m = fp16_field(blocks, 2) if ggml_type == "Q4_1" else None
     return codes, d, m
 
 
@@ -69,7 +69,7 @@ def q8_0_values(data: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     n, k = shape
     blocks = raw_blocks(data, "Q8_0", shape)
     q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).float()  # [N, K/32, 32]
-    return (q * _fp16(blocks, 0)[..., None]).reshape(n, k)
+    return (q * fp16_field(blocks, 0)[..., None]).reshape(n, k)
 
 
 def int4_linear_from_gguf(

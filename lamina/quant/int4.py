@@ -26,7 +26,7 @@ from torch import nn
 
 from lamina.kernels import native
 from lamina.quant.base import QuantizedLinear, check_shape, layer_group_size, require_tensors
-from lamina.quant.blocks import blocks_forward, fits, tile_codes, tile_scales, untile_codes
+from lamina.quant.blocks import Blocks, blocks_forward, fits, tile_codes, tile_scales, untile_codes
 
 GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_DTYPE = torch.bfloat16
@@ -227,8 +227,9 @@ class Int4Linear(QuantizedLinear):
         self.layout = "blocks"
         return True
 
-    def native_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
-        """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""
+    def native_blocks(self) -> Blocks | None:
+        """(codes, d, m tiles, bits, code offset, no code book) for the native kernels, or None off the
+        block layout."""
         return (
             (self.weight_packed, self.d_tiled, self.m_tiled, 4, 8, None) if self.layout == "blocks" else None
         )

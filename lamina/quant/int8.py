@@ -143,7 +143,7 @@ class Int8Linear(TiledInt8Weight, QuantizedLinear):
         return cls(weight_q, scales, cls.concatenated_bias(layers))
 
     def native_blocks(self) -> Blocks | None:
-        """(codes, d, m tiles, bits, code offset) for the native kernels, or None off the block layout."""
+        """The `Blocks` the native kernels take, or None off the block layout."""
         if self.codes_tiled is None or self.codes_tiled.device.type != "cpu":
             return None
         return self.codes_tiled, self.d_tiled, None, 8, 128, None

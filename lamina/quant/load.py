@@ -4,10 +4,12 @@ Three ways a model ends up quantized at load time:
 - `quantize=METHOD` (int8, int4, nf4, ...): each float linear is quantized as soon as the loader has
   filled its parameters, so at most one float layer exists at a time (peak ~ quantized size + one
   layer). gptq needs calibration activations of the whole model, so it quantizes after loading,
-  with act-order (SmolLM2, g128: +11% perplexity vs float, +17% without act-order).
-- a GGUF file with `quantize=None` (the default): linears stored as Q4_0/Q4_1/Q8_0 are rebuilt from
-  their blocks (`gguf_formats`), and a Q8_0 token embedding becomes an int8 embedding shared with a
-  tied output head. Other GGML types stay float. `quantize="none"` expands everything to float.
+  with act-order (SmolLM2, g128: +5.85% perplexity vs float).
+- a GGUF file with `quantize=None` (the default): on the native CPU kernel, linears and the token
+  embedding stored in a `KEPT_TYPES` type (Q4_0/Q4_1/Q8_0, Q5_x, K-quants, IQ4) become blocks
+  (`blockq`, `gguf_convert`); elsewhere Q4_0/Q4_1/Q8_0 linears are rebuilt in the int4/int8 layouts
+  (`gguf_formats`) and a Q8_0 token embedding becomes an int8 embedding shared with a tied output
+  head. Other GGML types stay float. `quantize="none"` expands everything to float.
 - a directory written by `lamina quantize` (it has a quant_config.json): `load_saved_quantized`,
   no re-quantization.
 """
@@ -74,9 +76,9 @@ def loading_hook(
 def loading_claim(
     model: nn.Module, checkpoint: Checkpoint, quantize: str | None, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim | None:
-    """The `claim` for `load_weights`: a GGUF's Q4_0/Q4_1/Q8_0 linears (and, on the native kernel, its
-    Q8_0 embedding) built straight from their blocks, never expanded to float, unless `quantize` asks
-    for something else. `dtype` is the model's activation dtype."""
+    """The `claim` for `load_weights`: a GGUF's quantized linears (and, on the native kernel, its
+    embedding) built straight from their blocks, never expanded to float, unless `quantize` asks for
+    something else. `dtype` is the model's activation dtype."""
     if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
         return _gguf_claim(model, checkpoint, device, dtype)
     return None
@@ -116,8 +118,8 @@ def _module_name(model: nn.Module, target: nn.Module) -> str | None:
 def _gguf_claim(
     model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
-    """Build Q4_0/Q4_1/Q8_0 linears from their blocks (on the native kernel also Q5_0/Q5_1/Q4_K/Q5_K/Q6_K,
-    `gguf_convert.py`; other types load as float). Linears whose stored layout differs from the
+    """Build linears from their blocks: on the native kernel every `KEPT_TYPES` type, elsewhere
+    Q4_0/Q4_1/Q8_0 (other types load as float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding: an embedding of a `KEPT_TYPES` type and its tied head become blocks here on the
     native kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
@@ -144,13 +146,13 @@ def _gguf_claim(
         raw = checkpoint.read_raw(weight)
         if tuple(raw.shape) != tuple(module.weight.shape):
             return False
-        row_order = spec.row_order(weight, config)
         if runs_natively(device, raw.shape) and raw.ggml_type in KEPT_TYPES:
-            layer = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
+            build = blockq_linear_from_gguf
         elif raw.ggml_type in BLOCK_BYTES:
-            layer = linear_from_gguf(raw.data, raw.ggml_type, raw.shape, row_order)
+            build = linear_from_gguf
         else:
             return False
+        layer = build(raw.data, raw.ggml_type, raw.shape, spec.row_order(weight, config))
         if layer is None:  # scales beyond the blocks' fp16
             return False
         set_submodule(model, name, layer.to(device))

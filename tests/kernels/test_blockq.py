@@ -114,10 +114,18 @@ def test_rows_are_bit_identical_alone_or_together_and_across_thread_counts(
 
 
 def test_fallback_without_the_kernel_computes_the_float_product(monkeypatch) -> None:
-    layer = random_layer("Q4_1", 32, 64)
-    layer.use_native = False
+    values = np.random.default_rng(6).standard_normal((32, 64)).astype(np.float32)
+    data = quants.quantize(values, GGMLQuantizationType.Q4_1)
+    layer = blockq_linear_from_gguf(data, "Q4_1", (32, 64))
+    layer.use_native = False  # as where the library cannot be built
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the kernel ran")
+
+    monkeypatch.setattr(native, "blockq_matmul", refuse)
     x = torch.randn(2, 64)
-    assert torch.allclose(layer(x), x @ layer.dequantize().t(), atol=1e-5)
+    weight = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType.Q4_1)).reshape(32, 64)
+    torch.testing.assert_close(layer(x), x @ weight.t())
 
 
 @pytest.mark.parametrize("ggml_type", RUNTIME_TYPES)
