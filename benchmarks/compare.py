@@ -6,8 +6,16 @@ Every measurement runs in a fresh subprocess (threads and memory don't leak betw
 engines alternate round by round (machine-load drift hits all of them), and the table shows
 medians with ratios. llama.cpp runs when `llama-cpp-python` is installed (`pip install -e .[bench]`).
 
+`--cpu avx2` runs every engine as on a CPU without AVX-512 (most laptops): Lamina's AVX2 kernels
+(LAMINA_NATIVE_KERNELS=avx2), torch's AVX2 kernels (ATEN_CPU_CAPABILITY, oneDNN and MKL capped), and
+llama.cpp from `--llama-cpp-dir`, a build without AVX-512, e.g.
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+        pip install --no-deps --target DIR llama-cpp-python
+(the table header prints the features llama.cpp reports).
+
     python benchmarks/compare.py [--rounds 3] [--threads 2] [--prompt-len 512] [--new-tokens 128]
         [--lamina-args "" --lamina-args "--compile"] [--engines lamina,transformers,llama.cpp]
+        [--cpu avx2 --llama-cpp-dir DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ print(json.dumps({"load_s": load_s, "ttft_s": first - start, "prefill_tps": ids.
 LLAMA_CPP = """
 import json, resource, sys, time
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
@@ -80,8 +89,18 @@ for _ in range(a["new_tokens"] - 1):
 decode_s = time.perf_counter() - begin
 print(json.dumps({"load_s": load_s, "ttft_s": ttft, "prefill_tps": len(ids) / prefill_s,
     "decode_tps": (a["new_tokens"] - 1) / decode_s, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    "prompt_tokens": len(ids), "first_ids": first_ids[:16]}))
+    "prompt_tokens": len(ids), "first_ids": first_ids[:16],
+    "system_info": llama_cpp.llama_print_system_info().decode()}))
 """
+
+#: environment for `--cpu avx2`: every engine's kernels as on a CPU without AVX-512
+AVX2_ENV = {
+    "LAMINA_NATIVE_KERNELS": "avx2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+_env: dict[str, str] = dict(os.environ)  # what the subprocesses run with (main sets it)
 
 
 def run_lamina(a: dict) -> dict:
@@ -96,6 +115,7 @@ def run_lamina(a: dict) -> dict:
         "decode_tps": r["decode_tokens_per_s"],
         "peak_rss": r["peak_rss_bytes"],
         "prompt_tokens": r["prompt_tokens"],
+        "kernels": r["kernels"],
     }
 
 
@@ -104,7 +124,7 @@ def run_script(script: str, a: dict) -> dict:
 
 
 def _run(command: list[str]) -> str:
-    out = subprocess.run(command, capture_output=True, text=True)
+    out = subprocess.run(command, capture_output=True, text=True, env=_env)
     if out.returncode != 0:
         sys.exit(f"benchmark subprocess failed: {shlex.join(command[:4])} ...\n{out.stderr[-3000:]}")
     return out.stdout.strip()
@@ -132,16 +152,30 @@ def main() -> None:
         help="extra `lamina bench` options, e.g. '--compile'; repeat for several Lamina rows (default: '')",
     )
     parser.add_argument("--engines", default="lamina,transformers,llama.cpp")
+    parser.add_argument(
+        "--cpu", choices=["native", "avx2"], default="native", help="run the engines as on an AVX2-only CPU"
+    )
+    parser.add_argument("--llama-cpp-dir", help="import llama_cpp from this directory (a build for --cpu)")
     opts = parser.parse_args()
+    if opts.cpu == "avx2":
+        _env.update(AVX2_ENV)
+    if opts.llama_cpp_dir:
+        _env["PYTHONPATH"] = os.pathsep.join(filter(None, [opts.llama_cpp_dir, _env.get("PYTHONPATH")]))
     from pydoc_data.topics import topics
 
     from lamina.default_model import default_model_path
 
     path = os.path.abspath(opts.model) if opts.model else str(default_model_path())
     engines = [e for e in opts.engines.split(",") if e]
-    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
+    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None and not opts.llama_cpp_dir:
         print(
             "llama-cpp-python is not installed (pip install -e .[bench]): skipping llama.cpp", file=sys.stderr
+        )
+        engines.remove("llama.cpp")
+    if "llama.cpp" in engines and opts.cpu == "avx2" and not opts.llama_cpp_dir:
+        print(
+            "--cpu avx2 needs an AVX2 build of llama.cpp (--llama-cpp-dir): skipping llama.cpp",
+            file=sys.stderr,
         )
         engines.remove("llama.cpp")
     lamina_rows = {f"lamina {extra}".strip(): extra for extra in opts.lamina_args or [""]}
@@ -185,8 +219,16 @@ def _print_table(results: dict[str, list[dict]], opts: argparse.Namespace, path:
     )
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {_cpu_name()}, "
-        f"load average {load[0]:.1f} at start, {load[1]:.1f} at end\n"
+        f"load average {load[0]:.1f} at start, {load[1]:.1f} at end"
     )
+    if opts.cpu == "avx2":
+        print(f"as on an AVX2-only CPU: {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}")
+    lamina = [r["kernels"] for rows in results.values() for r in rows if "kernels" in r]
+    if lamina:
+        print(f"Lamina's kernels: {', '.join(sorted(set(lamina)))}")
+    if "llama.cpp" in results:
+        print(f"llama.cpp: {results['llama.cpp'][0]['system_info'].strip()}")
+    print()
     base = "transformers" if "transformers" in results else None
     ref = "llama.cpp" if "llama.cpp" in results else None
     print(

@@ -44,7 +44,9 @@ def test_bench_json_schema_and_consistency(tiny_llama_dir, capsys, batch):
     assert result["ttft_s"] >= result["prefill_s"]
     assert result["weight_bytes_per_token"] <= result["weight_bytes"]
     reason = native.unavailable_reason()
-    assert result["kernels"] == ("native" if reason is None else f"torch ({reason})")
+    assert result["kernels"] == (
+        f"native ({native.selected_isa()})" if reason is None else f"torch ({reason})"
+    )
 
 
 def test_bench_rejects_bad_sizes(tiny_llama_dir, capsys):

@@ -135,11 +135,11 @@ def _prompt_ids(llm: object, length: int, batch: int, device: torch.device) -> t
 
 
 def _kernels(device: torch.device) -> str:
-    """Which kernels a CPU run uses: Lamina's native ones, or torch's and why."""
+    """Which kernels a CPU run uses: Lamina's native ones and their build, or torch's and why."""
     if device.type != "cpu":
         return "torch"
     reason = native.unavailable_reason()
-    return "native" if reason is None else f"torch ({reason})"
+    return f"native ({native.selected_isa()})" if reason is None else f"torch ({reason})"
 
 
 def _print_table(r: object) -> None:

@@ -10,7 +10,6 @@
  * a second pass merges the chunks in position order. Chunk boundaries are fixed positions, so the
  * result does not depend on the thread count, on T, or on which rows share a call.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,9 +22,9 @@
 #define MAX_DIM 256
 
 static inline float dot(const float *a, const float *b, int64_t dim) {
-    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-    for (int64_t i = 16; i < dim; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    return _mm512_reduce_add_ps(acc);
+    vf acc = vf_mul(vf_load(a), vf_load(b));
+    for (int64_t i = 16; i < dim; i += 16) acc = vf_fmadd(vf_load(a + i), vf_load(b + i), acc);
+    return vf_sum(acc);
 }
 
 /* One chunk [first, last] of one row for `group` query heads: partial[g] = (max, sum, acc[dim]). */
@@ -38,36 +37,35 @@ static void attend_chunk(const float *const *qh, int group, const float *keys, c
             s[j] = dot(qh[g], keys + (first + j) * stride, dim) * scale;
             mx = s[j] > mx ? s[j] : mx;
         }
-        __m512 total = _mm512_setzero_ps();
+        vf total = vf_zero();
         int64_t j = 0;
         for (; j + 16 <= n; j += 16) {
-            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(mx)));
-            _mm512_storeu_ps(s + j, e);
-            total = _mm512_add_ps(total, e);
+            const vf e = exp_nonpositive(vf_sub(vf_load(s + j), vf_set1(mx)));
+            vf_store(s + j, e);
+            total = vf_add(total, e);
         }
         if (j < n) {
-            __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
-            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), _mm512_set1_ps(mx)));
-            e = _mm512_maskz_mov_ps(tail, e);
-            _mm512_mask_storeu_ps(s + j, tail, e);
-            total = _mm512_add_ps(total, e);
+            const int tail = (int)(n - j);
+            const vf e = vf_keep_first(exp_nonpositive(vf_sub(vf_load_first(s + j, tail), vf_set1(mx))), tail);
+            vf_store_first(s + j, e, tail);
+            total = vf_add(total, e);
         }
         float *out = partial + g * (dim + 2);
-        out[0] = mx, out[1] = _mm512_reduce_add_ps(total);
+        out[0] = mx, out[1] = vf_sum(total);
         for (int64_t i = 0; i < dim; i += 64) { /* 64 features at a time held in 4 registers */
             const int wide = dim - i >= 64;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
             for (int64_t j = 0; j < n; j++) {
-                const __m512 w = _mm512_set1_ps(s[j]);
+                const vf w = vf_set1(s[j]);
                 const float *v = values + (first + j) * stride + i;
                 if (wide) {
-                    for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * u), acc[u]);
+                    for (int u = 0; u < 4; u++) acc[u] = vf_fmadd(w, vf_load(v + 16 * u), acc[u]);
                 } else {
                     for (int u = 0; u < (dim - i) / 16; u++)
-                        acc[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * u), acc[u]);
+                        acc[u] = vf_fmadd(w, vf_load(v + 16 * u), acc[u]);
                 }
             }
-            for (int u = 0; u < 4 && i + 16 * u < dim; u++) _mm512_storeu_ps(out + 2 + i + 16 * u, acc[u]);
+            for (int u = 0; u < 4 && i + 16 * u < dim; u++) vf_store(out + 2 + i + 16 * u, acc[u]);
         }
     }
 }

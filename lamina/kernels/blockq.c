@@ -1,4 +1,4 @@
-/* Block-quantized matrix products on x86-64 CPUs with AVX-512 VNNI: Lamina's decode kernel.
+/* Block-quantized matrix products on x86-64 CPUs (AVX-512 VNNI, or AVX2: simd.h): Lamina's decode kernel.
  *
  * y[M, N] = x[M, K] . W^T where W is stored in 32-weight blocks along K, as GGUF stores it:
  * w = d * (c - offset) + m, with unsigned codes c (3, 4, 5, 6 or 8 bits), an fp16 scale d and an
@@ -32,12 +32,13 @@
  * Every output row is computed by one thread in the same order whatever M, the row grouping and
  * the thread count, so results are bit-identical between a 1-row and an M-row call.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+
+#include "simd.h"
 
 #define BLOCK 32
 #define TILE 16
@@ -49,18 +50,18 @@
  * float sums of x per 16 ([half]). */
 static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32_t *sumq, float *sumx) {
     for (int64_t b = 0; b < k / BLOCK; b++) {
-        __m512 part[2] = {_mm512_loadu_ps(x + b * BLOCK), _mm512_loadu_ps(x + b * BLOCK + 16)};
-        sumx[2 * b] = _mm512_reduce_add_ps(part[0]);
-        sumx[2 * b + 1] = _mm512_reduce_add_ps(part[1]);
+        vf part[2] = {vf_load(x + b * BLOCK), vf_load(x + b * BLOCK + 16)};
+        sumx[2 * b] = vf_sum(part[0]);
+        sumx[2 * b + 1] = vf_sum(part[1]);
         for (int pass = 0; pass < 2; pass++) {
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(part[0]), _mm512_abs_ps(part[1])));
-            __m512 scale = _mm512_set1_ps(amax / 127.0f);
-            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            float amax = vf_max_lane(vf_max(vf_abs(part[0]), vf_abs(part[1])));
+            vf scale = vf_set1(amax / 127.0f);
+            vf inv = vf_set1(amax > 0.0f ? 127.0f / amax : 0.0f);
             for (int h = 0; h < 2; h++) {
-                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(part[h], inv)); /* round to nearest even */
-                _mm_storeu_si128((__m128i *)(qx + b * 2 * BLOCK + pass * BLOCK + h * 16), _mm512_cvtepi32_epi8(q));
-                sumq[4 * b + 2 * pass + h] = _mm512_reduce_add_epi32(q);
-                part[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q), scale, part[h]); /* what is left */
+                vi q = vi_round_f(vf_mul(part[h], inv)); /* round to nearest even */
+                vi_store_i8(qx + b * 2 * BLOCK + pass * BLOCK + h * 16, q);
+                sumq[4 * b + 2 * pass + h] = vi_sum_i32(q);
+                part[h] = vf_fnmadd(vf_from_i32(q), scale, part[h]); /* what is left */
             }
             dx[2 * b + pass] = amax / 127.0f;
         }
@@ -68,130 +69,125 @@ static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, int32
 }
 
 /* The 8 vectors of one tile's block: vector j holds 16 rows x codes of k 4j..4j+3. */
-static inline __attribute__((always_inline)) void load_block(const uint8_t *codes, int bits, __m512i u[8]) {
+static inline __attribute__((always_inline)) void load_block(const uint8_t *codes, int bits, vi u[8]) {
     if (bits == 8) {
-        for (int j = 0; j < 8; j++) u[j] = _mm512_loadu_si512(codes + 64 * j);
+        for (int j = 0; j < 8; j++) u[j] = vi_load(codes + 64 * j);
         return;
     }
     const int base = bits < 4 ? 2 : 4; /* bits in the tile; the rest come from bit planes */
     if (base == 4) {
-        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        const vi nibble = vi_set1_i8(0x0F);
         for (int p = 0; p < 4; p++) {
-            __m512i packed = _mm512_loadu_si512(codes + 64 * p);
-            u[p] = _mm512_and_si512(packed, nibble);
-            u[p + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            vi packed = vi_load(codes + 64 * p);
+            u[p] = vi_and(packed, nibble);
+            u[p + 4] = vi_and(vi_srl16(packed, 4), nibble);
         }
     } else {
-        const __m512i pair = _mm512_set1_epi8(0x03);
+        const vi pair = vi_set1_i8(0x03);
         for (int v = 0; v < 2; v++) {
-            __m512i packed = _mm512_loadu_si512(codes + 64 * v);
-            for (int sh = 0; sh < 4; sh++) u[4 * v + sh] = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * sh), pair);
+            vi packed = vi_load(codes + 64 * v);
+            for (int sh = 0; sh < 4; sh++) u[4 * v + sh] = vi_and(vi_srl16(packed, 2 * sh), pair);
         }
     }
     for (int plane = 0; plane < bits - base; plane++) { /* the higher bits of every code, one plane each */
         const uint8_t *mask = codes + 64 * base + 64 * plane;
-        const __m512i bit = _mm512_set1_epi8((char)((1 << base) << plane));
+        const char bit = (char)((1 << base) << plane);
         for (int j = 0; j < 8; j++) {
             uint64_t m;
             memcpy(&m, mask + 8 * j, 8);
-            u[j] = _mm512_or_si512(u[j], _mm512_maskz_mov_epi8(_cvtu64_mask64(m), bit));
+            u[j] = vi_or(u[j], vi_bytes_from_bits(m, bit));
         }
     }
 }
 
-/* `rows` activation rows (1..ROWS_PER_PASS) against one tile: y[r][0..15]. */
+/* `rows` activation rows (1..ROWS_PER_PASS) against one tile: y[r][0..15]. `code_max` bounds the
+ * code bytes (after the code book), for the AVX2 build's dot products (simd.h). */
 static inline __attribute__((always_inline)) void tile_rows(
     const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t nblocks, int bits, int offset,
-    const uint8_t *lut, const int sub16, const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy,
-    const int rows) {
+    const uint8_t *lut, const int sub16, const int code_max, const int8_t *qx, const float *dx,
+    const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy, const int rows) {
     const int64_t block_bytes = bits * BLOCK * TILE / 8;
-    __m512 acc[ROWS_PER_PASS];
-    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    vf acc[ROWS_PER_PASS];
+    for (int r = 0; r < rows; r++) acc[r] = vf_zero();
     /* code book halves in every 128-bit lane, for VPSHUFB (which looks up within lanes) */
-    const __m512i lut_a = lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut)) : _mm512_setzero_si512();
-    const __m512i lut_b = lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut + 16))) : lut_a;
+    const vi lut_a = lut ? vi_broadcast16(lut) : vi_zero();
+    const vi lut_b = lut ? vi_broadcast16(lut + 16) : lut_a;
     for (int64_t b = 0; b < nblocks; b++) {
-        __m512i u[8], ub[8];
+        vi u[8], ub[8];
         load_block(codes + b * block_bytes, bits, u);
         if (lut)
             for (int j = 0; j < 8; j++) {
-                ub[j] = _mm512_shuffle_epi8(lut_b, u[j]);
-                u[j] = _mm512_shuffle_epi8(lut_a, u[j]);
+                ub[j] = vi_lookup(lut_b, u[j]);
+                u[j] = vi_lookup(lut_a, u[j]);
             }
         if (sub16) {
-            const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 2 * b * TILE)));
-            const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (2 * b + 1) * TILE)));
-            const __m512 ma = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + 2 * b * TILE))) : da;
-            const __m512 mb = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + (2 * b + 1) * TILE))) : db;
+            const vf da = vf_from_half(d + 2 * b * TILE), db = vf_from_half(d + (2 * b + 1) * TILE);
+            const vf ma = m ? vf_from_half(m + 2 * b * TILE) : da;
+            const vf mb = m ? vf_from_half(m + (2 * b + 1) * TILE) : db;
             for (int r = 0; r < rows; r++) {
                 const int32_t *q = (const int32_t *)(qx + r * 2 * k + b * 2 * BLOCK);
                 const int32_t *s = sumq + r * 4 * (k / BLOCK) + 4 * b;
                 const float *xs = dx + r * 2 * (k / BLOCK) + 2 * b;
-                __m512i dot[4]; /* [pass][half] */
-                for (int i = 0; i < 4; i++) dot[i] = _mm512_set1_epi32(-offset * s[i]);
-                for (int j = 0; j < 8; j++) {
-                    dot[j / 4] = _mm512_dpbusd_epi32(dot[j / 4], u[j], _mm512_set1_epi32(q[j]));
-                    dot[2 + j / 4] = _mm512_dpbusd_epi32(dot[2 + j / 4], u[j], _mm512_set1_epi32(q[8 + j]));
-                }
+                vi dot[4]; /* [pass][half] */
+                for (int i = 0; i < 4; i++) /* vectors 4 (i % 2) .. +3 against pass i / 2's codes */
+                    dot[i] = vi_dot4_sum(vi_set1_i32(-offset * s[i]), u + 4 * (i % 2), q + 4 * i, 4, code_max);
                 for (int i = 0; i < 4; i++)
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(i % 2 ? db : da, _mm512_set1_ps(xs[i / 2])), acc[r]);
+                    acc[r] = vf_fmadd(vf_from_i32(dot[i]), vf_mul(i % 2 ? db : da, vf_set1(xs[i / 2])), acc[r]);
                 if (m) {
                     const float *sx = sumx + r * 2 * (k / BLOCK) + 2 * b;
-                    acc[r] = _mm512_fmadd_ps(ma, _mm512_set1_ps(sx[0]), acc[r]);
-                    acc[r] = _mm512_fmadd_ps(mb, _mm512_set1_ps(sx[1]), acc[r]);
+                    acc[r] = vf_fmadd(ma, vf_set1(sx[0]), acc[r]);
+                    acc[r] = vf_fmadd(mb, vf_set1(sx[1]), acc[r]);
                 }
             }
             continue;
         }
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * TILE)));
-        __m512 mv = m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * TILE))) : dv;
+        const vf dv = vf_from_half(d + b * TILE);
+        const vf mv = m ? vf_from_half(m + b * TILE) : dv;
         for (int r = 0; r < rows; r++) {
             const int32_t *q = (const int32_t *)(qx + r * 2 * k + b * 2 * BLOCK); /* 4 codes per lane */
             const int32_t *sh = sumq + r * 4 * (k / BLOCK) + 4 * b;
             const int32_t s[2] = {sh[0] + sh[1], sh[2] + sh[3]}; /* per pass */
             const float *xs = dx + r * 2 * (k / BLOCK) + 2 * b;
-            __m512i dot1 = _mm512_set1_epi32(-offset * s[0]), dot2 = _mm512_set1_epi32(-offset * s[1]);
-            for (int j = 0; j < 8; j++) {
-                dot1 = _mm512_dpbusd_epi32(dot1, u[j], _mm512_set1_epi32(q[j]));
-                dot2 = _mm512_dpbusd_epi32(dot2, u[j], _mm512_set1_epi32(q[8 + j]));
-            }
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), _mm512_mul_ps(dv, _mm512_set1_ps(xs[0])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2), _mm512_mul_ps(dv, _mm512_set1_ps(xs[1])), acc[r]);
+            const vi dot1 = vi_dot4_sum(vi_set1_i32(-offset * s[0]), u, q, 8, code_max);
+            const vi dot2 = vi_dot4_sum(vi_set1_i32(-offset * s[1]), u, q + 8, 8, code_max);
+            acc[r] = vf_fmadd(vf_from_i32(dot1), vf_mul(dv, vf_set1(xs[0])), acc[r]);
+            acc[r] = vf_fmadd(vf_from_i32(dot2), vf_mul(dv, vf_set1(xs[1])), acc[r]);
             if (lut) {
-                __m512i dot3 = _mm512_set1_epi32(-64 * s[0]);
-                for (int j = 0; j < 8; j++) dot3 = _mm512_dpbusd_epi32(dot3, ub[j], _mm512_set1_epi32(q[j]));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot3), _mm512_mul_ps(dv, _mm512_set1_ps(xs[0] / 128.0f)), acc[r]);
+                const vi dot3 = vi_dot4_sum(vi_set1_i32(-64 * s[0]), ub, q, 8, 128); /* b <= 128 */
+                acc[r] = vf_fmadd(vf_from_i32(dot3), vf_mul(dv, vf_set1(xs[0] / 128.0f)), acc[r]);
             }
             if (m) {
                 const float *sx = sumx + r * 2 * (k / BLOCK) + 2 * b;
-                acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[0] + sx[1]), acc[r]);
+                acc[r] = vf_fmadd(mv, vf_set1(sx[0] + sx[1]), acc[r]);
             }
         }
     }
-    for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
+    for (int r = 0; r < rows; r++) vf_store(y + r * ldy, acc[r]);
 }
 
-/* `tile_rows` with `rows` (1..ROWS_PER_PASS) a constant in each copy; called with `lut` NULL or not
- * and `sub16` 0 or 1 as constants too, so every format gets a loop without the others' branches. */
+/* `tile_rows` with `rows` (1..ROWS_PER_PASS) a constant in each copy; called with `lut` NULL or not,
+ * `sub16` and `code_max` as constants too, so every format gets a loop without the others' branches. */
 static inline __attribute__((always_inline)) void tile_pass(
     const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t nblocks, int bits, int offset,
-    const uint8_t *lut, const int sub16, const int8_t *qx, const float *dx, const int32_t *sumq, const float *sumx,
-    int64_t k, float *y, int64_t ldy, int rows) {
+    const uint8_t *lut, const int sub16, const int code_max, const int8_t *qx, const float *dx,
+    const int32_t *sumq, const float *sumx, int64_t k, float *y, int64_t ldy, int rows) {
     switch (rows) {
-    case 4: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 4); break;
-    case 3: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 3); break;
-    case 2: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 2); break;
-    default: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, qx, dx, sumq, sumx, k, y, ldy, 1);
+    case 4: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, code_max, qx, dx, sumq, sumx, k, y, ldy, 4); break;
+    case 3: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, code_max, qx, dx, sumq, sumx, k, y, ldy, 3); break;
+    case 2: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, code_max, qx, dx, sumq, sumx, k, y, ldy, 2); break;
+    default: tile_rows(codes, d, m, nblocks, bits, offset, lut, sub16, code_max, qx, dx, sumq, sumx, k, y, ldy, 1);
     }
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above);
- * `scale_block` 32, or 16 (no lut). Returns 0, or -1 when scratch memory is
- * unavailable. */
+ * `scale_block` 32 (codes of 4, 5 or 8 bits, or 4-bit codes into `lut`) or 16 (2, 3 or 6 bits).
+ * Returns 0, -1 when scratch memory is unavailable, or -2 for another combination. */
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
                          const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
                          float *y, int64_t ldy) {
     const int sub16 = scale_block == 16;
+    if (lut ? bits != 4 || sub16 : sub16 ? bits != 2 && bits != 3 && bits != 6 : bits != 4 && bits != 5 && bits != 8)
+        return -2;
     const int64_t nblocks = k / BLOCK, ntiles = n / TILE;
     const int64_t tile_bytes = nblocks * (bits * BLOCK * TILE / 8);
     int8_t *qx = malloc(m_rows * 2 * k);
@@ -221,9 +217,11 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
                     const int32_t *sq = sumq + r * 4 * nblocks;
                     float *out = y + r * ldy + t * TILE;
                     const int rows = left >= ROWS_PER_PASS ? ROWS_PER_PASS : (int)left;
-                    if (lut) tile_pass(tc, td, tm, nblocks, bits, offset, lut, 0, q, s, sq, sx, k, out, ldy, rows);
-                    else if (sub16) tile_pass(tc, td, tm, nblocks, bits, offset, NULL, 1, q, s, sq, sx, k, out, ldy, rows);
-                    else tile_pass(tc, td, tm, nblocks, bits, offset, NULL, 0, q, s, sq, sx, k, out, ldy, rows);
+                    if (lut) tile_pass(tc, td, tm, nblocks, 4, offset, lut, 0, 255, q, s, sq, sx, k, out, ldy, rows);
+                    else if (sub16) tile_pass(tc, td, tm, nblocks, bits, offset, NULL, 1, 63, q, s, sq, sx, k, out, ldy, rows);
+                    else if (bits == 8) tile_pass(tc, td, tm, nblocks, 8, offset, NULL, 0, 255, q, s, sq, sx, k, out, ldy, rows);
+                    else if (bits == 4) tile_pass(tc, td, tm, nblocks, 4, offset, NULL, 0, 15, q, s, sq, sx, k, out, ldy, rows);
+                    else tile_pass(tc, td, tm, nblocks, 5, offset, NULL, 0, 31, q, s, sq, sx, k, out, ldy, rows);
                 }
             }
         }

@@ -6,28 +6,29 @@
  * activation row passes over them, and reduces 8 accumulators at a time. Every output is computed
  * in the same order whatever M and the thread count, so rows are bit-identical alone or together.
  */
-#include <immintrin.h>
 #include <stdint.h>
+
+#include "simd.h"
 
 #define GROUP 8      /* weight rows per pass: 8 load streams keep the memory system busy */
 #define PREFETCH 512 /* floats ahead of the loads: +5-10% on a 2-core EPYC (28 vs 25-27 GB/s) */
 
-static inline __m512 load_tail(const float *p, int64_t left) {
-    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
+static inline vf load_tail(const float *p, int64_t left) {
+    return left >= 16 ? vf_load(p) : vf_load_first(p, (int)left);
 }
 
 /* Rows n..n+rows_w-1 of W (rows_w <= GROUP) against activation row x: out[0..rows_w-1]. */
 static inline void dot_rows(const float *x, const float *w, int64_t k, int rows_w, float *out) {
-    __m512 acc[GROUP];
-    for (int j = 0; j < GROUP; j++) acc[j] = _mm512_setzero_ps();
+    vf acc[GROUP];
+    for (int j = 0; j < GROUP; j++) acc[j] = vf_zero();
     for (int64_t i = 0; i < k; i += 16) {
-        const __m512 xv = load_tail(x + i, k - i);
+        const vf xv = load_tail(x + i, k - i);
         for (int j = 0; j < rows_w; j++) {
             _mm_prefetch((const char *)(w + j * k + i + PREFETCH), _MM_HINT_T0);
-            acc[j] = _mm512_fmadd_ps(load_tail(w + j * k + i, k - i), xv, acc[j]);
+            acc[j] = vf_fmadd(load_tail(w + j * k + i, k - i), xv, acc[j]);
         }
     }
-    for (int j = 0; j < rows_w; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+    for (int j = 0; j < rows_w; j++) out[j] = vf_sum(acc[j]);
 }
 
 /* y (row stride ldy) = x . W^T + bias. */

@@ -13,7 +13,6 @@
  * (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are the layer's cache
  * [B, Hkv, L, D] (row stride D), written at the new positions before attending.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -94,7 +93,7 @@ static void rope(float *head, const float *cos, const float *sin, int64_t dim) {
 /* silu(gate) * up for one row (n a multiple of 16). */
 static void silu_mul(const float *gate, const float *up, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i += 16)
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(silu(_mm512_loadu_ps(gate + i)), _mm512_loadu_ps(up + i)));
+        vf_store(out + i, vf_mul(silu(vf_load(gate + i)), vf_load(up + i)));
 }
 
 /* Returns 0, or -1 when scratch memory is unavailable or a kernel refuses its shape. */

@@ -1,13 +1,17 @@
 """Build and load Lamina's native CPU kernels (C sources in this package) on first use.
 
-The kernels are plain C with AVX-512 intrinsics, compiled by the system C compiler into a shared
-library cached under `~/.cache/lamina/kernels` (or `$LAMINA_CACHE_DIR/kernels`), keyed by a hash of
-the source, the flags and the compiler, and loaded with ctypes. Building takes about half a second;
-every later process loads the cached file. The library's OpenMP calls resolve to the libgomp that
-torch has already loaded (same soname), so both share one thread pool and `torch.set_num_threads`.
+The kernels are plain C written once against `simd.h`'s 16-lane vectors and built for the best
+instruction set the CPU has: AVX-512 with VNNI (Zen 4, Xeons since Cascade Lake) or AVX2 with FMA
+and F16C (Intel client CPUs since Haswell, Zen 1-3: most laptops). Both builds give bit-identical
+results. The system C compiler builds a shared library cached under `~/.cache/lamina/kernels` (or
+`$LAMINA_CACHE_DIR/kernels`), keyed by a hash of the sources, the flags and the compiler, loaded with
+ctypes. Building takes about a second; every later process loads the cached file. The library's
+OpenMP calls resolve to the libgomp that torch has already loaded (same soname), so both share one
+thread pool and `torch.set_num_threads`.
 
-When the CPU lacks AVX-512 VNNI, no C compiler is found, the build fails, or `LAMINA_NATIVE_KERNELS=0`,
-`library()` returns None and callers keep their torch kernels; `unavailable_reason()` says why.
+`LAMINA_NATIVE_KERNELS=0` turns them off and `=avx2` (or `=avx512`) picks a build. When the CPU has
+neither instruction set (ARM, older x86), no C compiler is found or the build fails, `library()`
+returns None and callers keep their torch kernels; `unavailable_reason()` says why.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ import torch
 SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("blockq.c", "dense.c", "attention.c", "llama_layer.c")
 )
-HEADERS = (Path(__file__).with_name("vector_math.h"),)
-FLAGS = (
-    *("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"),
-    *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
-)
-#: /proc/cpuinfo flags the compiled code needs.
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma")
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "vector_math.h"))
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
+#: The builds, best first: instruction set -> (compiler flags, /proc/cpuinfo flags the code needs).
+ISAS = {
+    "avx512": (
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"),
+    ),
+    "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+}
 DISABLE_ENV = "LAMINA_NATIVE_KERNELS"
 
 _reason: list[str] = []  # why `library()` returned None, once it has
@@ -44,35 +51,45 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "lamina") / "kernels"
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU has every instruction set the kernels use (Linux /proc/cpuinfo)."""
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+        return set()
+    return set(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     )
-    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def supported_isas() -> list[str]:
+    """The builds this CPU can run (Linux /proc/cpuinfo), best first."""
+    flags = _cpu_flags()
+    return [isa for isa, (_, needs) in ISAS.items() if flags.issuperset(needs)]
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU can run some build of the kernels."""
+    return bool(supported_isas())
 
 
 def _compiler() -> str | None:
     return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
 
 
-def _build(compiler: str) -> Path:
-    """Compile the source into the cache (atomically: a temporary file renamed into place)."""
+def _build(compiler: str, isa: str) -> Path:
+    """Compile the sources for `isa` into the cache (atomically: a temporary file renamed into place)."""
+    flags = (*FLAGS, *ISAS[isa][0])
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     sources = b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"lamina-kernels-{key}.so"
+    key = hashlib.sha256(sources + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"lamina-kernels-{isa}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True
+            [compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -80,21 +97,35 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None when it cannot be used here (see `unavailable_reason`)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
+def selected_isa() -> str | None:
+    """The build `library()` loads: the one `LAMINA_NATIVE_KERNELS` names, else the best this CPU runs;
+    None when turned off or when the CPU runs none (`unavailable_reason()` says which)."""
+    choice = os.environ.get(DISABLE_ENV, "")
+    if choice == "0":
         _reason.append(f"disabled by {DISABLE_ENV}=0")
         return None
-    if not cpu_supported():
-        _reason.append("this CPU lacks AVX-512 VNNI")
+    supported = supported_isas()
+    if choice in ISAS:
+        if choice not in supported:
+            missing = [flag for flag in ISAS[choice][1] if flag not in _cpu_flags()]
+            _reason.append(f"{DISABLE_ENV}={choice} but this CPU lacks {', '.join(missing)}")
+            return None
+        return choice
+    if not supported:
+        _reason.append("this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C")
         return None
+    return supported[0]
+
+
+@functools.cache
+def load(isa: str) -> ctypes.CDLL | None:
+    """The kernel library built for `isa` (a key of ISAS), or None when it cannot be built here."""
     compiler = _compiler()
     if compiler is None:
         _reason.append("no C compiler (cc, gcc or clang) found")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, isa)))
     except (OSError, RuntimeError) as err:
         _reason.append(f"building the kernels failed: {err}")
         return None
@@ -109,6 +140,13 @@ def library() -> ctypes.CDLL | None:
     lib.lamina_llama_layer.argtypes = [pointer, pointer, i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]  # fmt: skip
     lib.lamina_llama_layer.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when it cannot be used here (see `unavailable_reason`)."""
+    isa = selected_isa()
+    return None if isa is None else load(isa)
 
 
 def unavailable_reason() -> str | None:
@@ -141,6 +179,10 @@ def blockq_matmul(
         x.data_ptr(), rows, k, codes.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
         n, bits, offset, None if lut is None else lut.data_ptr(), k // d.shape[1], y.data_ptr(), n,
     )  # fmt: skip
+    if status == -2:
+        raise ValueError(
+            f"blockq matmul: no kernel for {bits}-bit codes with {k // d.shape[1]} weights a scale"
+        )
     if status != 0:
         raise MemoryError(f"blockq matmul: no memory for the quantized activations ({rows} x {k})")
     return y

@@ -3,7 +3,7 @@
 For a few new rows (decode steps, speculative verify passes) the Python glue between the kernels
 costs more than the kernels: ~45 dispatched ops a layer. When every projection of a layer is
 either a quantized layer in the native block layout (a GGUF kept as blocks, or an int4 / int8 /
-NF4 / FP4 layer repacked for it, on a CPU with AVX-512 VNNI) or a float linear (float32 at call time), fused or not, and the
+NF4 / FP4 layer repacked for it, on an x86-64 CPU with AVX-512 VNNI or AVX2) or a float linear (float32 at call time), fused or not, and the
 layer has no variant the C code does not implement (biases, q/k norms, partial rotary, another
 activation), `attach_native_layers` gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward`
 hands it the step. Streamed layers qualify too: the weights are looked up on every call, after

@@ -113,6 +113,13 @@ def test_rows_are_bit_identical_alone_or_together_and_across_thread_counts(
         torch.set_num_threads(threads)
 
 
+def test_the_kernel_refuses_a_code_width_it_has_no_loop_for(native_lib) -> None:
+    layer = random_layer("Q6_K", 16, 64)  # 6-bit codes, a scale per 16 weights
+    d32 = layer.d_tiled[:, ::2].contiguous()  # the same codes claimed with a scale per 32
+    with pytest.raises(ValueError, match="no kernel for 6-bit codes with 32 weights a scale"):
+        native.blockq_matmul(torch.randn(1, 64), layer.codes_tiled, d32, None, 6, 32)
+
+
 def test_fallback_without_the_kernel_computes_the_float_product(monkeypatch) -> None:
     values = np.random.default_rng(6).standard_normal((32, 64)).astype(np.float32)
     data = quants.quantize(values, GGMLQuantizationType.Q4_1)
@@ -178,12 +185,31 @@ def test_unavailable_kernels_say_why(monkeypatch) -> None:
         native.library.cache_clear()
 
 
+def test_a_build_the_cpu_cannot_run_is_refused_by_name(monkeypatch) -> None:
+    monkeypatch.setenv(native.DISABLE_ENV, "avx512")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    native.library.cache_clear()
+    try:
+        assert native.supported_isas() == ["avx2"]
+        assert native.library() is None
+        lacks = "avx512f, avx512bw, avx512vl, avx512_vnni"
+        assert native.unavailable_reason() == f"{native.DISABLE_ENV}=avx512 but this CPU lacks {lacks}"
+        monkeypatch.delenv(native.DISABLE_ENV)
+        monkeypatch.setattr(native, "_cpu_flags", lambda: {"neon", "asimd"})
+        assert native.selected_isa() is None
+        assert "neither AVX-512 VNNI nor AVX2" in native.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
 def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path) -> None:
     if not native.cpu_supported():
-        pytest.skip("this CPU lacks AVX-512 VNNI")
+        pytest.skip("this CPU runs no build of the kernels")
     monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DLAMINA_NO_SUCH_HEADER", "-include", "no_such.h"))
     native.library.cache_clear()
+    native.load.cache_clear()
     try:
         assert native.library() is None
         assert "failed" in native.unavailable_reason()
@@ -191,6 +217,7 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+        native.load.cache_clear()
 
 
 @pytest.mark.parametrize("ggml_type", TYPES)
