@@ -32,6 +32,7 @@ from lamina.quant.blocks import (
     Blocks,
     blocks_forward,
     fits,
+    scale_values,
     tile_base,
     tile_codes,
     tile_scales,
@@ -279,12 +280,12 @@ class BlockQuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tile, row = ids // TILE, ids % TILE
-        scales = self.d_tiled[tile, :, row].float()  # [..., K/32] (Q6_K: [..., K/16])
+        scales = scale_values(self.d_tiled[tile, :, row])  # [..., K/32] (Q6_K: [..., K/16])
         codes = code_values(self.block_format, self._codes(tile, row), self.offset).flatten(-2)  # [..., K]
         # [..., K] -> [..., K/32, 32] (Q6_K: [..., K/16, 16]), one scale per row of the last dim
         values = codes.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]
         if self.m_tiled is not None:
-            values = values + self.m_tiled[tile, :, row].float()[..., None]
+            values = values + scale_values(self.m_tiled[tile, :, row])[..., None]
         return values.flatten(-2).to(self.output_dtype)  # [..., K]
 
     def dequantize(self) -> torch.Tensor:

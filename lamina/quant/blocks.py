@@ -98,15 +98,23 @@ def tiled_columns(tiles: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 
 def tile_scales(values: torch.Tensor) -> torch.Tensor:
-    """Per-block values [N, K/32] -> fp16 [N/16, K/32, 16]."""
+    """Per-block values [N, K/32] -> their fp16 bits as int16 [N/16, K/32, 16]. The kernel reads fp16;
+    int16 storage keeps the bits out of reach of dtype casts (`model.to(torch.bfloat16)`, a loader's
+    run dtype), which convert floating tensors only."""
     n, nblocks = values.shape
-    return values.reshape(n // TILE, TILE, nblocks).transpose(1, 2).to(torch.float16).contiguous()
+    tiles = values.reshape(n // TILE, TILE, nblocks).transpose(1, 2)  # [N/16, K/32, 16]
+    return tiles.to(torch.float16).contiguous().view(torch.int16)
+
+
+def scale_values(tiles: torch.Tensor) -> torch.Tensor:
+    """Tiled scales (int16 fp16 bits, any shape) -> float32 values."""
+    return tiles.view(torch.float16).float()
 
 
 def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tile_scales`: fp16 [N/16, K/32, 16] -> float32 [N, K/32]."""
+    """Inverse of `tile_scales`: int16 [N/16, K/32, 16] -> float32 [N, K/32]."""
     ntiles, nblocks, _ = tiles.shape
-    return tiles.transpose(1, 2).reshape(ntiles * TILE, nblocks).float()
+    return scale_values(tiles.transpose(1, 2).reshape(ntiles * TILE, nblocks))
 
 
 @torch.library.custom_op("lamina::blockq_matmul", mutates_args=())

@@ -120,6 +120,16 @@ def test_the_kernel_refuses_a_code_width_it_has_no_loop_for(native_lib) -> None:
         native.blockq_matmul(torch.randn(1, 64), layer.codes_tiled, d32, None, 6, 32)
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q2_K"])
+def test_a_dtype_cast_leaves_the_scales_the_kernel_reads(native_lib, ggml_type: str) -> None:
+    """The kernel reads fp16 bits: a model cast to bfloat16 (or a loader's run dtype) must not convert them."""
+    layer = random_layer(ggml_type, 32, 64)
+    x = torch.randn(2, 64)
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer(x), before)
+
+
 def test_fallback_without_the_kernel_computes_the_float_product(monkeypatch) -> None:
     values = np.random.default_rng(6).standard_normal((32, 64)).astype(np.float32)
     data = quants.quantize(values, GGMLQuantizationType.Q4_1)
