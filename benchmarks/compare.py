@@ -157,8 +157,8 @@ def main() -> None:
     )
     parser.add_argument("--llama-cpp-dir", help="import llama_cpp from this directory (a build for --cpu)")
     opts = parser.parse_args()
-    if opts.cpu == "avx2":
-        _env.update(AVX2_ENV)
+    if opts.cpu == "avx2":  # what the environment already sets wins, e.g. LAMINA_NATIVE_KERNELS=0
+        _env.update({key: value for key, value in AVX2_ENV.items() if key not in os.environ})
     if opts.llama_cpp_dir:
         _env["PYTHONPATH"] = os.pathsep.join(filter(None, [opts.llama_cpp_dir, _env.get("PYTHONPATH")]))
     from pydoc_data.topics import topics
@@ -222,7 +222,7 @@ def _print_table(results: dict[str, list[dict]], opts: argparse.Namespace, path:
         f"load average {load[0]:.1f} at start, {load[1]:.1f} at end"
     )
     if opts.cpu == "avx2":
-        print(f"as on an AVX2-only CPU: {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}")
+        print(f"as on an AVX2-only CPU: {' '.join(f'{k}={_env[k]}' for k in AVX2_ENV)}")
     lamina = [r["kernels"] for rows in results.values() for r in rows if "kernels" in r]
     if lamina:
         print(f"Lamina's kernels: {', '.join(sorted(set(lamina)))}")

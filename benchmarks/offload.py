@@ -11,7 +11,10 @@ On the default model (SmolLM2-135M, float32, ~540 MB) it prints one table:
 Each run is a fresh subprocess, so peaks are its own. The cgroup run needs root and the cgroup v1
 memory controller at /sys/fs/cgroup/memory; without them it is skipped.
 
-Usage: python benchmarks/offload.py [--tokens 32] [--cap 150MB]
+`--blocks` keeps the GGUF's quantized blocks, as `LLM.load` does on a CPU (97 MB instead of 540:
+use a smaller --cap, e.g. 60MB); Accelerate still runs float32, as transformers loads a GGUF.
+
+Usage: python benchmarks/offload.py [--tokens 32] [--cap 150MB] [--blocks]
 """
 
 from __future__ import annotations
@@ -64,20 +67,47 @@ class AnonPeak:
         return max(self.peak, anon_bytes())
 
 
-def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
+def offload_folder(blocks: bool) -> Path:
+    return BENCH / ("lamina-offload-blocks" if blocks else "lamina-offload")
+
+
+def load_lamina(model, checkpoint, cap: str | None, blocks: bool) -> None:
+    """`LLM.load`'s weight steps (no fusing: streamed layers are not fused), float32 or blocks kept."""
+    import torch
+
+    from lamina.engine.fusion import attach_native
+    from lamina.loading.loader import load_weights
+    from lamina.placement import load_and_dispatch
+    from lamina.quant.gguf_stream import streamed_blocks
+    from lamina.quant.load import loading_claim
+
+    if cap:
+        reader = streamed_blocks(model, checkpoint, None, {"cpu": cap}, torch.float32) if blocks else None
+        load_and_dispatch(
+            model,
+            reader or checkpoint,
+            max_memory={"cpu": cap},
+            offload_dir=offload_folder(blocks),
+            dtype=torch.float32,
+        )
+    else:
+        claim = loading_claim(model, checkpoint, None, torch.device("cpu"), torch.float32) if blocks else None
+        load_weights(model, checkpoint, torch.float32, "cpu", claim=claim)
+    attach_native(model)  # as LLM.load does on a CPU
+
+
+def worker_lamina(cap: str | None, tokens: int, repeat: int, blocks: bool) -> dict:
     """LLM.load's steps spelled out, so the weights' memory is measured apart from the tokenizer's."""
     import torch
 
     from lamina.api import LLM
     from lamina.default_model import default_model_path
-    from lamina.engine.fusion import attach_native
     from lamina.engine.generate import GenerationStats, generate_tokens
     from lamina.engine.kv_cache import KVCache
     from lamina.engine.sampling import SamplingParams
     from lamina.loading.checkpoint import open_checkpoint
-    from lamina.loading.loader import build_empty, load_weights
+    from lamina.loading.loader import build_empty
     from lamina.loading.tokenizer import Tokenizer
-    from lamina.placement import load_and_dispatch
 
     torch.manual_seed(0)
     source = default_model_path()
@@ -86,14 +116,7 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
         tokenizer = Tokenizer.from_checkpoint(checkpoint)
         base = anon_bytes()  # interpreter, torch, checkpoint metadata, tokenizer: the overhead
         sampler = AnonPeak()
-        if cap:
-            offload = BENCH / "lamina-offload"
-            load_and_dispatch(
-                model, checkpoint, max_memory={"cpu": cap}, offload_dir=offload, dtype=torch.float32
-            )
-        else:
-            load_weights(model, checkpoint, torch.float32, "cpu")
-        attach_native(model)  # as LLM.load does on a CPU
+        load_lamina(model, checkpoint, cap, blocks)
     load_peak = sampler.peak  # the peak while placing and reading weights
     sampler.peak = anon_bytes()  # from here: the decode phase alone
     llm = LLM(model.eval(), tokenizer, config, source)
@@ -123,19 +146,17 @@ def worker_lamina(cap: str | None, tokens: int, repeat: int) -> dict:
     }
 
 
-def worker_accelerate(cap: str, tokens: int, repeat: int, prompt_ids: list[int]) -> dict:
+def worker_accelerate(cap: str, tokens: int, repeat: int, prompt_ids: list[int], blocks: bool) -> dict:
     """Accelerate offloading, alternated with Lamina under the same cap in this one process, so both
     rates come from the same minutes of a shared machine (best of `repeat` rounds each)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lamina.default_model import default_model_path
-    from lamina.engine.fusion import attach_native
     from lamina.engine.generate import GenerationStats, generate_tokens
     from lamina.engine.sampling import SamplingParams
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty
-    from lamina.placement import load_and_dispatch
 
     gguf = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(
@@ -148,11 +169,7 @@ def worker_accelerate(cap: str, tokens: int, repeat: int, prompt_ids: list[int])
     ).eval()
     with open_checkpoint(gguf) as checkpoint:
         lamina_model, _ = build_empty(checkpoint)
-        offload = BENCH / "lamina-offload"
-        load_and_dispatch(
-            lamina_model, checkpoint, max_memory={"cpu": cap}, offload_dir=offload, dtype=torch.float32
-        )
-        attach_native(lamina_model)
+        load_lamina(lamina_model, checkpoint, cap, blocks)
     ids = torch.tensor([prompt_ids])
     kwargs = {"do_sample": False, "pad_token_id": 0}
     greedy = SamplingParams(temperature=0.0)
@@ -251,16 +268,23 @@ def main() -> None:
     parser.add_argument("--skip-accelerate", action="store_true")
     parser.add_argument("--skip-cgroup", action="store_true")
     parser.add_argument(
+        "--blocks", action="store_true", help="keep the GGUF's blocks (LLM.load's CPU default)"
+    )
+    parser.add_argument(
+        "--cgroup-headroom", type=int, default=96, metavar="MB", help="cgroup limit above the measured peak"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=3, help="decode runs per Lamina process; the best counts"
     )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, *rest = args.worker
+        blocks = rest[-1] == "blocks"
         if kind == "lamina":
-            result = worker_lamina(rest[0] if rest[0] != "none" else None, int(rest[1]), int(rest[2]))
+            result = worker_lamina(rest[0] if rest[0] != "none" else None, int(rest[1]), int(rest[2]), blocks)
         else:
-            result = worker_accelerate(rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]))
+            result = worker_accelerate(rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]), blocks)
         print(json.dumps(result))
         return
 
@@ -268,26 +292,27 @@ def main() -> None:
 
     BENCH.mkdir(parents=True, exist_ok=True)
     parse_size(args.cap)  # a bad --cap fails here, before any run
-    n, r = str(args.tokens), str(args.repeat)
-    full = spawn(["lamina", "none", n, r])
-    spawn(["lamina", args.cap, "2", "1"])  # writes the offload folder (once; later runs reuse it)
-    read_into_page_cache(BENCH / "lamina-offload")
-    cached = spawn(["lamina", args.cap, n, r])
+    n, r, layout = str(args.tokens), str(args.repeat), "blocks" if args.blocks else "float"
+    folder = offload_folder(args.blocks)
+    full = spawn(["lamina", "none", n, r, layout])
+    spawn(["lamina", args.cap, "2", "1", layout])  # writes the offload folder (once; later runs reuse it)
+    read_into_page_cache(folder)
+    cached = spawn(["lamina", args.cap, n, r, layout])
     fresh_bw = disk_read_bandwidth(BENCH, 256 * 2**20)  # what `lamina plan` measures
-    disk_bw = cold_read_bandwidth(BENCH / "lamina-offload")
+    disk_bw = cold_read_bandwidth(folder)
     per_token = cached["streamed_per_token"]
     rows = [
         ("in memory (no cap)", full, None),
         (f"cap cpu={args.cap}, layers in page cache", cached, full["tok_s"] * 0.8),
     ]
-    # The cgroup holds the interpreter, the resident weights and 96 MB of headroom (brief spikes the
-    # sampler misses; 48 MB got the process OOM-killed), but not the 425 MB of streamed layers:
-    # every token reads them from disk again.
-    limit = cached["base"] + cached["anon_peak_above_base"] + 96 * 10**6
+    # The cgroup holds the interpreter, the resident weights and --cgroup-headroom (brief spikes the
+    # sampler misses; 48 MB got the float32 run OOM-killed), but not the streamed layers (425 MB
+    # float32, 42 MB as blocks: use a headroom below that): every token reads them from disk again.
+    limit = cached["base"] + cached["anon_peak_above_base"] + args.cgroup_headroom * 10**6
     if not args.skip_cgroup and make_cgroup(limit):
         try:
-            drop_from_page_cache(BENCH / "lamina-offload")
-            cgroup_run = spawn(["lamina", args.cap, n, r], cgroup=True)
+            drop_from_page_cache(folder)
+            cgroup_run = spawn(["lamina", args.cap, n, r, layout], cgroup=True)
             rows.append(
                 (
                     f"cap, cgroup limit {format_size(limit)} (from disk)",
@@ -298,17 +323,18 @@ def main() -> None:
         finally:
             CGROUP.rmdir()
     if not args.skip_accelerate:
-        acc = spawn(["accelerate", args.cap, n, r, json.dumps(full["prompt_ids"])])
+        acc = spawn(["accelerate", args.cap, n, r, json.dumps(full["prompt_ids"]), layout])
         rows.append(("transformers + Accelerate, same cap, offload_folder", acc, None))
         lamina_side = {"tokens": acc["lamina_tokens"], "tok_s": acc["lamina_tok_s"]}
         rows.append(("Lamina, same cap, page cache, alternated with the above", lamina_side, None))
 
-    print(f"\nSmolLM2-135M-Instruct float32, greedy, {args.tokens} new tokens, cap cpu={args.cap}")
+    weights = "GGUF blocks kept (Q4_1, Q8_0)" if args.blocks else "float32"
+    print(f"\nSmolLM2-135M-Instruct {weights}, greedy, {args.tokens} new tokens, cap cpu={args.cap}")
     print(
         f"disk sequential read: offload files {disk_bw / 1e6:.0f} MB/s (the target's), a just-written file "
         f"{fresh_bw / 1e6:.0f} MB/s; streamed per token {format_size(per_token)}"
     )
-    age = time.time() - min(f.stat().st_mtime for f in (BENCH / "lamina-offload").glob("*.safetensors"))
+    age = time.time() - min(f.stat().st_mtime for f in folder.glob("*.safetensors"))
     if age < FRESH_FILES_S:
         print(
             f"warning: the offload files were written {age:.0f} s ago; the VM host may still cache them, so the "

@@ -29,6 +29,7 @@ from lamina.loading.tokenizer import Tokenizer
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
 from lamina.quant.checkpoint import is_quantized_dir
+from lamina.quant.gguf_stream import streamed_blocks
 from lamina.quant.load import (
     check_quantize_arg,
     finish_loading,
@@ -118,8 +119,9 @@ class LLM:
 
         With `max_memory` (`{"cpu": "300MB"}` or `"cpu=300MB,cuda:0=4GB"`) layers are placed on
         GPU / CPU / disk within those budgets and the rest streamed; `offload_dir` holds converted
-        disk-tier layers (default: a folder under ~/.cache/lamina/offload). Streaming runs float
-        weights: a GGUF is expanded into the offload folder.
+        disk-tier layers (default: a folder under ~/.cache/lamina/offload). A GGUF keeps its blocks
+        (placed, offloaded and streamed at its stored size) where the budgets are CPU RAM and disk
+        and the native kernel runs; elsewhere, or with `quantize="none"`, it is expanded to float.
 
         `compile`: run each new token through a `torch.compile`d step; None = where it pays off
         (see `lamina.engine.compiled.should_compile`). `fuse`: merge q/k/v and gate/up projections
@@ -149,9 +151,10 @@ class LLM:
             model, config = build_empty(checkpoint)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
             if max_memory is not None:
-                folder = offload_dir or default_offload_dir(source, torch_dtype)
+                blocks = streamed_blocks(model, checkpoint, quantize, max_memory, torch_dtype)
+                folder = offload_dir or default_offload_dir(source, torch_dtype, blocks=blocks is not None)
                 load_and_dispatch(
-                    model, checkpoint, max_memory=max_memory, offload_dir=folder, dtype=torch_dtype
+                    model, blocks or checkpoint, max_memory=max_memory, offload_dir=folder, dtype=torch_dtype
                 )
             elif saved_quantized:
                 load_saved_quantized(model, source, quantize, torch_dtype, torch_device)

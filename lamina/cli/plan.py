@@ -4,7 +4,8 @@ Nothing is loaded: the model is built on the meta device from the checkpoint's m
 prediction times one decoding step from the bytes on each tier and this machine's measured
 bandwidths: resident weights are read once per token at memory speed; streamed layers arrive at
 their tier's speed (disk read, or host-to-device) while the previous layer computes, so a token
-takes the longer of the two.
+takes the longer of the two. A GGUF is sized as it will run: its quantized blocks where they stay
+quantized (budgets on CPU RAM and disk only, on the native kernel), float32 or --dtype elsewhere.
 """
 
 from __future__ import annotations
@@ -38,15 +39,17 @@ def run(args: argparse.Namespace) -> int:
     from lamina.default_model import default_model_path
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty
-    from lamina.placement.memory import measure_bandwidths, parse_max_memory
+    from lamina.placement.memory import default_max_memory, measure_bandwidths, parse_max_memory
     from lamina.placement.plan import plan
+    from lamina.quant.gguf_stream import streamed_blocks
 
     budget = parse_max_memory(args.max_memory)  # a bad spec fails before anything is opened
+    dtype = resolve_dtype(args.dtype)
     with open_checkpoint(args.model or default_model_path()) as checkpoint:
         model, _ = build_empty(checkpoint)
-    the_plan = plan(
-        model, budget, strategy=args.strategy, dtype=resolve_dtype(args.dtype), prefetch=args.prefetch
-    )
+        # a GGUF's blocks, sized as `LLM.load` keeps them (CPU and disk budgets)
+        streamed_blocks(model, checkpoint, None, budget or default_max_memory(), dtype)
+    the_plan = plan(model, budget, strategy=args.strategy, dtype=dtype, prefetch=args.prefetch)
     print(the_plan)
     scratch = args.offload_dir or tempfile.gettempdir()
     print()

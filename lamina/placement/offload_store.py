@@ -24,10 +24,12 @@ from lamina.errors import InvalidArgumentError
 INDEX = "lamina-offload.json"
 
 
-def default_offload_dir(source: Path, dtype: torch.dtype) -> Path:
-    """Per model file and dtype: `$XDG_CACHE_HOME/lamina/offload/<name>-<dtype>`."""
+def default_offload_dir(source: Path, dtype: torch.dtype, blocks: bool = False) -> Path:
+    """Per model file, dtype and layout: `$XDG_CACHE_HOME/lamina/offload/<name>-<dtype>[-blocks]`
+    (`blocks`: a GGUF's quantized blocks kept, see `lamina.quant.gguf_stream`)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "lamina" / "offload" / f"{source.stem}-{str(dtype).removeprefix('torch.')}"
+    name = f"{source.stem}-{str(dtype).removeprefix('torch.')}" + ("-blocks" if blocks else "")
+    return cache / "lamina" / "offload" / name
 
 
 def prepare_dir(path: str | Path | None) -> Path:

@@ -102,6 +102,11 @@ def runs_natively(device: torch.device, shape: tuple[int, int]) -> bool:
 KEPT_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0"}) | frozenset(CONVERTED)
 
 
+def block_format(ggml_type: str) -> str:
+    """The `FORMATS` entry a `KEPT_TYPES` type's blocks take."""
+    return CONVERTED.get(ggml_type, ggml_type)
+
+
 def blockq_linear_from_gguf(
     data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> BlockQuantLinear | None:

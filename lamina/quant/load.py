@@ -125,40 +125,62 @@ def _gguf_claim(
     native kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
     `_gguf_embedding`."""
     spec, config = checkpoint.spec, checkpoint.config
-    stored = set(checkpoint.tensor_names())
-    head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
-    embed = model.input_embeddings() if hasattr(model, "input_embeddings") else None
-    tied = head is not None and head.weight is embed.weight
+    source = StoredWeights(model, checkpoint)
 
     def keep_blocks(name: str, module: nn.Module) -> bool:
-        weight = f"{name}.weight"
-        if module is embed and isinstance(module, nn.Embedding) and weight in stored:
-            raw = checkpoint.read_raw(weight)
-            if raw.ggml_type not in KEPT_TYPES or tuple(raw.shape) != tuple(module.weight.shape):
+        raw = source.raw(name, module)
+        if raw is None:
+            return False
+        if module is source.embed:
+            if raw.ggml_type not in KEPT_TYPES or not runs_natively(device, raw.shape):
                 return False
-            if not runs_natively(device, raw.shape):
-                return False
-            return _embedding_blocks(model, name, _module_name(model, head) if tied else None, raw, dtype)
-        if type(module) is not nn.Linear or module.bias is not None:
-            return False
-        if (tied and module is head) or weight not in stored or weight.endswith(spec.transposed):
-            return False
-        raw = checkpoint.read_raw(weight)
-        if tuple(raw.shape) != tuple(module.weight.shape):
-            return False
+            return _embedding_blocks(model, name, source.tied_head_name(), raw, dtype)
         if runs_natively(device, raw.shape) and raw.ggml_type in KEPT_TYPES:
             build = blockq_linear_from_gguf
         elif raw.ggml_type in BLOCK_BYTES:
             build = linear_from_gguf
         else:
             return False
-        layer = build(raw.data, raw.ggml_type, raw.shape, spec.row_order(weight, config))
+        layer = build(raw.data, raw.ggml_type, raw.shape, spec.row_order(f"{name}.weight", config))
         if layer is None:  # scales beyond the blocks' fp16
             return False
         set_submodule(model, name, layer.to(device))
         return True
 
     return keep_blocks
+
+
+class StoredWeights:
+    """Which modules of `model` a GGUF's stored blocks can build: the token embedding, and bias-free
+    linears other than a head tied to the embedding, whose stored tensor is in the module's layout
+    (not transposed, the same shape)."""
+
+    def __init__(self, model: nn.Module, checkpoint: GGUFCheckpoint) -> None:
+        self.model, self.checkpoint = model, checkpoint
+        self.stored = set(checkpoint.tensor_names())
+        self.head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
+        self.embed = model.input_embeddings() if hasattr(model, "input_embeddings") else None
+        self.tied = self.head is not None and self.head.weight is self.embed.weight
+
+    def raw(self, name: str, module: nn.Module) -> RawTensor | None:
+        """The stored tensor module `name` can be built from, or None."""
+        weight = f"{name}.weight"
+        if weight not in self.stored:
+            return None
+        if module is self.embed:
+            buildable = isinstance(module, nn.Embedding)
+        else:  # a bias-free linear, not the tied head, stored in the module's orientation
+            buildable = type(module) is nn.Linear and module.bias is None
+            buildable = buildable and not (self.tied and module is self.head)
+            buildable = buildable and not weight.endswith(self.checkpoint.spec.transposed)
+        if not buildable:
+            return None
+        raw = self.checkpoint.read_raw(weight)
+        return raw if tuple(raw.shape) == tuple(module.weight.shape) else None
+
+    def tied_head_name(self) -> str | None:
+        """The output head's module name when it is tied to the embedding."""
+        return _module_name(self.model, self.head) if self.tied else None
 
 
 def _gguf_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> None:

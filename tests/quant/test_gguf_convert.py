@@ -4,6 +4,8 @@ its matrices."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -107,21 +109,26 @@ def test_scales_beyond_fp16_are_not_converted() -> None:
     assert blockq_linear_from_gguf(data, "Q4_K", SHAPE) is None
 
 
-def test_a_gguf_of_every_kept_type_loads_as_blocks(native_lib, tmp_path) -> None:
+def write_mixed_gguf(path: Path, layers: int = 2) -> Path:
+    """A tiny random Llama GGUF with one matrix kind per converted type (Q8_0, Q4_0 and Q4_1 are the
+    default model's: tests/kernels); K-quant codes are random (`random_kquant`)."""
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )  # fmt: skip
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(config).float().eval()
-    # one matrix kind per type (Q8_0, Q4_0 and Q4_1 are the default model's: tests/kernels)
     types = {"attn_v": "Q6_K", "ffn_down": "Q4_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q3_K"}
     types |= {"ffn_up": "Q5_K", "attn_q": "IQ4_XS", "ffn_gate": "IQ4_NL", "token_embd": "Q2_K"}
 
     def type_of(name: str) -> str:
         return next((t for key, t in types.items() if f"{key}.weight" in name), "Q4_K")
 
-    path = write_gguf(reference, "llama", tmp_path / "mixed.gguf", VOCAB, type_of=type_of)
+    return write_gguf(reference, "llama", path, VOCAB, type_of=type_of)
+
+
+def test_a_gguf_of_every_kept_type_loads_as_blocks(native_lib, tmp_path) -> None:
+    path = write_mixed_gguf(tmp_path / "mixed.gguf")
     kept, expanded = load_kept(path), load_lamina(path)
     linears = {name: type(m) for name, m in kept.named_modules() if "proj" in name or name == "lm_head"}
     assert linears and all(kind is BlockQuantLinear for kind in linears.values()), linears
