@@ -107,11 +107,32 @@ def block_format(ggml_type: str) -> str:
     return CONVERTED.get(ggml_type, ggml_type)
 
 
+#: A `BlockQuantLinear`'s tile buffers (m_tiled None where the format has no m).
+TILE_BUFFERS = ("codes_tiled", "d_tiled", "m_tiled")
+#: Rows converted at a time when a tensor keeps its row order: conversion holds a few copies of what
+#: it converts (codes unpacked, tiled), ~90 MB at once for the default model's 49152-row embedding.
+CHUNK_ROWS = 1024
+
+
+def empty_blocks(ggml_type: str, shape: tuple[int, int], device: str = "meta") -> BlockQuantLinear:
+    """A `BlockQuantLinear` (uninitialized; on the meta device by default) with the tiles a [N, K]
+    tensor of `ggml_type` (a `KEPT_TYPES` type) becomes."""
+    n, k = shape
+    bits, _, has_m, scale_block = FORMATS[block_format(ggml_type)]
+    codes = torch.empty(n // TILE, k // BLOCK, bits * BLOCK * TILE // 8, dtype=torch.uint8, device=device)
+    d = torch.empty(n // TILE, k // scale_block, TILE, dtype=torch.int16, device=device)
+    m = torch.empty_like(d) if has_m else None
+    return BlockQuantLinear(block_format(ggml_type), codes, d, m)
+
+
 def blockq_linear_from_gguf(
     data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> BlockQuantLinear | None:
-    """A GGUF tensor's raw bytes (a `KEPT_TYPES` type) as a `BlockQuantLinear`, output rows reordered by
-    `permute_rows` (per-row blocks commute with it); None where its scales do not fit the blocks."""
+    """A GGUF tensor's raw bytes (a `KEPT_TYPES` type, [N, bytes per row]) as a `BlockQuantLinear`,
+    output rows reordered by `permute_rows` (per-row blocks commute with it); None where its scales do
+    not fit the blocks. Without a reordering, CHUNK_ROWS rows at a time (tiles hold whole rows)."""
+    if permute_rows is None and shape[0] > CHUNK_ROWS:
+        return _by_rows(data, ggml_type, shape)
     stored = gguf_blocks(data, ggml_type, shape)
     if stored is None:
         return None
@@ -119,6 +140,21 @@ def blockq_linear_from_gguf(
     if permute_rows is not None:
         blocks = {name: permute_rows(t) for name, t in blocks.items()}
     return BlockQuantLinear.from_blocks(block_format, **blocks)
+
+
+def _by_rows(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> BlockQuantLinear | None:
+    n, k = shape
+    layer = empty_blocks(ggml_type, shape, device="cpu")
+    for start in range(0, n, CHUNK_ROWS):
+        rows = min(CHUNK_ROWS, n - start)
+        part = blockq_linear_from_gguf(data[start : start + rows], ggml_type, (rows, k))
+        if part is None:
+            return None
+        for name in TILE_BUFFERS:
+            whole = getattr(layer, name)
+            if whole is not None:
+                whole[start // TILE : (start + rows) // TILE] = getattr(part, name)
+    return layer
 
 
 class BlockQuantLinear(QuantizedLinear):

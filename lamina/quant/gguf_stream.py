@@ -19,54 +19,23 @@ import torch
 from torch import nn
 
 from lamina.errors import CheckpointError
+from lamina.heap import release_free_heap
 from lamina.loading.checkpoint import Checkpoint
-from lamina.loading.gguf import GGUFCheckpoint, RawTensor
+from lamina.loading.gguf import GGUFCheckpoint
 from lamina.placement.memory import parse_max_memory
 from lamina.quant.apply import set_submodule
 from lamina.quant.blockq import (
     FORMATS,
     KEPT_TYPES,
+    TILE_BUFFERS,
     BlockQuantEmbedding,
     BlockQuantLinear,
     block_format,
     blockq_linear_from_gguf,
+    empty_blocks,
     runs_natively,
 )
-from lamina.quant.blocks import BLOCK, TILE
 from lamina.quant.load import StoredWeights
-
-TILE_BUFFERS = ("codes_tiled", "d_tiled", "m_tiled")
-#: rows converted at a time when a tensor keeps its row order (the token embedding): conversion holds
-#: a few copies of what it converts, and a 49152-row embedding at once would overshoot a tight cap
-CHUNK_ROWS = 1024
-
-
-def empty_blocks(ggml_type: str, shape: tuple[int, int], device: str = "meta") -> BlockQuantLinear:
-    """A `BlockQuantLinear` (uninitialized; on the meta device by default) with the tiles a [N, K]
-    tensor of `ggml_type` becomes."""
-    n, k = shape
-    bits, _, has_m, scale_block = FORMATS[block_format(ggml_type)]
-    codes = torch.empty(n // TILE, k // BLOCK, bits * BLOCK * TILE // 8, dtype=torch.uint8, device=device)
-    d = torch.empty(n // TILE, k // scale_block, TILE, dtype=torch.int16, device=device)
-    m = torch.empty_like(d) if has_m else None
-    return BlockQuantLinear(block_format(ggml_type), codes, d, m)
-
-
-def blocks_by_rows(raw: RawTensor) -> BlockQuantLinear | None:
-    """`blockq_linear_from_gguf` of an unpermuted tensor, CHUNK_ROWS rows at a time (tiles hold whole
-    rows, so each chunk's tiles are a slice of the whole's); None where some scales exceed fp16."""
-    n, k = raw.shape
-    layer = empty_blocks(raw.ggml_type, raw.shape, device="cpu")
-    for start in range(0, n, CHUNK_ROWS):
-        rows = min(CHUNK_ROWS, n - start)
-        part = blockq_linear_from_gguf(raw.data[start : start + rows], raw.ggml_type, (rows, k))
-        if part is None:
-            return None
-        for name in TILE_BUFFERS:
-            whole = getattr(layer, name)
-            if whole is not None:
-                whole[start // TILE : (start + rows) // TILE] = getattr(part, name)
-    return layer
 
 
 class BlockTensors:
@@ -98,6 +67,7 @@ class BlockTensors:
         if module not in self.planned or buffer not in TILE_BUFFERS:
             return self.checkpoint.read(name)
         if self._built is None or self._built[0] != module:
+            release_free_heap()  # the previous module's conversion temporaries, before the next's
             layer = self._build(module)
             self._built = module, layer, {b for b in TILE_BUFFERS if getattr(layer, b) is not None}
         _, layer, unread = self._built
@@ -110,10 +80,7 @@ class BlockTensors:
         weight, spec, config = self.planned[module], self.checkpoint.spec, self.checkpoint.config
         raw = self.checkpoint.read_raw(weight)
         order = None if module == self.embedding else spec.row_order(weight, config)
-        if order is None:
-            layer = blocks_by_rows(raw)
-        else:
-            layer = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape, order)
+        layer = blockq_linear_from_gguf(raw.data, raw.ggml_type, raw.shape, order)
         if layer is None:
             raise CheckpointError(
                 f"{weight} ({raw.ggml_type}) has scales beyond fp16 and cannot stream as blocks; "

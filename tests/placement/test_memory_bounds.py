@@ -134,8 +134,7 @@ with open_checkpoint(default_model_path()) as checkpoint:
                       dtype=torch.float32)
     running[0] = False
     thread.join()
-layer = max(p.nbytes for p in model.lamina_plan.placements if p.tier == "disk")
-print(json.dumps({"peak": max(peak[0], anon()) - base, "streamed_layer": layer}))
+print(json.dumps({"peak": max(peak[0], anon()) - base}))
 """
 
 
@@ -144,10 +143,8 @@ print(json.dumps({"peak": max(peak[0], anon()) - base, "streamed_layer": layer})
 def test_gguf_capped_load_stays_under_the_budget(tmp_path_factory, run_number, layout, cap):
     """The default GGUF under a cap, expanded to float32 (dequantizing the resident 113 MB embedding,
     converting the streamed layers) or kept as blocks (converted a chunk of rows at a time): loading
-    stays inside the cap, not just decoding. The blocks' plan fills the cap to within its stream
-    buffers (4.4 MB, allocated after loading) with 2.2 MB layers; writing a streamed layer to the
-    offload folder holds it twice (its tiles and safetensors' serialized copy) next to the next
-    tensor's conversion, up to ~1.5 MB beyond those buffers: one streamed layer of slack covers it."""
+    stays inside the cap, not just decoding. (The blocks' plan fills the 60 MB cap to within its 4.4 MB
+    of stream buffers, which are allocated after loading: conversion temporaries must fit in those.)"""
     folder = tmp_path_factory.getbasetemp() / f"gguf-offload-{layout}"  # shared: the second run reuses it
     out = subprocess.run(
         [sys.executable, "-c", GGUF_SCRIPT, str(folder), f"{cap}MB", layout],
@@ -157,6 +154,4 @@ def test_gguf_capped_load_stays_under_the_budget(tmp_path_factory, run_number, l
         text=True,
         check=True,
     )
-    result = json.loads(out.stdout)
-    slack = result["streamed_layer"] if layout == "blocks" else 0
-    assert result["peak"] <= cap * MB + slack, (run_number, out.stdout)
+    assert json.loads(out.stdout)["peak"] <= cap * MB, (run_number, out.stdout)

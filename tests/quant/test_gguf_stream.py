@@ -9,20 +9,21 @@ from gguf import GGMLQuantizationType, quants
 
 from lamina.api import LLM
 from lamina.loading.checkpoint import open_checkpoint
-from lamina.loading.gguf import RawTensor
 from lamina.loading.loader import build_empty
 from lamina.placement import load_and_dispatch
 from lamina.placement.units import collect_units
-from lamina.quant import gguf_stream
+from lamina.quant import blockq, gguf_stream
 from lamina.quant.blockq import (
     FORMATS,
     KEPT_TYPES,
+    TILE_BUFFERS,
     BlockQuantEmbedding,
     BlockQuantLinear,
     block_format,
     blockq_linear_from_gguf,
+    empty_blocks,
 )
-from lamina.quant.gguf_stream import TILE_BUFFERS, empty_blocks, streamed_blocks
+from lamina.quant.gguf_stream import streamed_blocks
 from tests.models.gguf_writer import KQUANT_SCALES, random_kquant
 from tests.quant.test_gguf_convert import load_kept, write_mixed_gguf
 
@@ -47,14 +48,14 @@ def test_empty_blocks_have_the_tiles_a_layer_is_built_with(ggml_type: str) -> No
 
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_1", "Q6_K", "Q2_K"])
 def test_tiles_built_by_rows_are_the_tiles_built_at_once(monkeypatch, ggml_type: str) -> None:
-    monkeypatch.setattr(gguf_stream, "CHUNK_ROWS", 48)  # 160 rows: chunks of 48, 48, 48 and 16
     shape, rng = (160, 256), np.random.default_rng(0)
     if ggml_type in KQUANT_SCALES:
         data = random_kquant(shape, ggml_type, rng)
     else:
         data = quants.quantize(rng.standard_normal(shape).astype(np.float32), GGMLQuantizationType[ggml_type])
-    by_rows = gguf_stream.blocks_by_rows(RawTensor(ggml_type, shape, data))
     at_once = blockq_linear_from_gguf(data, ggml_type, shape)
+    monkeypatch.setattr(blockq, "CHUNK_ROWS", 48)  # 160 rows: chunks of 48, 48, 48 and 16
+    by_rows = blockq_linear_from_gguf(data, ggml_type, shape)
     for name in TILE_BUFFERS:
         a, b = getattr(by_rows, name), getattr(at_once, name)
         assert (a is None and b is None) or torch.equal(a, b), name
