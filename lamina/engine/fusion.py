@@ -35,9 +35,9 @@ def fuse_projections(model: nn.Module, release: Callable[[], None] | None = None
     (otherwise the allocator keeps them and RSS grows by the size of every fused matrix).
     """
     fused = replaced = 0
-    for module in list(model.modules()):
-        if not hasattr(module, "fuse"):
-            continue
+    # only the fusing parents are listed: a list of every module would keep the replaced projections
+    # (and their weights) alive until the end, ~40 MB of peak for the default model
+    for module in [m for m in model.modules() if hasattr(m, "fuse")]:
         size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         if module.fuse():
             fused, replaced = fused + 1, replaced + size

@@ -21,6 +21,7 @@ from lamina.errors import CheckpointError
 from lamina.heap import release_free_heap
 from lamina.loading.checkpoint import Checkpoint
 from lamina.models.registry import resolve
+from lamina.placement.empty import init_empty
 
 # Called after each parameter is filled, with the owning module's name and the module; lets a
 # caller transform a layer (quantize it, move it) as soon as its weights are complete. Returns
@@ -38,7 +39,7 @@ TRIM_EVERY = 8
 def build_empty(checkpoint: Checkpoint) -> tuple[nn.Module, ModelConfig]:
     """The checkpoint's model with every parameter on the meta device (no memory used)."""
     model_class, config = resolve(checkpoint.config)
-    with torch.device("meta"):
+    with init_empty():
         model = model_class(config)
     return model, config
 

@@ -120,8 +120,10 @@ def empty_blocks(ggml_type: str, shape: tuple[int, int], device: str = "meta") -
     n, k = shape
     bits, _, has_m, scale_block = FORMATS[block_format(ggml_type)]
     codes = torch.empty(n // TILE, k // BLOCK, bits * BLOCK * TILE // 8, dtype=torch.uint8, device=device)
-    d = torch.empty(n // TILE, k // scale_block, TILE, dtype=torch.int16, device=device)
-    m = torch.empty_like(d) if has_m else None
+    scales = (n // TILE, k // scale_block, TILE)
+    d = torch.empty(scales, dtype=torch.int16, device=device)
+    m = torch.empty(scales, dtype=torch.int16, device=device) if has_m else None  # not empty_like: on
+    # the meta device it goes through torch._refs, which imports sympy (34 MB)
     return BlockQuantLinear(block_format(ggml_type), codes, d, m)
 
 
