@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from lamina.api import LLM
+from lamina.errors import CheckpointError
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty
 from lamina.placement import load_and_dispatch
@@ -108,3 +109,16 @@ def test_expanding_or_a_gpu_budget_keeps_the_float_path(monkeypatch, default_ggu
         model, _ = build_empty(checkpoint)
         assert gguf_stream.streamed_blocks(model, checkpoint, quantize, "given", torch.float32) is None
     assert not any(isinstance(m, BlockQuantLinear | BlockQuantEmbedding) for m in model.modules())
+
+
+def test_a_tensor_whose_scales_do_not_fit_the_blocks_is_named(monkeypatch, default_gguf, tmp_path) -> None:
+    """The plan is made before any tensor is converted: one that turns out not to fit fails by name."""
+    monkeypatch.setattr(gguf_stream, "blockq_linear_from_gguf", lambda *args: None)  # scales beyond fp16
+    with open_checkpoint(default_gguf) as checkpoint:
+        model, _ = build_empty(checkpoint)
+        reader = streamed_blocks(model, checkpoint, None, {"cpu": "60MB"}, torch.float32)
+        with pytest.raises(
+            CheckpointError, match=r"model\.embed_tokens\.weight \(Q8_0\) has scales beyond fp16"
+        ):
+            load_and_dispatch(model, reader, max_memory={"cpu": "60MB"}, offload_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # no offload file left that a later run could take as complete
