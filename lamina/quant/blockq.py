@@ -110,7 +110,8 @@ def block_format(ggml_type: str) -> str:
 #: A `BlockQuantLinear`'s tile buffers (m_tiled None where the format has no m).
 TILE_BUFFERS = ("codes_tiled", "d_tiled", "m_tiled")
 #: Rows converted at a time when a tensor keeps its row order: conversion holds a few copies of what
-#: it converts (codes unpacked, tiled), ~90 MB at once for the default model's 49152-row embedding.
+#: it converts (codes unpacked, tiled); the default model's 49152-row embedding converted at once put
+#: a load under a 60 MB cap 6-11 MB over it.
 CHUNK_ROWS = 1024
 
 
@@ -121,9 +122,10 @@ def empty_blocks(ggml_type: str, shape: tuple[int, int], device: str = "meta") -
     bits, _, has_m, scale_block = FORMATS[block_format(ggml_type)]
     codes = torch.empty(n // TILE, k // BLOCK, bits * BLOCK * TILE // 8, dtype=torch.uint8, device=device)
     scales = (n // TILE, k // scale_block, TILE)
+    # torch.empty, not empty_like: on the meta device empty_like goes through torch._refs, which
+    # imports sympy (34 MB)
     d = torch.empty(scales, dtype=torch.int16, device=device)
-    m = torch.empty(scales, dtype=torch.int16, device=device) if has_m else None  # not empty_like: on
-    # the meta device it goes through torch._refs, which imports sympy (34 MB)
+    m = torch.empty(scales, dtype=torch.int16, device=device) if has_m else None
     return BlockQuantLinear(block_format(ggml_type), codes, d, m)
 
 
