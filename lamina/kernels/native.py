@@ -9,7 +9,8 @@ ctypes. Building takes about a second; every later process loads the cached file
 OpenMP calls resolve to the libgomp that torch has already loaded (same soname), so both share one
 thread pool and `torch.set_num_threads`.
 
-`LAMINA_NATIVE_KERNELS=0` turns them off and `=avx2` (or `=avx512`) picks a build. When the CPU has
+`LAMINA_NATIVE_KERNELS=0` turns them off and `=avx2` (or `=avx512`) picks a build; `1` or unset means
+the best build, and any other value is refused with an error. When the CPU has
 neither instruction set (ARM, older x86), no C compiler is found or the build fails, `library()`
 returns None and callers keep their torch kernels; `unavailable_reason()` says why.
 """
@@ -26,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from lamina.errors import InvalidArgumentError
 
 SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("blockq.c", "dense.c", "attention.c", "llama_layer.c")
@@ -99,8 +102,13 @@ def _build(compiler: str, isa: str) -> Path:
 
 def selected_isa() -> str | None:
     """The build `library()` loads: the one `LAMINA_NATIVE_KERNELS` names, else the best this CPU runs;
-    None when turned off or when the CPU runs none (`unavailable_reason()` says which)."""
+    None when turned off or when the CPU runs none (`unavailable_reason()` says which). Another value
+    of the variable is an error."""
     choice = os.environ.get(DISABLE_ENV, "")
+    if choice not in ("", "1", "0", *ISAS):
+        raise InvalidArgumentError(
+            f"{DISABLE_ENV}={choice!r} is not a setting; use 0 (off), {' or '.join(ISAS)}, or leave it unset"
+        )
     if choice == "0":
         _reason.append(f"disabled by {DISABLE_ENV}=0")
         return None

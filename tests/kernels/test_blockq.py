@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 from torch import nn
 
+from lamina.errors import InvalidArgumentError
 from lamina.kernels import native
 from lamina.quant.blockq import (
     BlockQuantEmbedding,
@@ -208,6 +209,17 @@ def test_a_build_the_cpu_cannot_run_is_refused_by_name(monkeypatch) -> None:
         monkeypatch.setattr(native, "_cpu_flags", lambda: {"neon", "asimd"})
         assert native.selected_isa() is None
         assert "neither AVX-512 VNNI nor AVX2" in native.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+def test_an_unknown_kernel_setting_is_refused_by_name(monkeypatch) -> None:
+    monkeypatch.setenv(native.DISABLE_ENV, "avx")
+    native.library.cache_clear()
+    try:
+        with pytest.raises(InvalidArgumentError, match="LAMINA_NATIVE_KERNELS='avx' is not a setting; use 0"):
+            native.library()
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
