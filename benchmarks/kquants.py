@@ -1,14 +1,16 @@
-"""A llama.cpp K-quant or IQ4 file (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS) kept vs expanded to float32:
-weights, perplexity and decode tokens/s in one run.
+"""A llama.cpp K-quant or IQ file (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS, IQ3_M) kept vs expanded to
+float32: weights, perplexity and decode tokens/s in one run.
 
-    python benchmarks/kquants.py [--preset Q2_K|Q3_K_M|Q4_K_M|Q5_K_M|IQ4_XS | --gguf FILE]
+    python benchmarks/kquants.py [--preset Q2_K|Q3_K_M|Q4_K_M|Q5_K_M|IQ4_XS|IQ3_M | --gguf FILE]
                                  [--max-tokens 1024] [--decode-tokens 32] [--threads 2]
 
 Without --gguf, the bundled SmolLM2-135M-Instruct (Q4_1) is re-quantized to --preset with llama.cpp's
 own quantizer (`llama-cpp-python`, `pip install -e .[bench]`) into ~/.cache/lamina/bench/. SmolLM2's
 576-wide matrices are not a multiple of 256, so llama.cpp stores most of them as Q4_0 / Q5_0 / Q5_1
 (IQ4_NL for IQ4_XS); ffn_down (1536 wide) gets the K-quants (IQ4_XS) and attn_v Q8_0. (Q3_K_M's
-Q3_K matrices are all 576 wide, so its file holds no Q3_K; the Q2_K preset's ffn_down are Q3_K.) For llama.cpp's and transformers' speed on the same
+Q3_K matrices are all 576 wide, so its file holds no Q3_K; the Q2_K preset's ffn_down are Q3_K; IQ3_M's are
+IQ3_S. IQ2 and IQ1 presets need an importance matrix, which llama.cpp's quantizer is not given here.) For
+llama.cpp's and transformers' speed on the same
 file: `python benchmarks/compare.py --model FILE`.
 """
 
@@ -70,7 +72,7 @@ def main() -> None:
     )
     parser.add_argument("--gguf", type=Path, help="a K-quant GGUF (default: make SmolLM2 --preset)")
     parser.add_argument(
-        "--preset", choices=("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS"), default="Q4_K_M"
+        "--preset", choices=("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ3_M"), default="Q4_K_M"
     )
     parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--decode-tokens", type=int, default=32)

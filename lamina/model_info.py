@@ -63,12 +63,11 @@ class ModelInfo:
 def kept_bits(stored_type: str) -> float | None:
     """Bits a weight stored as this GGML type takes kept quantized on the native CPU kernel (codes plus
     fp16 scales and mins, `quant/blockq.py`), or None where it loads as float."""
-    from lamina.quant.blockq import FORMATS, KEPT_TYPES
-    from lamina.quant.gguf_convert import CONVERTED
+    from lamina.quant.blockq import FORMATS, KEPT_TYPES, block_format
 
     if stored_type not in KEPT_TYPES:
         return None
-    bits, _, has_m, scale_block = FORMATS[CONVERTED.get(stored_type, stored_type)]
+    bits, _, has_m, scale_block = FORMATS[block_format(stored_type)]
     return bits + 16 * (1 + has_m) / scale_block
 
 

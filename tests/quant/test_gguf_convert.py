@@ -97,8 +97,8 @@ def test_widths_off_the_super_block_are_refused_by_name() -> None:
     data = np.zeros((16, 2 * 144), dtype=np.uint8)  # two Q4_K super-blocks a row, but 384 columns
     with pytest.raises(UnsupportedModelError, match=r"Q4_K with 384 columns.*multiple of their block"):
         converted_blocks(data, "Q4_K", (16, 384))
-    with pytest.raises(UnsupportedModelError, match="IQ2_XS"):
-        converted_blocks(data, "IQ2_XS", (16, 256))
+    with pytest.raises(UnsupportedModelError, match="Q8_K"):  # llama.cpp's internal activation type
+        converted_blocks(data, "Q8_K", (16, 256))
 
 
 def test_scales_beyond_fp16_are_not_converted() -> None:
@@ -109,17 +109,25 @@ def test_scales_beyond_fp16_are_not_converted() -> None:
     assert blockq_linear_from_gguf(data, "Q4_K", SHAPE) is None
 
 
-def write_mixed_gguf(path: Path, layers: int = 2) -> Path:
+def write_mixed_gguf(path: Path, layers: int = 2, types: dict[str, str] | None = None) -> Path:
     """A tiny random Llama GGUF with one matrix kind per converted type (Q8_0, Q4_0 and Q4_1 are the
-    default model's: tests/kernels); K-quant codes are random (`random_kquant`)."""
+    default model's: tests/kernels), or `types` (GGUF matrix name -> type; the rest Q4_K); K-quant and
+    grid codes are random (`random_kquant`)."""
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )  # fmt: skip
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(config).float().eval()
-    types = {"attn_v": "Q6_K", "ffn_down": "Q4_K", "attn_k": "Q5_0", "attn_output": "Q5_1", "output": "Q3_K"}
-    types |= {"ffn_up": "Q5_K", "attn_q": "IQ4_XS", "ffn_gate": "IQ4_NL", "token_embd": "Q2_K"}
+    if types is None:
+        types = {
+            "attn_v": "Q6_K",
+            "ffn_down": "Q4_K",
+            "attn_k": "Q5_0",
+            "attn_output": "Q5_1",
+            "output": "Q3_K",
+        }
+        types |= {"ffn_up": "Q5_K", "attn_q": "IQ4_XS", "ffn_gate": "IQ4_NL", "token_embd": "Q2_K"}
 
     def type_of(name: str) -> str:
         return next((t for key, t in types.items() if f"{key}.weight" in name), "Q4_K")
@@ -148,6 +156,52 @@ def test_a_gguf_of_every_kept_type_loads_as_blocks(native_lib, tmp_path) -> None
     # Against gguf's values, add the fp16 sub-block scales (2^-11 relative, bounded per format above):
     # measured 0.96% of the largest logit here (0.015% with only Q4_K, 1% with only Q2_K). A misplaced
     # code or scale moves the logits by their own size.
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+@pytest.mark.parametrize(
+    "ggml_type", ["IQ1_S", "IQ2_XXS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "IQ2_XS", "IQ2_S"]
+)
+def test_grid_types_become_q8_0_blocks(ggml_type: str) -> None:
+    data = random_kquant(SHAPE, ggml_type, np.random.default_rng(4))
+    block_format, blocks = converted_blocks(data, ggml_type, SHAPE)
+    assert block_format == "Q8_0"
+    got, want = (
+        BlockQuantLinear.from_blocks(block_format, **blocks).dequantize(),
+        gguf_values(data, ggml_type),
+    )
+    if ggml_type in ("IQ2_XS", "IQ2_S"):  # a scale per 16: blocks whose halves differ are plain Q8_0
+        largest = want.reshape(SHAPE[0], -1, 32).abs().amax(-1, keepdim=True)  # [N, K/32, 1]
+        assert ((got - want).reshape(SHAPE[0], -1, 32).abs() <= largest / 220).all()
+    else:  # codes exact, each block's step rounded to fp16 (2^-11 relative; 2^-25 absolute, times the
+        # code, where a small block's step is below fp16's normal range)
+        assert ((got - want).abs() <= 2**-11 * want.abs() + 62 * 2**-25).all()
+        # plain Q8_0 (d = largest / 127) would not be: the step search is what makes them exact
+        plain = torch.from_numpy(quants.quantize(want.numpy(), GGMLQuantizationType.Q8_0))
+        plain = torch.from_numpy(quants.dequantize(plain.numpy(), GGMLQuantizationType.Q8_0)).reshape(SHAPE)
+        assert ((plain - want).abs() > 2**-11 * want.abs()).any() or ggml_type.startswith("TQ")
+
+
+def test_a_gguf_of_grid_types_loads_as_blocks(native_lib, tmp_path) -> None:
+    types = {
+        "ffn_down": "IQ3_S",
+        "ffn_gate": "IQ2_XXS",
+        "ffn_up": "IQ3_XXS",
+        "attn_q": "IQ1_S",
+        "attn_k": "TQ2_0",
+    }
+    path = write_mixed_gguf(tmp_path / "grids.gguf", types=types)
+    kept, expanded = load_kept(path), load_lamina(path)
+    kinds = {
+        name: type(m)
+        for name, m in kept.named_modules()
+        if name.endswith(("mlp.down_proj", "self_attn.q_proj"))
+    }
+    assert kinds and all(kind is BlockQuantLinear for kind in kinds.values()), kinds
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = kept(ids), expanded(ids)
+    # exact codes, fp16 steps and the activations' two int8 passes (the mixed-type test above: 0.96%)
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
