@@ -6,7 +6,7 @@ Three ways a model ends up quantized at load time:
   layer). gptq needs calibration activations of the whole model, so it quantizes after loading,
   with act-order (SmolLM2, g128: +5.85% perplexity vs float).
 - a GGUF file with `quantize=None` (the default): on the native CPU kernel, linears and the token
-  embedding stored in a `KEPT_TYPES` type (Q4_0/Q4_1/Q8_0, Q5_x, K-quants, IQ4) become blocks
+  embedding stored in a `KEPT_TYPES` type (Q4_0/Q4_1/Q8_0, Q5_x, K-quants, IQ types) become blocks
   (`blockq`, `gguf_convert`); elsewhere Q4_0/Q4_1/Q8_0 linears are rebuilt in the int4/int8 layouts
   (`gguf_formats`) and a Q8_0 token embedding becomes an int8 embedding shared with a tied output
   head. Other GGML types stay float. `quantize="none"` expands everything to float.
