@@ -14,7 +14,8 @@
  * with 127 v ~= (a - offset) + (b - 64) / 128 to within 2^-8 (so w = d * (127 v) with d = absmax / 127
  * is within 3.1e-5 absmax of the code book's value); VPSHUFB maps 64 codes per instruction and b's
  * products take one more VPDPBUSD per weight vector (against the first activation pass only: b is
- * 1/128 of the value, so the second pass would change it by under 2^-15).
+ * 1/128 of the value, so the second pass would change it by under 2^-15). With a scale per 16 weights
+ * (the IQ grids that scale each 16) the book must be integers (b = 64 throughout): b's term is skipped.
  *
  * As llama.cpp does, x is quantized per 32-block to int8 with one float scale (dx = max|x| / 127),
  * so each block's dot product is an exact integer sum computed by VPDPBUSD (u8 x s8, 64 products
@@ -180,13 +181,14 @@ static inline __attribute__((always_inline)) void tile_pass(
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] . W^T; `lut` NULL, or a 4-bit code book's 32 bytes (above);
- * `scale_block` 32 (codes of 4, 5 or 8 bits, or 4-bit codes into `lut`) or 16 (2, 3 or 6 bits).
+ * `scale_block` 32 (codes of 4, 5 or 8 bits, or 4-bit codes into `lut`) or 16 (2, 3 or 6 bits, or 4-bit
+ * codes into an integer `lut`).
  * Returns 0, -1 when scratch memory is unavailable, or -2 for another combination. */
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
                          const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
                          float *y, int64_t ldy) {
     const int sub16 = scale_block == 16;
-    if (lut ? bits != 4 || sub16 : sub16 ? bits != 2 && bits != 3 && bits != 6 : bits != 4 && bits != 5 && bits != 8)
+    if (lut ? bits != 4 : sub16 ? bits != 2 && bits != 3 && bits != 6 : bits != 4 && bits != 5 && bits != 8)
         return -2;
     const int64_t nblocks = k / BLOCK, ntiles = n / TILE;
     const int64_t tile_bytes = nblocks * (bits * BLOCK * TILE / 8);
@@ -217,7 +219,8 @@ int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_
                     const int32_t *sq = sumq + r * 4 * nblocks;
                     float *out = y + r * ldy + t * TILE;
                     const int rows = left >= ROWS_PER_PASS ? ROWS_PER_PASS : (int)left;
-                    if (lut) tile_pass(tc, td, tm, nblocks, 4, offset, lut, 0, 255, q, s, sq, sx, k, out, ldy, rows);
+                    if (lut && sub16) tile_pass(tc, td, tm, nblocks, 4, offset, lut, 1, 255, q, s, sq, sx, k, out, ldy, rows);
+                    else if (lut) tile_pass(tc, td, tm, nblocks, 4, offset, lut, 0, 255, q, s, sq, sx, k, out, ldy, rows);
                     else if (sub16) tile_pass(tc, td, tm, nblocks, bits, offset, NULL, 1, 63, q, s, sq, sx, k, out, ldy, rows);
                     else if (bits == 8) tile_pass(tc, td, tm, nblocks, 8, offset, NULL, 0, 255, q, s, sq, sx, k, out, ldy, rows);
                     else if (bits == 4) tile_pass(tc, td, tm, nblocks, 4, offset, NULL, 0, 15, q, s, sq, sx, k, out, ldy, rows);

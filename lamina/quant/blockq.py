@@ -39,7 +39,7 @@ from lamina.quant.blocks import (
     untile_codes,
     untile_scales,
 )
-from lamina.quant.gguf_convert import CONVERTED, GRID_BOOKS, converted_blocks
+from lamina.quant.gguf_convert import CONVERTED, GRID_BOOKS, GRID_SCALED_BY_16, converted_blocks
 from lamina.quant.gguf_formats import fp16_field, q4_codes, raw_blocks
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
@@ -54,7 +54,7 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q3_K": (3, 4, False, 16),
     "Q2_K": (2, 0, True, 16),
     "IQ4_NL": (4, 128, False, 32),
-    **dict.fromkeys(GRID_BOOKS, (4, 128, False, 32)),
+    **{t: (4, 128, False, 16 if t in GRID_SCALED_BY_16 else 32) for t in GRID_BOOKS},
 }
 #: Block formats whose 4-bit codes index a code book: format -> its integer values, w = d * book[c].
 CODE_BOOKS = {

@@ -34,14 +34,11 @@ Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers 
 Grid types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, TQ1_0, TQ2_0: code words from
 lattices, no nibble layout) are read through their values as `gguf.quants` dequantizes them. Each
 grid's magnitudes are whole numbers of a step (`GRID_MAGNITUDES`: IQ3_S odd 1..15, IQ2 8/25/43, IQ1
-eighths 1/7/9, ...), so a 32-block whose largest weight is g steps has step s = max|w| / g and every
-weight a whole number of steps: per block, the candidate g (or 127) that reproduces the block best
-gives s and the codes. Where the blocks have one scale each (IQ1_S, IQ2_XXS, IQ3_XXS, IQ3_S, TQ) the
-signed values form a code book of at most 16 (`GRID_BOOKS`): 4-bit codes into it, read through the
-kernel's table as IQ4_NL's are, d = s in fp16: codes exact, d relative <= 2^-11 (2^-25 absolute for a
-step below fp16's normal range). IQ1_M, IQ2_XS and IQ2_S scale each 16 weights; they become Q8_0
-blocks (d = s, codes the whole steps), exact where a block's halves share a scale, else plain Q8_0:
-within 0.57 d (half a step plus d's fp16 rounding), under 1/220 of the block's largest weight.
+eighths 1/7/9, ...), so a block whose largest weight is g steps has step s = max|w| / g and every
+weight a whole number of steps: per block (32 weights, or 16 for IQ1_M, IQ2_XS and IQ2_S, which scale
+each 16), the candidate g that reproduces the block gives s. The signed numbers form a code book of at
+most 16 values (`GRID_BOOKS`): 4-bit codes into it, read through the kernel's table as IQ4_NL's are,
+d = s in fp16: codes exact, d relative <= 2^-11 (2^-25 absolute for a step below fp16's normal range).
 
 Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
 tensor float.
@@ -49,7 +46,7 @@ tensor float.
 Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, IQ4_NL 4.5 -> 4.5, Q4_K 4.5 -> 5
 and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q2_K
 2.63 -> 4 (fp16 d and m per 16), Q3_K 3.44 -> 4, Q6_K 6.56 -> 7, IQ1_S / IQ2_XXS / IQ3_XXS / IQ3_S /
-TQ 1.56-3.44 -> 4.5, IQ1_M / IQ2_XS / IQ2_S 1.75-2.5 -> 8.5; float32 would be 32.
+TQ 1.56-3.44 -> 4.5, IQ1_M / IQ2_XS / IQ2_S 1.75-2.5 -> 5; float32 would be 32.
 """
 
 from __future__ import annotations
@@ -75,11 +72,13 @@ GRID_MAGNITUDES = {
     "TQ1_0": (1,),
     "TQ2_0": (1, 2),
 }
-#: Grid types with one scale per 32 weights -> their values in steps, the code book of their 4-bit
-#: codes (the rest become Q8_0).
+#: Grid types -> their values in steps, the code book of their 4-bit codes.
 GRID_BOOKS = {
     "IQ1_S": (-9, -7, -1, 1, 7, 9),
+    "IQ1_M": (-9, -7, -1, 1, 7, 9),
     "IQ2_XXS": (-43, -25, -8, 8, 25, 43),
+    "IQ2_XS": (-43, -25, -8, 8, 25, 43),
+    "IQ2_S": (-43, -25, -8, 8, 25, 43),
     "IQ3_XXS": (-62, -52, -44, -36, -28, -20, -12, -4, 4, 12, 20, 28, 36, 44, 52, 62),
     "IQ3_S": (-15, -13, -11, -9, -7, -5, -3, -1, 1, 3, 5, 7, 9, 11, 13, 15),
     "TQ1_0": (-1, 0, 1),
@@ -96,8 +95,10 @@ CONVERTED = {
     "Q2_K": "Q2_K",
     "IQ4_NL": "IQ4_NL",
     "IQ4_XS": "IQ4_NL",
-    **{t: t if t in GRID_BOOKS else "Q8_0" for t in GRID_MAGNITUDES},
+    **{t: t for t in GRID_BOOKS},
 }
+#: Grid types whose blocks have a scale per 16 weights (the rest one per 32).
+GRID_SCALED_BY_16 = ("IQ1_M", "IQ2_XS", "IQ2_S")
 
 
 def quant_blocks(data: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
@@ -247,17 +248,18 @@ def iq4_xs_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.T
 
 
 def grid_blocks(data: np.ndarray, shape: tuple[int, int], ggml_type: str) -> dict[str, torch.Tensor]:
-    """A grid type's values -> blocks: 4-bit codes into its `GRID_BOOKS` book, or Q8_0 codes q + 128,
-    as uint8 [N, K], and d [N, K/32] (fp16 values), the step found per block (see above)."""
+    """A grid type's values -> 4-bit codes into its `GRID_BOOKS` book, uint8 [N, K], and d per 32
+    weights (per 16 for `GRID_SCALED_BY_16`) in fp16 values: the step found per block (see above)."""
     n, k = shape
     quant_blocks(data, ggml_type, shape)  # the type and width checks
+    scale_block = 16 if ggml_type in GRID_SCALED_BY_16 else 32
     values = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[ggml_type]))
-    values = values.reshape(n, k // 32, 32)  # [N * K] -> [N, K/32, 32]
-    amax = values.abs().amax(-1, keepdim=True)  # [N, K/32, 1]
+    values = values.reshape(n, k // scale_block, scale_block)  # [N * K] -> [N, blocks, weights]
+    amax = values.abs().amax(-1, keepdim=True)  # [N, blocks, 1]
     best = None
-    for steps in (*GRID_MAGNITUDES[ggml_type], 127):
+    for steps in GRID_MAGNITUDES[ggml_type]:
         step = amax / steps
-        q = torch.where(step > 0, values / step, 0).round().clamp(-127, 127)
+        q = torch.where(step > 0, values / step, 0).round()
         error = (q * step - values).abs().amax(-1, keepdim=True)
         if best is None:
             best = error, step, q
@@ -267,13 +269,11 @@ def grid_blocks(data: np.ndarray, shape: tuple[int, int], ggml_type: str) -> dic
                 torch.where(better, new, old) for new, old in zip((error, step, q), best, strict=True)
             )
     _, step, q = best
-    d = step[..., 0].half().float()  # [N, K/32], as the kernel will read it
-    if ggml_type not in GRID_BOOKS:
-        return {"codes": (q + 128).to(torch.uint8).reshape(n, k), "d": d}
     book = torch.tensor(GRID_BOOKS[ggml_type], dtype=torch.float32)
-    nearest = (torch.arange(-127.0, 128.0)[:, None] - book).abs().argmin(-1)  # [255]: q + 127 -> entry
-    codes = nearest[(q + 127).long()]  # [N, K/32, 32]: the book's entry (exact for grid values)
-    return {"codes": codes.to(torch.uint8).reshape(n, k), "d": d}
+    steps = max(GRID_MAGNITUDES[ggml_type])
+    nearest = (torch.arange(-steps, steps + 1.0)[:, None] - book).abs().argmin(-1)  # q + steps -> entry
+    codes = nearest[(q.clamp(-steps, steps) + steps).long()]  # the book's entry (exact for grid values)
+    return {"codes": codes.to(torch.uint8).reshape(n, k), "d": step[..., 0].half().float()}
 
 
 _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.Tensor]]] = {

@@ -159,28 +159,23 @@ def test_a_gguf_of_every_kept_type_loads_as_blocks(native_lib, tmp_path) -> None
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
-@pytest.mark.parametrize(
-    "ggml_type", ["IQ1_S", "IQ2_XXS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "IQ2_XS", "IQ2_S"]
-)
-def test_grid_types_become_q8_0_blocks(ggml_type: str) -> None:
+GRID_TYPES = ["IQ1_S", "IQ2_XXS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "IQ2_XS", "IQ2_S"]
+
+
+@pytest.mark.parametrize("ggml_type", GRID_TYPES)
+def test_grid_types_become_book_codes_exactly(ggml_type: str) -> None:
     data = random_kquant(SHAPE, ggml_type, np.random.default_rng(4))
     block_format, blocks = converted_blocks(data, ggml_type, SHAPE)
-    # one scale per 32 weights: 4-bit codes into the grid's book; a scale per 16: Q8_0
-    assert block_format == ("Q8_0" if ggml_type in ("IQ2_XS", "IQ2_S") else ggml_type)
-    got, want = (
-        BlockQuantLinear.from_blocks(block_format, **blocks).dequantize(),
-        gguf_values(data, ggml_type),
-    )
-    if ggml_type in ("IQ2_XS", "IQ2_S"):  # a scale per 16: blocks whose halves differ are plain Q8_0
-        largest = want.reshape(SHAPE[0], -1, 32).abs().amax(-1, keepdim=True)  # [N, K/32, 1]
-        assert ((got - want).reshape(SHAPE[0], -1, 32).abs() <= largest / 220).all()
-    else:  # codes exact, each block's step rounded to fp16 (2^-11 relative; 2^-25 absolute, times the
-        # code, where a small block's step is below fp16's normal range)
-        assert ((got - want).abs() <= 2**-11 * want.abs() + 62 * 2**-25).all()
-        # plain Q8_0 (d = largest / 127) would not be: the step search is what makes them exact
-        plain = torch.from_numpy(quants.quantize(want.numpy(), GGMLQuantizationType.Q8_0))
-        plain = torch.from_numpy(quants.dequantize(plain.numpy(), GGMLQuantizationType.Q8_0)).reshape(SHAPE)
-        assert ((plain - want).abs() > 2**-11 * want.abs()).any() or ggml_type.startswith("TQ")
+    assert block_format == ggml_type  # 4-bit codes into the grid's book (a scale per 16 for IQ2_XS/_S)
+    got = BlockQuantLinear.from_blocks(block_format, **blocks).dequantize()
+    want = gguf_values(data, ggml_type)
+    # codes exact, each block's step rounded to fp16 (2^-11 relative; 2^-25 absolute, times the
+    # code, where a small block's step is below fp16's normal range)
+    assert ((got - want).abs() <= 2**-11 * want.abs() + 62 * 2**-25).all()
+    # plain Q8_0 (d = largest / 127) would not be exact: the step search is what makes the codes so
+    plain = torch.from_numpy(quants.quantize(want.numpy(), GGMLQuantizationType.Q8_0))
+    plain = torch.from_numpy(quants.dequantize(plain.numpy(), GGMLQuantizationType.Q8_0)).reshape(SHAPE)
+    assert ((plain - want).abs() > 2**-11 * want.abs()).any() or ggml_type.startswith("TQ")
 
 
 def test_a_gguf_of_grid_types_loads_as_blocks(native_lib, tmp_path) -> None:
@@ -190,13 +185,15 @@ def test_a_gguf_of_grid_types_loads_as_blocks(native_lib, tmp_path) -> None:
         "ffn_up": "IQ3_XXS",
         "attn_q": "IQ1_S",
         "attn_k": "TQ2_0",
+        "attn_v": "IQ2_XS",
+        "attn_output": "IQ2_S",
     }
     path = write_mixed_gguf(tmp_path / "grids.gguf", types=types)
     kept, expanded = load_kept(path), load_lamina(path)
     kinds = {
         name: type(m)
         for name, m in kept.named_modules()
-        if name.endswith(("mlp.down_proj", "self_attn.q_proj"))
+        if name.endswith(("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"))
     }
     assert kinds and all(kind is BlockQuantLinear for kind in kinds.values()), kinds
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
