@@ -316,6 +316,7 @@ KQUANT_SCALES = {
     "IQ4_XS": ((0,), (6.2e-5, 1.5e-4)),
     # grid types (|w| ~ 170 d for IQ2, 470 d IQ3, 17 d IQ1_S, d for TQ)
     "IQ1_S": ((0,), (1e-3, 3e-3)),
+    "IQ1_M": ((), (1e-3, 3e-3)),  # its fp16 d is spread over the top nibbles of four scale words
     "IQ2_XXS": ((0,), (1e-4, 3e-4)),
     "IQ2_XS": ((0,), (1e-4, 3e-4)),
     "IQ2_S": ((0,), (1e-4, 3e-4)),
@@ -338,6 +339,11 @@ def random_kquant(shape: tuple[int, int], ggml_type: str, rng: np.random.Generat
     for offset in offsets:
         scales = rng.uniform(low, high, (data.shape[0], 1)).astype(np.float16)
         data[:, offset : offset + 2] = scales.view(np.uint8)
+    if ggml_type == "IQ1_M":  # 16-bit words at byte 48: 3-bit scales below, one nibble of d on top each
+        d_bits = rng.uniform(low, high, (data.shape[0], 1)).astype(np.float16).view(np.uint16)
+        nibbles = (d_bits >> np.array([0, 4, 8, 12], dtype=np.uint16)) & 0xF  # [blocks, 4]
+        words = data[:, 48:56].copy().view(np.uint16)
+        data[:, 48:56] = ((words & 0x0FFF) | (nibbles << 12)).view(np.uint8)
     return data.reshape(n, k // block * size)
 
 

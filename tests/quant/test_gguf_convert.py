@@ -159,14 +159,14 @@ def test_a_gguf_of_every_kept_type_loads_as_blocks(native_lib, tmp_path) -> None
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
-GRID_TYPES = ["IQ1_S", "IQ2_XXS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "IQ2_XS", "IQ2_S"]
+GRID_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"]
 
 
 @pytest.mark.parametrize("ggml_type", GRID_TYPES)
 def test_grid_types_become_book_codes_exactly(ggml_type: str) -> None:
     data = random_kquant(SHAPE, ggml_type, np.random.default_rng(4))
     block_format, blocks = converted_blocks(data, ggml_type, SHAPE)
-    assert block_format == ggml_type  # 4-bit codes into the grid's book (a scale per 16 for IQ2_XS/_S)
+    assert block_format == ggml_type  # 4-bit codes into the grid's book (a scale per 16: IQ1_M, IQ2_XS/_S)
     got = BlockQuantLinear.from_blocks(block_format, **blocks).dequantize()
     want = gguf_values(data, ggml_type)
     # codes exact, each block's step rounded to fp16 (2^-11 relative; 2^-25 absolute, times the
