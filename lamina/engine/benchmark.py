@@ -81,7 +81,7 @@ def matvec_bandwidth(device: torch.device, repeats: int = 7) -> float:
     vector = torch.randn(4096, 1, dtype=dtype, device=device)
     products = [lambda: torch.mm(matrix, vector)]
     if device.type == "cpu" and native.library() is not None:
-        products.append(lambda: native.f32_linear(vector.t(), matrix, None))
+        products.append(lambda: native.dense_linear(vector.t(), matrix, None))
     times = []
     for product in products:
         for i in range(repeats):

@@ -9,7 +9,7 @@
  * x is [B * T, hidden] float32 (B sequences of T rows at positions start..start+T-1), updated in
  * place. Each projection is one or more weights whose outputs sit side by side: q/k/v fused (rows:
  * H query heads, then Hkv key heads, then Hkv value heads) or as three weights, gate/up fused (I
- * gate rows, then I up rows) or as two. A weight is GGUF blocks (blockq.c) or dense float32
+ * gate rows, then I up rows) or as two. A weight is GGUF blocks (blockq.c) or dense float32 / 16-bit
  * (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are the layer's cache
  * [B, Hkv, L, D] (row stride D), written at the new positions before attending.
  */
@@ -23,22 +23,23 @@
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
                          const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
                          float *y, int64_t ldy);
-void lamina_f32_linear(const float *x, int64_t m_rows, int64_t k, const float *w, int64_t n, const float *bias,
-                       float *y, int64_t ldy);
+void lamina_dense_linear(const float *x, int64_t m_rows, int64_t k, const void *w, int64_t n, const float *bias,
+                         float *y, int64_t ldy, int kind);
 int lamina_decode_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh, const float *keys,
                             const float *values, int64_t kv_sb, int64_t kv_sh, int64_t kv_sl, int64_t batch,
                             int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t start, int64_t window,
                             float scale, float *out);
 
-/* One weight: GGUF blocks as blockq.c takes them (codes != NULL), or dense float32 [N, K]. */
+/* One weight: GGUF blocks as blockq.c takes them (codes != NULL), or dense [N, K] (float32, fp16, bf16). */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *d, *m;
-    const float *dense;
+    const void *dense;
     int64_t out_features, in_features;
     int32_t bits, offset;
     const uint8_t *lut; /* a 4-bit code book (blockq.c), or NULL */
     int64_t scale_block; /* weights per d: 32, or 16 */
+    int64_t dense_kind;  /* dense weights: 0 float32, 1 fp16, 2 bfloat16 (dense.c) */
 } Weight;
 
 /* A projection: up to 3 weights reading the same input, outputs side by side. */
@@ -65,7 +66,8 @@ static int matmul(const Projection *p, const float *x, int64_t rows, float *y) {
                                      w->offset, w->lut, (int)w->scale_block, y + column, width))
                 return -1;
         } else {
-            lamina_f32_linear(x, rows, w->in_features, w->dense, w->out_features, NULL, y + column, width);
+            lamina_dense_linear(x, rows, w->in_features, w->dense, w->out_features, NULL, y + column, width,
+                                (int)w->dense_kind);
         }
         column += w->out_features;
     }

@@ -143,8 +143,8 @@ def load(isa: str) -> ctypes.CDLL | None:
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
     lib.lamina_decode_attention.restype = ctypes.c_int
-    lib.lamina_f32_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, i64]
-    lib.lamina_f32_linear.restype = None
+    lib.lamina_dense_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, i64, i32]
+    lib.lamina_dense_linear.restype = None
     lib.lamina_llama_layer.argtypes = [pointer, pointer, i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]  # fmt: skip
     lib.lamina_llama_layer.restype = ctypes.c_int
     return lib
@@ -196,14 +196,22 @@ def blockq_matmul(
     return y
 
 
-def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ weight [N, K]^T + bias, all float32 and contiguous, on the CPU kernel
-    (needs `library()`); each row computed alone, as a one-row call would."""
+#: Weight dtypes `dense_linear` takes -> the kernel's kind (dense.c).
+DENSE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight [N, K]^T + bias on the CPU kernel (needs `library()`): x, bias and y
+    float32, the weight float32, fp16 or bfloat16 (16-bit: K a multiple of 16), all contiguous; each
+    row computed alone, as a one-row call would, and a 16-bit weight exactly as its float32 widening."""
     rows, k = x.shape
-    y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
     n = weight.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
     bias_ptr = None if bias is None else bias.data_ptr()
-    library().lamina_f32_linear(x.data_ptr(), rows, k, weight.data_ptr(), n, bias_ptr, y.data_ptr(), n)
+    kind = DENSE_KINDS[weight.dtype]
+    library().lamina_dense_linear(
+        x.data_ptr(), rows, k, weight.data_ptr(), n, bias_ptr, y.data_ptr(), n, kind
+    )
     return y
 
 

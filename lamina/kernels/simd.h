@@ -59,6 +59,10 @@ SIMD_INLINE float vf_sum(vf a) {
 SIMD_INLINE float vf_max_lane(vf a) { return _mm512_reduce_max_ps(a); }
 /* 16 fp16 values -> float. */
 SIMD_INLINE vf vf_from_half(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+/* 16 bfloat16 values -> float (a bfloat16 is a float's top 16 bits). */
+SIMD_INLINE vf vf_from_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 SIMD_INLINE vf vf_from_i32(vi a) { return _mm512_cvtepi32_ps(a); }
 
 SIMD_INLINE vi vi_load(const void *p) { return _mm512_loadu_si512(p); }
@@ -161,6 +165,10 @@ SIMD_INLINE float vf_max_lane(vf a) {
 SIMD_INLINE vf vf_from_half(const uint16_t *p) {
     return (vf){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)))};
 }
+SIMD_INLINE __m256 bf16_half(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+SIMD_INLINE vf vf_from_bf16(const uint16_t *p) { return (vf){bf16_half(p), bf16_half(p + 8)}; }
 SIMD_INLINE vf vf_from_i32(vi a) { return (vf){_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 
 SIMD_INLINE vi vi_load(const void *p) {

@@ -36,6 +36,7 @@ class _Weight(ctypes.Structure):
         ("offset", ctypes.c_int32),
         ("lut", ctypes.c_void_p),
         ("scale_block", ctypes.c_int64),
+        ("dense_kind", ctypes.c_int64),
     ]
 
 
@@ -61,9 +62,12 @@ class _LlamaLayer(ctypes.Structure):
 
 
 def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    """The tensors the C struct points at: (codes, d, m, None) for blocks, (None, None, None, weight)."""
+    """The tensors the C struct points at: (codes, d, m, None) for blocks, (None, None, None, weight) for
+    a float linear or 16-bit weights (`native_dense()`)."""
     if isinstance(module, nn.Linear):
         return None, None, None, module.weight
+    if hasattr(module, "native_dense"):
+        return None, None, None, module.native_dense()
     codes, d, m, _, _, _ = module.native_blocks()
     return codes, d, m, None
 
@@ -75,13 +79,22 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
             None if t is None else t.data_ptr() for t in _weight_tensors(module)
         )
         part.out_features, part.in_features = module.out_features, module.in_features
-        if isinstance(module, nn.Linear):
+        dense = _weight_tensors(module)[3]
+        if dense is not None:
             part.bits = part.offset = part.scale_block = 0
             part.lut = None
+            part.dense_kind = native.DENSE_KINDS[dense.dtype]
             continue
         _, d, _, part.bits, part.offset, lut = module.native_blocks()
         part.lut = None if lut is None else lut.data_ptr()  # a shared table that never moves
         part.scale_block = module.in_features // d.shape[1]  # weights per scale: 32, or 16
+
+
+def _dense_kernel_takes(weight: torch.Tensor) -> bool:
+    """Whether dense.c multiplies this weight: float32, or 16-bit with a width a multiple of 16."""
+    if weight.dtype not in native.DENSE_KINDS or not weight.is_contiguous():
+        return False
+    return weight.dtype == torch.float32 or weight.shape[1] % 16 == 0
 
 
 def _native_projection(module: nn.Module) -> bool:
@@ -89,6 +102,8 @@ def _native_projection(module: nn.Module) -> bool:
     (`native_blocks()`: kept GGUF blocks, int4/int8/NF4/FP4 repacked for it); no bias."""
     if isinstance(module, nn.Linear):
         return module.bias is None
+    if hasattr(module, "native_dense"):  # 16-bit weights (`quant/half.py`)
+        return module.bias is None and module.native_dense() is not None
     blocks = getattr(module, "native_blocks", None)
     return getattr(module, "bias", None) is None and blocks is not None and blocks() is not None
 
@@ -127,6 +142,9 @@ def _slots(layer: nn.Module, projections: tuple[tuple[nn.Module, ...], ...]) -> 
         for module in parts:
             if isinstance(module, nn.Linear):
                 slots.append((module._parameters, "weight"))
+                continue
+            if hasattr(module, "native_dense"):
+                slots.append((module._buffers, "weight16"))
                 continue
             tiles = [t for t in module.native_blocks()[:3] if t is not None]
             slots += [(module._buffers, n) for t in tiles for n, b in module._buffers.items() if b is t]
@@ -179,26 +197,27 @@ class NativeLlamaLayer:
 
     def _refresh(self) -> bool:
         """Point the C struct at the weights' current memory (streamed layers move every step); False
-        when one is off the CPU, not float32 where it should be, or not contiguous. Pointers that
+        when one is off the CPU, of a dtype the kernels do not take, or not contiguous. Pointers that
         did not move since the last valid check are trusted without checking again."""
         if self.slots and self._current() == self.tensors_seen:
             return True
         layer = self.layer
-        floats = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        blocks = []
+        norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        dense_weights, blocks = [], []
         for parts in self.projections:
             for module in parts:
                 codes, d, m, dense = _weight_tensors(module) if _native_projection(module) else (None,) * 4
                 if codes is None and dense is None:
                     return False  # a quantized layer off the block layout (moved to another device)
-                floats += [] if dense is None else [dense]
+                dense_weights += [] if dense is None else [dense]
                 blocks += [t for t in (codes, d, m) if t is not None]
-        tensors = floats + blocks
-        if any(t.device.type != "cpu" for t in tensors):
+        if any(t.device.type != "cpu" for t in norms + dense_weights + blocks):
             return False
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats):
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
             return False
-        self.spec.norm1, self.spec.norm2 = floats[0].data_ptr(), floats[1].data_ptr()
+        if any(not _dense_kernel_takes(t) for t in dense_weights):
+            return False
+        self.spec.norm1, self.spec.norm2 = norms[0].data_ptr(), norms[1].data_ptr()
         for field, modules in zip(("qkv", "o", "gate_up", "down"), self.projections, strict=True):
             _fill(getattr(self.spec, field), modules)
         self.slots = _slots(layer, self.projections)

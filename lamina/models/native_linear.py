@@ -34,7 +34,7 @@ class NativeLinear(nn.Linear):
             and (b is None or b.dtype == torch.float32)
             and not torch.compiler.is_compiling()
         ):
-            y = native.f32_linear(x.reshape(-1, self.in_features).contiguous(), w, b)  # [..., K] -> [M, K]
+            y = native.dense_linear(x.reshape(-1, self.in_features).contiguous(), w, b)  # [..., K] -> [M, K]
             return y.view(*x.shape[:-1], self.out_features)  # [M, N] -> [..., N]
         return super().forward(x)
 

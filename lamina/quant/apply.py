@@ -21,6 +21,7 @@ from lamina.errors import InvalidArgumentError
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.gptq import collect_hessians, gptq_linear
+from lamina.quant.half import HalfLinear
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear
 from lamina.quant.int8 import Int8Linear
 from lamina.quant.llm_int8 import LLMInt8Linear
@@ -35,6 +36,8 @@ _SCHEMES: dict[str, tuple[type[QuantizedLinear], dict[str, Any]]] = {
     "fp4": (NF4Linear, {"quant_type": "fp4", "double_quant": False}),
     "fp4-dq": (NF4Linear, {"quant_type": "fp4", "double_quant": True}),
     "llm.int8": (LLMInt8Linear, {}),
+    "bf16": (HalfLinear, {"method": "bf16"}),
+    "fp16": (HalfLinear, {"method": "fp16"}),
 }
 METHODS = (*_SCHEMES, "gptq")
 #: Methods whose layout has a group size (`--group-size` applies).

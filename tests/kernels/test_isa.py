@@ -66,11 +66,13 @@ def test_largest_codes_times_largest_activations_do_not_overflow(monkeypatch, gg
     assert (avx2.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("k", [64, 100])  # 100: a 4-float tail read under a mask
-def test_float_products_are_identical(monkeypatch, k: int) -> None:
-    weight, bias = torch.randn(37, k), torch.randn(37)
+@pytest.mark.parametrize(
+    ("k", "dtype"), [(64, torch.float32), (100, torch.float32), (64, torch.float16), (96, torch.bfloat16)]
+)  # 100: a 4-float tail read under a mask
+def test_dense_products_are_identical(monkeypatch, k: int, dtype: torch.dtype) -> None:
+    weight, bias = torch.randn(37, k).to(dtype), torch.randn(37)
     x = heavy_tailed(3, k, seed=k)
-    avx512, avx2 = on_each_build(monkeypatch, lambda: native.f32_linear(x, weight, bias))
+    avx512, avx2 = on_each_build(monkeypatch, lambda: native.dense_linear(x, weight, bias))
     assert torch.equal(avx512, avx2)
 
 

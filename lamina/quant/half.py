@@ -1,0 +1,93 @@
+"""16-bit weights, float32 arithmetic: `--quantize bf16` / `fp16`.
+
+Most Hugging Face checkpoints store bfloat16 (or float16) weights. Run in float32 they take twice
+their stored size, and a decode step, which reads every weight once, moves twice the bytes; run in
+bfloat16 the activations lose precision too, and on CPUs without native bfloat16 arithmetic it is
+slow. `HalfLinear` keeps the weight in 16 bits and computes in the activations' dtype: for a few
+float32 rows on the CPU (decode steps), the native mat-vec widens each weight as it loads it
+(`kernels/dense.c`), so the product is exactly the float32 one of the widened weight; elsewhere the
+weight is widened for the call (`F.linear`). Nothing is rounded for a checkpoint already stored in
+that format; from float32 weights, each is rounded to nearest (bfloat16: 8 significant bits, float16:
+11, with float16 saturating beyond 65504).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamina.kernels import native
+from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+
+#: `--quantize` method -> the storage dtype.
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Rows (tokens) up to which a float32 product runs on the native mat-vec.
+NATIVE_ROWS = 16
+
+
+class HalfLinear(QuantizedLinear):
+    """A linear whose weight is stored in bfloat16 or float16 (`method` bf16 or fp16)."""
+
+    def __init__(self, weight16: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """`weight16`: [out_features, in_features], bfloat16 or float16."""
+        super().__init__(weight16.shape[1], weight16.shape[0], bias)
+        self.method = next(m for m, dtype in HALF_DTYPES.items() if dtype == weight16.dtype)
+        self.register_buffer("weight16", weight16.contiguous())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, method: str = "bf16", **opts: Any) -> HalfLinear:
+        return cls(linear.weight.detach().to(HALF_DTYPES[method]), linear.bias)
+
+    @classmethod
+    def from_tensors(
+        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> HalfLinear:
+        where = config.get("name", "?")
+        (weight,) = require_tensors(tensors, ("weight",), where)
+        check_shape(weight, (out_features, in_features), "weight", where)
+        return cls(weight.to(HALF_DTYPES[config["method"]]), tensors.get("bias"))
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.weight16.cpu()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().cpu()
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight16.float()
+
+    @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> HalfLinear | None:
+        """Stack the weights along the outputs (exact)."""
+        first = layers[0]
+        if not all(type(layer) is cls and layer.weight16.dtype == first.weight16.dtype for layer in layers):
+            return None
+        weight = torch.cat([layer.weight16 for layer in layers])  # [sum N, K]
+        return cls(weight, cls.concatenated_bias(layers))
+
+    def native_dense(self) -> torch.Tensor | None:
+        """The 16-bit weight the native kernels read, or None where they cannot (off the CPU, a width
+        not a multiple of 16, no kernels here)."""
+        weight = self.weight16
+        if weight.device.type != "cpu" or self.in_features % 16 or native.library() is None:
+            return None
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.native_dense()
+        if (
+            weight is not None
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and x.numel() <= NATIVE_ROWS * self.in_features
+            and (self.bias is None or self.bias.dtype == torch.float32)
+            and not torch.compiler.is_compiling()
+        ):
+            rows = x.reshape(-1, self.in_features).contiguous()  # [..., K] -> [M, K]
+            y = native.dense_linear(rows, weight, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)  # [M, N] -> [..., N]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight16.to(x.dtype), bias)

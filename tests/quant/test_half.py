@@ -1,0 +1,66 @@
+"""16-bit weights with float32 arithmetic (`--quantize bf16|fp16`): the kernel, the layer, the native layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lamina.engine.fusion import attach_native, fuse_projections
+from lamina.kernels import native
+from lamina.models.llama import LlamaConfig, LlamaForCausalLM
+from lamina.quant.apply import quantize_model
+from lamina.quant.half import HALF_DTYPES, HalfLinear
+from tests.models.test_native_layer import TINY, decode
+
+DTYPES = list(HALF_DTYPES.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_a_16_bit_weight_multiplies_exactly_as_its_float32_widening(native_lib, dtype, rows: int) -> None:
+    weight = (torch.randn(37, 576) * 0.05).to(dtype)
+    x, bias = torch.randn(rows, 576), torch.randn(37)
+    got = native.dense_linear(x, weight, bias)
+    assert torch.equal(got, native.dense_linear(x, weight.float(), bias))  # the same sums, in the same order
+    expected = x.double() @ weight.double().t() + bias.double()
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("method", list(HALF_DTYPES))
+def test_the_layer_rounds_once_and_computes_in_float32(native_lib, method: str) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = HalfLinear.from_float(linear, method=method)
+    assert layer.weight16.dtype == HALF_DTYPES[method] and layer.weight_bytes() == 64 * 48 * 2 + 48 * 4
+    assert torch.equal(layer.dequantize(), linear.weight.detach().to(HALF_DTYPES[method]).float())
+    one, many = torch.randn(1, 64), torch.randn(40, 64)  # the native mat-vec, then F.linear
+    for x in (one, many):
+        want = nn.functional.linear(x, layer.dequantize(), linear.bias)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(HALF_DTYPES))
+def test_export_rebuild_and_concatenate_keep_the_outputs(native_lib, method: str) -> None:
+    torch.manual_seed(1)
+    parts = [HalfLinear.from_float(nn.Linear(64, n, bias=False), method=method) for n in (16, 32)]
+    x = torch.randn(3, 64)
+    rebuilt = HalfLinear.from_tensors(64, 16, parts[0].scheme_config(), parts[0].export_tensors())
+    assert torch.equal(rebuilt(x), parts[0](x))
+    fused = HalfLinear.concatenate(parts)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=1))  # rows are computed alone
+
+
+@pytest.mark.parametrize("method", list(HALF_DTYPES))
+def test_native_decoder_layers_run_16_bit_weights(native_lib, method: str) -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
+    quantize_model(model, method)
+    fuse_projections(model)
+    assert attach_native(model)[1] == 2  # both layers on the C path, with fused 16-bit projections
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, _ = decode(model, prompt, [[5], [17, 200, 3]], native_layers=True)
+        want, _ = decode(model, prompt, [[5], [17, 200, 3]], native_layers=False)
+    for a, b in zip(got, want, strict=True):  # the two paths round norms, RoPE and SiLU differently
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
