@@ -113,7 +113,7 @@ class LLM:
     ) -> LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
-        `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8 or gptq, applied layer by layer
+        `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8, gptq, bf16 or fp16, applied layer by layer
         while loading (`group_size` for int4/gptq). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
         unless `quantize` says otherwise ("none" expands it to float). See `lamina.quant.load`.
 
