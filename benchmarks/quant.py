@@ -28,7 +28,7 @@ from lamina import LLM
 from lamina.engine.perplexity import default_text, perplexity
 
 PROMPT = "The Python language reference describes"
-DEFAULT_METHODS = ("int8", "int4", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8")
+DEFAULT_METHODS = ("int8", "int4", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8", "bf16", "fp16")
 
 
 def measure(label: str, args: argparse.Namespace, ids: list[int], **load: Any) -> dict[str, Any]:
