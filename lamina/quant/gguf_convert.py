@@ -33,8 +33,8 @@ Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers 
 
 Grid types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, TQ1_0, TQ2_0: code words from
 lattices, no nibble layout) are read through their values as `gguf.quants` dequantizes them. Each
-grid's magnitudes are whole numbers of a step (`GRID_MAGNITUDES`: IQ3_S odd 1..15, IQ2 8/25/43, IQ1
-eighths 1/7/9, ...), so a block whose largest weight is g steps has step s = max|w| / g and every
+grid's values are whole numbers of a step (`GRID_BOOKS`: IQ3_S odd 1..15, IQ2 8/25/43, IQ1 eighths
+1/7/9, ..., with signs), so a block whose largest weight is g steps has step s = max|w| / g and every
 weight a whole number of steps: per block (32 weights, or 16 for IQ1_M, IQ2_XS and IQ2_S, which scale
 each 16), the candidate g that reproduces the block gives s. The signed numbers form a code book of at
 most 16 values (`GRID_BOOKS`): 4-bit codes into it, read through the kernel's table as IQ4_NL's are,
@@ -60,21 +60,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from lamina.errors import UnsupportedModelError
 
-#: Grid types -> their weights' magnitudes in steps of the block's scale (`gguf.quants`' grids).
-GRID_MAGNITUDES = {
-    "IQ1_S": (1, 7, 9),  # (grid -1/0/1 + delta +-1/8) in eighths
-    "IQ1_M": (1, 7, 9),
-    "IQ2_XXS": (8, 25, 43),
-    "IQ2_XS": (8, 25, 43),
-    "IQ2_S": (8, 25, 43),
-    "IQ3_XXS": (4, 12, 20, 28, 36, 44, 52, 62),
-    "IQ3_S": (1, 3, 5, 7, 9, 11, 13, 15),
-    "TQ1_0": (1,),
-    "TQ2_0": (1, 2),
-}
-#: Grid types -> their values in steps, the code book of their 4-bit codes.
+#: Grid types -> their weights in whole steps of the block's scale (`gguf.quants`' grids, signed): the
+#: code book of their 4-bit codes here.
 GRID_BOOKS = {
-    "IQ1_S": (-9, -7, -1, 1, 7, 9),
+    "IQ1_S": (-9, -7, -1, 1, 7, 9),  # (grid -1/0/1 + delta +-1/8) in eighths
     "IQ1_M": (-9, -7, -1, 1, 7, 9),
     "IQ2_XXS": (-43, -25, -8, 8, 25, 43),
     "IQ2_XS": (-43, -25, -8, 8, 25, 43),
@@ -256,9 +245,10 @@ def grid_blocks(data: np.ndarray, shape: tuple[int, int], ggml_type: str) -> dic
     values = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[ggml_type]))
     values = values.reshape(n, k // scale_block, scale_block)  # [N * K] -> [N, blocks, weights]
     amax = values.abs().amax(-1, keepdim=True)  # [N, blocks, 1]
+    book = torch.tensor(GRID_BOOKS[ggml_type], dtype=torch.float32)
     best = None
-    for steps in GRID_MAGNITUDES[ggml_type]:
-        step = amax / steps
+    for magnitude in sorted({abs(v) for v in GRID_BOOKS[ggml_type] if v}):  # the largest weight's candidates
+        step = amax / magnitude
         q = torch.where(step > 0, values / step, 0).round()
         error = (q * step - values).abs().amax(-1, keepdim=True)
         if best is None:
@@ -269,10 +259,11 @@ def grid_blocks(data: np.ndarray, shape: tuple[int, int], ggml_type: str) -> dic
                 torch.where(better, new, old) for new, old in zip((error, step, q), best, strict=True)
             )
     _, step, q = best
-    book = torch.tensor(GRID_BOOKS[ggml_type], dtype=torch.float32)
-    steps = max(GRID_MAGNITUDES[ggml_type])
-    nearest = (torch.arange(-steps, steps + 1.0)[:, None] - book).abs().argmin(-1)  # q + steps -> entry
-    codes = nearest[(q.clamp(-steps, steps) + steps).long()]  # the book's entry (exact for grid values)
+    top = int(book.abs().max())
+    nearest = (
+        (torch.arange(-top, top + 1.0)[:, None] - book).abs().argmin(-1)
+    )  # [2 top + 1]: q + top -> entry
+    codes = nearest[(q.clamp(-top, top) + top).long()]  # the book's entry (exact for grid values)
     return {"codes": codes.to(torch.uint8).reshape(n, k), "d": step[..., 0].half().float()}
 
 
@@ -286,7 +277,7 @@ _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.T
     "Q2_K": q2_k_blocks,
     "IQ4_NL": iq4_nl_blocks,
     "IQ4_XS": iq4_xs_blocks,
-    **{t: functools.partial(grid_blocks, ggml_type=t) for t in GRID_MAGNITUDES},
+    **{t: functools.partial(grid_blocks, ggml_type=t) for t in GRID_BOOKS},
 }
 
 
