@@ -32,6 +32,7 @@ from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.gguf_stream import streamed_blocks
 from lamina.quant.load import (
     check_quantize_arg,
+    default_quantize,
     finish_loading,
     load_saved_quantized,
     loading_claim,
@@ -115,7 +116,9 @@ class LLM:
 
         `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8, gptq, bf16 or fp16, applied layer by layer
         while loading (`group_size` for int4/gptq). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
-        unless `quantize` says otherwise ("none" expands it to float). See `lamina.quant.load`.
+        unless `quantize` says otherwise ("none" expands it to float); on a CPU in float32, linears
+        stored in 16 bits stay 16-bit (`bf16`/`fp16`: exact) unless `quantize="none"`. See
+        `lamina.quant.load`.
 
         With `max_memory` (`{"cpu": "300MB"}` or `"cpu=300MB,cuda:0=4GB"`) layers are placed on
         GPU / CPU / disk within those budgets and the rest streamed; `offload_dir` holds converted
@@ -150,6 +153,8 @@ class LLM:
         with open_checkpoint(source) as checkpoint:
             model, config = build_empty(checkpoint)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
+            if quantize is None and max_memory is None and not saved_quantized:
+                quantize = default_quantize(model, checkpoint, torch_device, torch_dtype)
             if max_memory is not None:
                 blocks = streamed_blocks(model, checkpoint, quantize, max_memory, torch_dtype)
                 folder = offload_dir or default_offload_dir(source, torch_dtype, blocks=blocks is not None)

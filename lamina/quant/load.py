@@ -12,6 +12,8 @@ Three ways a model ends up quantized at load time:
   head. Other GGML types stay float. `quantize="none"` expands everything to float.
 - a directory written by `lamina quantize` (it has a quant_config.json): `load_saved_quantized`,
   no re-quantization.
+- a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
+  `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lamina.loading.gguf import GGUFCheckpoint, RawTensor
 from lamina.loading.loader import ModuleClaim, ModuleHook
 from lamina.quant.apply import (
     float_linear_names,
+    quantizable_linears,
     quantize_linear,
     quantize_model,
     set_submodule,
@@ -47,6 +50,26 @@ from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_f
 NO_QUANTIZATION = "none"
 GPTQ_CALIBRATION_TOKENS = 4096  # default-text tokens used when gptq runs at load time
 CALIBRATION_WINDOW = 512
+
+
+#: Stored dtypes (safetensors' names, and torch's for .bin files) -> the method that keeps them.
+HALF_STORED = {"BF16": "bf16", "F16": "fp16", "BFLOAT16": "bf16", "FLOAT16": "fp16"}
+
+
+def default_quantize(
+    model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """What `quantize=None` means for a checkpoint that is not a GGUF: on a CPU computing in float32,
+    linear weights stored in 16 bits stay so (`bf16` / `fp16`, `quant/half.py`: exact, half the
+    memory of widening them to float32, and a faster decode); None otherwise (float, as stored or
+    in `dtype`). Decided from the first quantizable linear's stored dtype."""
+    if isinstance(checkpoint, GGUFCheckpoint) or device.type != "cpu" or dtype != torch.float32:
+        return None
+    stored = set(checkpoint.tensor_names())
+    weight = next(
+        (f"{name}.weight" for name in quantizable_linears(model) if f"{name}.weight" in stored), None
+    )
+    return None if weight is None else HALF_STORED.get(checkpoint.stored_type(weight))
 
 
 def check_quantize_arg(quantize: str | None, group_size: int | None) -> None:

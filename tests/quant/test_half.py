@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from lamina.api import LLM
 from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.kernels import native
 from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.quant.apply import quantize_model
 from lamina.quant.half import HALF_DTYPES, HalfLinear
+from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.models.test_native_layer import TINY, decode
 
 DTYPES = list(HALF_DTYPES.values())
@@ -64,3 +66,22 @@ def test_native_decoder_layers_run_16_bit_weights(native_lib, method: str) -> No
         want, _ = decode(model, prompt, [[5], [17, 200, 3]], native_layers=False)
     for a, b in zip(got, want, strict=True):  # the two paths round norms, RoPE and SiLU differently
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.parametrize(("dtype", "method"), [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
+def test_a_16_bit_checkpoint_stays_16_bit_by_default_and_computes_the_same(
+    native_lib, tmp_path, dtype, method
+) -> None:
+    model = tiny_hf_model("llama").to(dtype)
+    model.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    kept, widened = LLM.load(tmp_path), LLM.load(tmp_path, quantize="none")
+    layers = [m for m in kept.model.modules() if isinstance(m, HalfLinear)]
+    assert layers and {layer.method for layer in layers} == {method}
+    assert not any(isinstance(m, HalfLinear) for m in widened.model.modules())
+    assert sum(kept.memory_footprint().values()) < sum(widened.memory_footprint().values())
+    ids = torch.tensor([kept.tokenizer.encode("The quick brown fox jumps")])
+    with torch.inference_mode():  # widening is exact, and the kernels multiply a widened weight alike
+        assert torch.equal(kept.model(ids), widened.model(ids))
+    greedy = {"max_new_tokens": 8, "temperature": 0}
+    assert kept.generate("Once upon", **greedy) == widened.generate("Once upon", **greedy)
