@@ -8,24 +8,40 @@ float32 rows on the CPU (decode steps), the native mat-vec widens each weight as
 (`kernels/dense.c`), so the product is exactly the float32 one of the widened weight; elsewhere the
 weight is widened for the call (`F.linear`). Nothing is rounded for a checkpoint already stored in
 that format; from float32 weights, each is rounded to nearest (bfloat16: 8 significant bits, float16:
-11, with float16 saturating beyond 65504).
+11, with float16 saturating beyond 65504). A GGUF's F16 / BF16 matrices are kept as they are too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lamina.kernels import native
+from lamina.loading.gguf_layout import RowOrder
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
 
 #: `--quantize` method -> the storage dtype.
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Rows (tokens) up to which a float32 product runs on the native mat-vec.
 NATIVE_ROWS = 16
+
+
+#: GGML types stored in 16 bits -> the dtype a `HalfLinear` keeps them in.
+GGML_HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def half_linear_from_gguf(
+    data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
+) -> HalfLinear:
+    """A GGUF F16 / BF16 matrix [N, K] as a `HalfLinear`, its bits as stored, output rows reordered by
+    `permute_rows`."""
+    bits = torch.from_numpy(np.ascontiguousarray(data).view(np.int16).copy())  # the 16-bit words
+    weight = bits.view(GGML_HALF_DTYPES[ggml_type]).reshape(shape)  # [N * K] -> [N, K]
+    return HalfLinear(weight if permute_rows is None else permute_rows(weight))
 
 
 class HalfLinear(QuantizedLinear):

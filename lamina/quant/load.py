@@ -45,6 +45,7 @@ from lamina.quant.blockq import (
 )
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
+from lamina.quant.half import GGML_HALF_DTYPES, half_linear_from_gguf
 
 #: `quantize=` values besides the methods: keep GGUF blocks (default for GGUF) or expand to float.
 NO_QUANTIZATION = "none"
@@ -142,7 +143,8 @@ def _gguf_claim(
     model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
     """Build linears from their blocks: on the native kernel every `KEPT_TYPES` type, elsewhere
-    Q4_0/Q4_1/Q8_0 (other types load as float). Linears whose stored layout differs from the
+    Q4_0/Q4_1/Q8_0; F16 / BF16 matrices as `HalfLinear`s on a CPU in float32 (other types load as
+    float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding: an embedding of a `KEPT_TYPES` type and its tied head become blocks here on the
     native kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
@@ -162,6 +164,8 @@ def _gguf_claim(
             build = blockq_linear_from_gguf
         elif raw.ggml_type in BLOCK_BYTES:
             build = linear_from_gguf
+        elif raw.ggml_type in GGML_HALF_DTYPES and device.type == "cpu" and dtype == torch.float32:
+            build = half_linear_from_gguf  # 16 bits as stored, float32 arithmetic (as for HF checkpoints)
         else:
             return False
         layer = build(raw.data, raw.ggml_type, raw.shape, spec.row_order(f"{name}.weight", config))

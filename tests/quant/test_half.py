@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from lamina.api import LLM
@@ -13,7 +14,11 @@ from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.quant.apply import quantize_model
 from lamina.quant.half import HALF_DTYPES, HalfLinear
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
+from tests.models.gguf_writer import write_gguf
 from tests.models.test_native_layer import TINY, decode
+from tests.models.test_parity import load_lamina
+from tests.models.tiny import VOCAB
+from tests.quant.test_gguf_convert import load_kept
 
 DTYPES = list(HALF_DTYPES.values())
 
@@ -85,3 +90,20 @@ def test_a_16_bit_checkpoint_stays_16_bit_by_default_and_computes_the_same(
         assert torch.equal(kept.model(ids), widened.model(ids))
     greedy = {"max_new_tokens": 8, "temperature": 0}
     assert kept.generate("Once upon", **greedy) == widened.generate("Once upon", **greedy)
+
+
+def test_a_gguf_s_f16_matrices_stay_16_bit_and_compute_the_same(native_lib, tmp_path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = write_gguf(transformers.LlamaForCausalLM(config).eval(), "llama", tmp_path / "f16.gguf", VOCAB)
+    kept, widened = load_kept(path), load_lamina(path)
+    layers = [m for m in kept.modules() if isinstance(m, HalfLinear)]
+    assert len(layers) == 2 * 7 + 1  # every projection and the (untied) output head
+    assert all(layer.weight16.dtype == torch.float16 for layer in layers)
+    attach_native(kept), attach_native(widened)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():  # rows permuted as llama.cpp stores q/k, values exact
+        assert torch.equal(kept(ids), widened(ids))
