@@ -200,6 +200,14 @@ def blockq_matmul(
 DENSE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def dense_kernel_takes(weight: torch.Tensor) -> bool:
+    """Whether `dense_linear` multiplies this weight: contiguous float32, or fp16 / bfloat16 with a
+    width a multiple of 16."""
+    if weight.dtype not in DENSE_KINDS or not weight.is_contiguous():
+        return False
+    return weight.dtype == torch.float32 or weight.shape[1] % 16 == 0
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ weight [N, K]^T + bias on the CPU kernel (needs `library()`): x, bias and y
     float32, the weight float32, fp16 or bfloat16 (16-bit: K a multiple of 16), all contiguous; each

@@ -91,13 +91,6 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
         part.scale_block = module.in_features // d.shape[1]  # weights per scale: 32, or 16
 
 
-def _dense_kernel_takes(weight: torch.Tensor) -> bool:
-    """Whether dense.c multiplies this weight: float32, or 16-bit with a width a multiple of 16."""
-    if weight.dtype not in native.DENSE_KINDS or not weight.is_contiguous():
-        return False
-    return weight.dtype == torch.float32 or weight.shape[1] % 16 == 0
-
-
 def _native_projection(module: nn.Module) -> bool:
     """A float linear (its dtype is checked per call), 16-bit weights (`native_dense()`), or a quantized
     layer in the native block layout (`native_blocks()`: kept GGUF blocks, int4/int8/NF4/FP4 repacked
@@ -217,7 +210,7 @@ class NativeLlamaLayer:
             return False
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
             return False
-        if any(not _dense_kernel_takes(t) for t in dense_weights):
+        if any(not native.dense_kernel_takes(t) for t in dense_weights):
             return False
         self.spec.norm1, self.spec.norm2 = norms[0].data_ptr(), norms[1].data_ptr()
         for field, modules in zip(("qkv", "o", "gate_up", "down"), self.projections, strict=True):

@@ -19,24 +19,32 @@ from lamina.kernels import native
 NATIVE_ROWS = 16
 
 
+def native_dense_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """x [..., K] @ weight [N, K]^T + bias on the kernel (float32 x and bias; a weight it takes, see
+    `native.dense_kernel_takes`), or None where the call does not qualify: more than NATIVE_ROWS
+    rows, other dtypes or devices, a traced call. Needs `native.library()`."""
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or x.numel() > NATIVE_ROWS * weight.shape[1]
+        or not native.dense_kernel_takes(weight)
+        or (bias is not None and bias.dtype != torch.float32)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    y = native.dense_linear(x.reshape(-1, weight.shape[1]).contiguous(), weight, bias)  # [..., K] -> [M, K]
+    return y.view(*x.shape[:-1], weight.shape[0])  # [M, N] -> [..., N]
+
+
 class NativeLinear(nn.Linear):
     """An `nn.Linear` that multiplies a few float32 rows on the CPU kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if (
-            x.dtype == torch.float32
-            and w.dtype == torch.float32
-            and x.device.type == "cpu"
-            and w.device.type == "cpu"
-            and x.numel() <= NATIVE_ROWS * self.in_features
-            and w.is_contiguous()
-            and (b is None or b.dtype == torch.float32)
-            and not torch.compiler.is_compiling()
-        ):
-            y = native.dense_linear(x.reshape(-1, self.in_features).contiguous(), w, b)  # [..., K] -> [M, K]
-            return y.view(*x.shape[:-1], self.out_features)  # [M, N] -> [..., N]
-        return super().forward(x)
+        y = native_dense_product(x, self.weight, self.bias)
+        return super().forward(x) if y is None else y
 
 
 def attach_native_linears(model: nn.Module) -> int:

@@ -22,12 +22,11 @@ from torch import nn
 
 from lamina.kernels import native
 from lamina.loading.gguf_layout import RowOrder
+from lamina.models.native_linear import native_dense_product
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
 
 #: `--quantize` method -> the storage dtype.
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: Rows (tokens) up to which a float32 product runs on the native mat-vec.
-NATIVE_ROWS = 16
 
 
 #: GGML types stored in 16 bits -> the dtype a `HalfLinear` keeps them in.
@@ -88,22 +87,13 @@ class HalfLinear(QuantizedLinear):
         """The 16-bit weight the native kernels read, or None where they cannot (off the CPU, a width
         not a multiple of 16, no kernels here)."""
         weight = self.weight16
-        if weight.device.type != "cpu" or self.in_features % 16 or native.library() is None:
+        if weight.device.type != "cpu" or not native.dense_kernel_takes(weight) or native.library() is None:
             return None
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.native_dense()
-        if (
-            weight is not None
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.numel() <= NATIVE_ROWS * self.in_features
-            and (self.bias is None or self.bias.dtype == torch.float32)
-            and not torch.compiler.is_compiling()
-        ):
-            rows = x.reshape(-1, self.in_features).contiguous()  # [..., K] -> [M, K]
-            y = native.dense_linear(rows, weight, self.bias)
-            return y.view(*x.shape[:-1], self.out_features)  # [M, N] -> [..., N]
+        y = None if self.native_dense() is None else native_dense_product(x, self.weight16, self.bias)
+        if y is not None:
+            return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight16.to(x.dtype), bias)
