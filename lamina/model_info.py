@@ -15,6 +15,7 @@ from torch import nn
 
 from lamina.loading.checkpoint import Checkpoint, open_checkpoint
 from lamina.loading.loader import build_empty
+from lamina.quant.apply import quantizable_linears
 
 # Bytes per weight of the formats a model can run in; int8/int4 quantize the layers'
 # nn.Linear weights (one scale per output row / per group of 128), everything else stays 16-bit.
@@ -30,6 +31,7 @@ class ModelInfo:
     parameters: int
     linear_parameters: int  # in the layers' nn.Linear weights: what quantization shrinks
     stored_types: dict[str, int]  # storage type -> number of parameters stored that way
+    linear_stored_types: dict[str, int]  # the same, counting only the weights of quantizable linears
     stored_bytes: int
     quantization: str | None  # a quantization method the HF config declares
     context_length: int
@@ -45,13 +47,21 @@ class ModelInfo:
         return _bytes(self.linear_parameters, self.parameters - self.linear_parameters, run_format)
 
     def kept_bytes(self) -> int | None:
-        """Estimated bytes of all weights when a GGUF's quantized matrices stay as stored (what loading
-        it on a CPU with the native kernel does by default; the rest runs float32), or None when none of
-        its types stays quantized."""
-        bits = {kind: kept_bits(kind) for kind in self.stored_types}
-        if all(b is None for b in bits.values()):
-            return None
-        return int(sum(n * (bits[kind] or 32) / 8 for kind, n in self.stored_types.items()))
+        """Estimated bytes of all weights as loading them on a CPU in float32 keeps them by default: a
+        GGUF's quantized matrices as stored (native kernel), linear weights stored in 16 bits as 16-bit
+        (`quant/half.py`), everything else float32; None when all of it would be float32."""
+        from lamina.quant.load import HALF_STORED
+
+        total, narrow = 0.0, False
+        for kind, count in self.stored_types.items():
+            bits = kept_bits(kind)
+            half_linears = self.linear_stored_types.get(kind, 0) if kind in HALF_STORED else 0
+            if bits is not None:
+                total += count * bits / 8
+            else:
+                total += half_linears * 2 + (count - half_linears) * 4
+            narrow = narrow or bits is not None or half_linears > 0
+        return int(total) if narrow else None
 
     def layer_bytes(self, run_format: str) -> int:
         """Estimated bytes of the largest decoder layer when run in `run_format`."""
@@ -81,10 +91,17 @@ def describe(path: str | Path) -> ModelInfo:
     """A ModelInfo for an HF directory or GGUF file, read from metadata and headers only."""
     with open_checkpoint(path) as checkpoint:
         model, config = build_empty(checkpoint)
+        linear_weights = {f"{name}.weight" for name in quantizable_linears(model)}
         stored: Counter[str] = Counter()
+        stored_in_linears: Counter[str] = Counter()
         for name in checkpoint.tensor_names():
-            if numel := _numel(model, name):
-                stored[checkpoint.stored_type(name)] += numel
+            parameter = _parameter_name(model, name)
+            if parameter is None:
+                continue
+            kind, numel = checkpoint.stored_type(name), model.get_parameter(parameter).numel()
+            stored[kind] += numel
+            if parameter in linear_weights:
+                stored_in_linears[kind] += numel
         # the blocks placement keeps whole: decoder layers, and a T5's encoder blocks too
         layers = [m for m in model.modules() if type(m).__name__ in model.no_split_modules]
         layout = model.cache_layout()
@@ -97,6 +114,7 @@ def describe(path: str | Path) -> ModelInfo:
             parameters=sum(p.numel() for p in model.parameters()),
             linear_parameters=sum(_linear_parameters(layer) for layer in layers),
             stored_types=dict(stored.most_common()),
+            linear_stored_types=dict(stored_in_linears),
             stored_bytes=_stored_bytes(checkpoint),
             quantization=quant.get("quant_method") if isinstance(quant, dict) else None,
             context_length=config.max_position_embeddings,
@@ -113,15 +131,16 @@ def _linear_parameters(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _numel(model: nn.Module, name: str) -> int:
-    """Elements of a checkpoint tensor, from the model's meta parameter of that name (0: not a parameter)."""
+def _parameter_name(model: nn.Module, name: str) -> str | None:
+    """The model's parameter a checkpoint tensor fills (None: not a parameter of this model)."""
     prefix = getattr(model, "base_model_prefix", "")
     for candidate in (name, f"{prefix}.{name}"):
         try:
-            return model.get_parameter(candidate).numel()
+            model.get_parameter(candidate)
         except AttributeError:
             continue
-    return 0
+        return candidate
+    return None
 
 
 def _stored_bytes(checkpoint: Checkpoint) -> int:

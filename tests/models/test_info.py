@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lamina.cli import main
 from lamina.loading.gguf import GGUFCheckpoint
 from lamina.loading.hf_dir import HFDirectoryCheckpoint
+from lamina.model_info import describe
 from tests.models.gguf_writer import write_gguf
 from tests.models.tiny import VOCAB, save_tiny, tiny_hf_model
 
@@ -53,3 +55,36 @@ def test_info_estimates_a_gguf_kept_quantized(capsys):
     assert main(["info"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("as stored"))
     assert row.split()[2:4] == ["92.1", "MiB"]  # 96,576,768 bytes
+
+
+def _linear_weight_numel(model) -> int:
+    """Elements of the decoder layers' linear weights (those a CPU load keeps 16-bit when stored so)."""
+    return sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    )
+
+
+def test_info_estimates_16_bit_linears_kept_16_bit(tmp_path):
+    """An HF checkpoint stored in bfloat16 loads on a CPU with 16-bit linears (`quant/half.py`) and
+    everything else widened to float32; the "as stored" estimate counts it that way."""
+    reference = tiny_hf_model("qwen3").to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    linear = _linear_weight_numel(reference)
+    info = describe(tmp_path)
+    assert info.stored_types == {"BF16": reference.num_parameters()}
+    assert info.kept_bytes() == linear * 2 + (reference.num_parameters() - linear) * 4
+
+
+def test_info_estimates_a_gguf_with_16_bit_matrices(tmp_path):
+    """F16 matrices stay 16-bit; the F16 embedding and F32 norms load as float32."""
+    reference = tiny_hf_model("gemma")
+    path = write_gguf(reference, "gemma", tmp_path / "m.gguf", VOCAB)
+    linear = _linear_weight_numel(reference)
+    assert describe(path).kept_bytes() == linear * 2 + (reference.num_parameters() - linear) * 4
+
+
+def test_info_has_no_kept_estimate_for_float32_checkpoints(tmp_path):
+    save_tiny("qwen3", tmp_path)
+    assert describe(tmp_path).kept_bytes() is None
