@@ -9,9 +9,9 @@
  * x is [B * T, hidden] float32 (B sequences of T rows at positions start..start+T-1), updated in
  * place. Each projection is one or more weights whose outputs sit side by side: q/k/v fused (rows:
  * H query heads, then Hkv key heads, then Hkv value heads) or as three weights, gate/up fused (I
- * gate rows, then I up rows) or as two. A weight is GGUF blocks (blockq.c) or dense float32 / 16-bit
- * (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are the layer's cache
- * [B, Hkv, L, D] (row stride D), written at the new positions before attending.
+ * gate rows, then I up rows) or as two. A weight is GGUF blocks (blockq.c), LLM.int8 (llm_int8.c) or
+ * dense float32 / 16-bit (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are
+ * the layer's cache [B, Hkv, L, D] (row stride D), written at the new positions before attending.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,6 +23,8 @@
 int lamina_blockq_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
                          const uint16_t *m, int64_t n, int bits, int offset, const uint8_t *lut, int scale_block,
                          float *y, int64_t ldy);
+int lamina_llm_int8_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const uint16_t *d,
+                           const float *scales, int64_t n, float threshold, float *y, int64_t ldy);
 void lamina_dense_linear(const float *x, int64_t m_rows, int64_t k, const void *w, int64_t n, const float *bias,
                          float *y, int64_t ldy, int kind);
 int lamina_decode_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh, const float *keys,
@@ -30,7 +32,8 @@ int lamina_decode_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t 
                             int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t start, int64_t window,
                             float scale, float *out);
 
-/* One weight: GGUF blocks as blockq.c takes them (codes != NULL), or dense [N, K] (float32, fp16, bf16). */
+/* One weight: GGUF blocks as blockq.c takes them (codes != NULL; with outlier_scales, LLM.int8's 8-bit
+ * tiles), or dense [N, K] (float32, fp16, bf16). */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *d, *m;
@@ -40,6 +43,8 @@ typedef struct {
     const uint8_t *lut; /* a 4-bit code book (blockq.c), or NULL */
     int64_t scale_block; /* weights per d: 32, or 16 */
     int64_t dense_kind;  /* dense weights: 0 float32, 1 fp16, 2 bfloat16 (dense.c) */
+    const float *outlier_scales; /* LLM.int8 (llm_int8.c): 8-bit codes' float32 row scales, or NULL */
+    float threshold;             /* LLM.int8: |x| from which an input column is an outlier */
 } Weight;
 
 /* A projection: up to 3 weights reading the same input, outputs side by side. */
@@ -61,7 +66,11 @@ static int matmul(const Projection *p, const float *x, int64_t rows, float *y) {
     for (int64_t i = 0; i < p->count; i++) width += p->parts[i].out_features;
     for (int64_t i = 0; i < p->count; i++) {
         const Weight *w = &p->parts[i];
-        if (w->codes) {
+        if (w->outlier_scales) {
+            if (lamina_llm_int8_matmul(x, rows, w->in_features, w->codes, w->d, w->outlier_scales,
+                                       w->out_features, w->threshold, y + column, width))
+                return -1;
+        } else if (w->codes) {
             if (lamina_blockq_matmul(x, rows, w->in_features, w->codes, w->d, w->m, w->out_features, w->bits,
                                      w->offset, w->lut, (int)w->scale_block, y + column, width))
                 return -1;

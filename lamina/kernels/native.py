@@ -31,7 +31,8 @@ import torch
 from lamina.errors import InvalidArgumentError
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("blockq.c", "dense.c", "attention.c", "llama_layer.c")
+    Path(__file__).with_name(name)
+    for name in ("blockq.c", "llm_int8.c", "dense.c", "attention.c", "llama_layer.c")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "vector_math.h"))
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
@@ -140,6 +141,8 @@ def load(isa: str) -> ctypes.CDLL | None:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lamina_blockq_matmul.argtypes = [pointer, i64, i64, pointer, pointer, pointer, i64, i32, i32, pointer, i32, pointer, i64]  # fmt: skip
     lib.lamina_blockq_matmul.restype = ctypes.c_int
+    lib.lamina_llm_int8_matmul.argtypes = [pointer, i64, i64, pointer, pointer, pointer, i64, ctypes.c_float, pointer, i64]  # fmt: skip
+    lib.lamina_llm_int8_matmul.restype = ctypes.c_int
     lib.lamina_decode_attention.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, i64]
     lib.lamina_decode_attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer]
     lib.lamina_decode_attention.restype = ctypes.c_int
@@ -193,6 +196,33 @@ def blockq_matmul(
         )
     if status != 0:
         raise MemoryError(f"blockq matmul: no memory for the quantized activations ({rows} x {k})")
+    return y
+
+
+def llm_int8_matmul(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, scales: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """LLM.int8(): y [M, N] float32 = x [M, K] float32 (contiguous) times an int8 weight in 8-bit tiles
+    (`codes`, `d` as `blockq_matmul` takes them, offset 128) with `scales` [N] float32 its row scales;
+    x's columns with any |x| >= `threshold` in float, the rest per-row int8 (llm_int8.c). Needs
+    `library()`."""
+    rows, k = x.shape
+    n = scales.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    status = library().lamina_llm_int8_matmul(
+        x.data_ptr(),
+        rows,
+        k,
+        codes.data_ptr(),
+        d.data_ptr(),
+        scales.data_ptr(),
+        n,
+        threshold,
+        y.data_ptr(),
+        n,
+    )
+    if status != 0:
+        raise MemoryError(f"LLM.int8 matmul: no memory for the quantized activations ({rows} x {k})")
     return y
 
 

@@ -38,6 +38,8 @@ class _Weight(ctypes.Structure):
         ("lut", ctypes.c_void_p),
         ("scale_block", ctypes.c_int64),
         ("dense_kind", ctypes.c_int64),
+        ("outlier_scales", ctypes.c_void_p),
+        ("threshold", ctypes.c_float),
     ]
 
 
@@ -63,20 +65,22 @@ class _LlamaLayer(ctypes.Structure):
 
 
 def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    """The tensors the C struct points at: (codes, d, m, None) for blocks, (None, None, None, weight) for
-    a float linear or 16-bit weights (`native_dense()`)."""
+    """The tensors the C struct points at: (codes, d, m, None, outlier scales) for blocks (the scales:
+    LLM.int8's float32 row scales, `native_outliers()`, else None), (None, None, None, weight, None)
+    for a float linear or 16-bit weights (`native_dense()`)."""
     if isinstance(module, nn.Linear):
-        return None, None, None, module.weight
+        return None, None, None, module.weight, None
     if hasattr(module, "native_dense"):
-        return None, None, None, module.native_dense()
+        return None, None, None, module.native_dense(), None
     codes, d, m, _, _, _ = module.native_blocks()
-    return codes, d, m, None
+    scales = module.native_outliers()[0] if hasattr(module, "native_outliers") else None
+    return codes, d, m, None, scales
 
 
 def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
     projection.count = len(modules)
     for part, module in zip(projection.parts, modules, strict=False):
-        part.codes, part.d, part.m, part.dense = (
+        part.codes, part.d, part.m, part.dense, part.outlier_scales = (
             None if t is None else t.data_ptr() for t in _weight_tensors(module)
         )
         part.out_features, part.in_features = module.out_features, module.in_features
@@ -89,6 +93,7 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
         _, d, _, part.bits, part.offset, lut = module.native_blocks()
         part.lut = None if lut is None else lut.data_ptr()  # a shared table that never moves
         part.scale_block = module.in_features // d.shape[1]  # weights per scale: 32, or 16
+        part.threshold = module.native_outliers()[1] if hasattr(module, "native_outliers") else 0.0
 
 
 def _native_projection(module: nn.Module) -> bool:
@@ -141,7 +146,7 @@ def _slots(layer: nn.Module, projections: tuple[tuple[nn.Module, ...], ...]) -> 
             if hasattr(module, "native_dense"):
                 slots.append((module._buffers, "weight16"))
                 continue
-            tiles = [t for t in module.native_blocks()[:3] if t is not None]
+            tiles = [t for t in _weight_tensors(module) if t is not None]
             slots += [(module._buffers, n) for t in tiles for n, b in module._buffers.items() if b is t]
     return slots
 
@@ -198,17 +203,20 @@ class NativeLlamaLayer:
             return True
         layer = self.layer
         norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        dense_weights, blocks = [], []
+        dense_weights, blocks, float32_vectors = [], [], list(norms)
         for parts in self.projections:
             for module in parts:
-                codes, d, m, dense = _weight_tensors(module) if _native_projection(module) else (None,) * 4
+                codes, d, m, dense, scales = (
+                    _weight_tensors(module) if _native_projection(module) else (None,) * 5
+                )
                 if codes is None and dense is None:
                     return False  # a quantized layer off the block layout (moved to another device)
                 dense_weights += [] if dense is None else [dense]
                 blocks += [t for t in (codes, d, m) if t is not None]
-        if any(t.device.type != "cpu" for t in norms + dense_weights + blocks):
+                float32_vectors += [] if scales is None else [scales]
+        if any(t.device.type != "cpu" for t in float32_vectors + dense_weights + blocks):
             return False
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in float32_vectors):
             return False
         if any(not native.dense_kernel_takes(t) for t in dense_weights):
             return False

@@ -89,14 +89,6 @@ def untile_codes(tiles: torch.Tensor, bits: int) -> torch.Tensor:
     return halves.permute(0, 4, 1, 3, 2, 5).reshape(ntiles * TILE, nblocks * BLOCK)  # [N, K]
 
 
-def tiled_columns(tiles: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Some columns of 8-bit tiles uint8 [N/16, K/32, 512] -> codes uint8 [N, len(columns)]."""
-    ntiles, nblocks, _ = tiles.shape
-    c = tiles.view(ntiles, nblocks, 8, TILE, 4)  # [tile, block, j, row, kk]
-    picked = c[:, columns // BLOCK, columns % BLOCK // 4, :, columns % 4]  # [C, tile, row]
-    return picked.permute(1, 2, 0).reshape(ntiles * TILE, len(columns))  # [N, C]
-
-
 def tile_scales(values: torch.Tensor) -> torch.Tensor:
     """Per-block values [N, K/32] -> their fp16 bits as int16 [N/16, K/32, 16]. The kernel reads fp16;
     int16 storage keeps the bits out of reach of dtype casts (`model.to(torch.bfloat16)`, a loader's

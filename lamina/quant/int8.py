@@ -94,6 +94,12 @@ class TiledInt8Weight:
         self.weight_q = None
         return True
 
+    def native_blocks(self) -> Blocks | None:
+        """The `Blocks` the native kernels take, or None off the block layout."""
+        if self.codes_tiled is None or self.codes_tiled.device.type != "cpu":
+            return None
+        return self.codes_tiled, self.d_tiled, None, 8, 128, None
+
 
 class Int8Linear(TiledInt8Weight, QuantizedLinear):
     """Per-channel weight-only int8 linear."""
@@ -141,12 +147,6 @@ class Int8Linear(TiledInt8Weight, QuantizedLinear):
         weight_q = torch.cat([layer.int8_weight() for layer in layers])  # [sum N, K]
         scales = torch.cat([layer.scales for layer in layers])  # [sum N]
         return cls(weight_q, scales, cls.concatenated_bias(layers))
-
-    def native_blocks(self) -> Blocks | None:
-        """The `Blocks` the native kernels take, or None off the block layout."""
-        if self.codes_tiled is None or self.codes_tiled.device.type != "cpu":
-            return None
-        return self.codes_tiled, self.d_tiled, None, 8, 128, None
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight_q": self.int8_weight().cpu(), "scales": self.scales.cpu()}

@@ -7,12 +7,14 @@ per activation row (absmax / 127) to int8, multiplied int8 x int8 -> int32 with 
 rescaled by row scale x column scale. Outliers are few but large; keeping them float is what keeps
 perplexity near the float model's while most of the work stays int8.
 
-Kernels: on CPU, `use_native_blocks` moves the weight into Lamina's native block kernel (`tile_int8`,
-as `int8` does: row scales in fp16) and the int8 activation, as float (codes x row scale), runs
-through it; the kernel's own block-wise requantization holds it to 2^-15 of each block's range, so
-the product is the int8 x int8 one to float rounding. Elsewhere `torch._int_mm` (CUDA for more than
-16 rows) or a float matmul of the int8 values. Per call the layer still finds and gathers the outlier
-columns, which costs more than the weight-only `int8` scheme.
+Kernels: on CPU, `use_native_blocks` moves the weight into Lamina's native block tiles (`tile_int8`,
+as `int8` does: row scales in fp16) and one native call (`kernels/llm_int8.c`) does the whole layer:
+it finds the outlier columns, quantizes the rest per row and runs the int8 activation, as float
+(codes x row scale), through the block kernel, whose own block-wise requantization holds it to
+2^-15 of each block's range, so the product is the int8 x int8 one to float rounding; then it adds
+the outlier columns' float products. A native decoder layer (`models/native_layer.py`) calls the
+same code. Elsewhere (CUDA, no native kernels) the same steps run as torch ops, the int8 product on
+`torch._int_mm` (CUDA for more than 16 rows) or a float matmul of the int8 values.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamina.kernels import native
 from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
-from lamina.quant.blocks import blocks_forward, tiled_columns
 from lamina.quant.int8 import TiledInt8Weight, quantize_per_channel
 
 DEFAULT_THRESHOLD = 6.0
 
 
 class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
-    """LLM.int8() linear: int8 weights, mixed int8 / float activations. It offers no `native_blocks()`
-    once repacked: a native decoder layer would run the weight without the outlier split."""
+    """LLM.int8() linear: int8 weights, mixed int8 / float activations. Once repacked its
+    `native_blocks()` come with `native_outliers()`, which a native decoder layer must honour."""
 
     method = "llm.int8"
 
@@ -95,29 +97,44 @@ class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.int8_weight().float() * self.scales[:, None]
 
-    def _columns(self, cols: torch.Tensor) -> torch.Tensor:
-        """Weight columns int8 [N, len(cols)], whatever the runtime layout."""
-        if self.codes_tiled is None:
-            return self.weight_q[:, cols]
-        return (tiled_columns(self.codes_tiled, cols) ^ 0x80).view(torch.int8)  # q + 128 -> q
+    def native_outliers(self) -> tuple[torch.Tensor, float]:
+        """(row scales float32 [N], threshold): what the native kernel needs besides `native_blocks()`
+        to split off the outlier columns."""
+        return self.scales, self.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # [M, K]
+        blocks = self.native_blocks()
+        if blocks is not None:
+            matmul = llm_int8_matmul if torch.compiler.is_compiling() else native.llm_int8_matmul
+            y = matmul(x2.contiguous(), self.codes_tiled, self.d_tiled, self.scales, self.threshold)  # [M, N]
+            return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
         outlier = (x2.abs() >= self.threshold).any(dim=0)  # [K] columns routed through float
         x_in = x2.masked_fill(outlier, 0.0)
         row_scale = x_in.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # [M, 1]
-        xq = torch.round(x_in / row_scale)  # [M, K] int8 values
-        if self.codes_tiled is not None and self.codes_tiled.device.type == "cpu":
-            blocks = (self.codes_tiled, self.d_tiled, None, 8, 128, None)
-            y = blocks_forward(xq * row_scale, blocks, self.out_features)  # [M, N]
-        else:
-            y = _int8_matmul(xq.to(torch.int8), self.weight_q) * row_scale * self.scales  # [M, N]
+        xq = torch.round(x_in / row_scale).to(torch.int8)  # [M, K]
+        y = _int8_matmul(xq, self.weight_q) * row_scale * self.scales  # [M, N]
         if outlier.any():
             cols = outlier.nonzero().squeeze(1)
-            w_out = self._columns(cols).float() * self.scales[:, None]  # [N, n_outliers]
+            w_out = self.weight_q[:, cols].float() * self.scales[:, None]  # [N, n_outliers]
             y = y + x2[:, cols] @ w_out.t()
         return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
+
+
+@torch.library.custom_op("lamina::llm_int8_matmul", mutates_args=())
+def llm_int8_matmul(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, scales: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """`native.llm_int8_matmul` as an op the compiler keeps opaque (a compiled decode step calls it)."""
+    return native.llm_int8_matmul(x, codes, d, scales, threshold)
+
+
+@llm_int8_matmul.register_fake
+def _llm_int8_matmul_shape(
+    x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, scales: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], scales.shape[0])
 
 
 def _int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from lamina.quant.blockq import (
     blockq_linear_from_gguf,
     code_values,
 )
-from lamina.quant.blocks import tile_codes, tile_scales, tiled_columns, untile_codes, untile_scales
+from lamina.quant.blocks import tile_codes, tile_scales, untile_codes, untile_scales
 
 #: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's, Q3_K's and Q2_K's (a scale per 16 weights) and
 #: IQ4_NL's, IQ3_S's, IQ2_XXS's and IQ2_XS's (code books; IQ2's have 6 values, IQ2_XS a scale per
@@ -66,12 +66,6 @@ def test_tile_layout_round_trips(bits: int) -> None:
     assert torch.equal(untile_codes(tile_codes(codes, bits), bits), codes)
     values = torch.randn(48, 3).half().float()
     assert torch.equal(untile_scales(tile_scales(values)), values)
-
-
-def test_columns_read_from_8_bit_tiles() -> None:
-    codes = torch.randint(0, 256, (48, 96), dtype=torch.uint8)
-    columns = torch.tensor([0, 5, 31, 32, 77, 95])
-    assert torch.equal(tiled_columns(tile_codes(codes, 8), columns), codes[:, columns])
 
 
 @pytest.mark.parametrize("ggml_type", TYPES)

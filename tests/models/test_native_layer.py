@@ -7,13 +7,14 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from lamina.api import LLM
-from lamina.engine.fusion import fuse_projections
+from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.engine.generate import prefill
 from lamina.engine.kv_cache import KVCache
 from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.models.native_layer import attach_native_layers
-from lamina.quant.apply import set_submodule
+from lamina.quant.apply import quantize_model, set_submodule
 from lamina.quant.blockq import blockq_linear_from_gguf
+from lamina.quant.llm_int8 import LLMInt8Linear
 from tests.quant.conftest import TINY as QUANT_TINY
 
 TINY = {
@@ -80,6 +81,38 @@ def test_native_layers_compute_what_the_modules_compute(window, batch) -> None:
         assert (a - b).abs().max() <= 5e-4 * b.abs().max()
     for a, b in zip(got_cache.tensors(), want_cache.tensors(), strict=True):
         assert (a - b).abs().max() <= 5e-4 * b.abs().max()
+
+
+def llm_int8_model(threshold: float) -> LlamaForCausalLM:
+    """A tiny random Llama in LLM.int8 on native layers; its norms make input features 3 and 40 of
+    every attention and MLP input outliers (|x| >= 6) at the default threshold."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
+    for layer in model.decoder_layers():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data[[3, 40]] = 30.0
+    quantize_model(model, "llm.int8")
+    for module in model.modules():
+        if isinstance(module, LLMInt8Linear):
+            module.threshold = threshold
+    fuse_projections(model)
+    assert attach_native(model)[1] == 2
+    return model
+
+
+def test_llm_int8_native_layers_split_off_the_outlier_columns() -> None:
+    """The native layer runs LLM.int8's outlier split as the modules do: the same logits to float
+    rounding, while a model without the split (threshold out of reach) is far from them."""
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    steps = [[5], [17, 200, 3], [42]]
+    model, unsplit = llm_int8_model(6.0), llm_int8_model(1e9)
+    with torch.inference_mode():
+        got, _ = decode(model, prompt, steps, native_layers=True)
+        want, _ = decode(model, prompt, steps, native_layers=False)
+        far, _ = decode(unsplit, prompt, steps, native_layers=True)
+    for a, b, c in zip(got, want, far, strict=True):
+        assert (a - b).abs().max() <= 5e-4 * b.abs().max()
+        assert (c - b).abs().max() >= 1e-2 * b.abs().max()
 
 
 def test_several_rows_equal_their_steps_one_by_one_bit_for_bit() -> None:
