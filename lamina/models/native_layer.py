@@ -3,7 +3,7 @@
 For a few new rows (decode steps, speculative verify passes) the Python glue between the kernels
 costs more than the kernels: ~45 dispatched ops a layer. When every projection of a layer is
 either a quantized layer in the native block layout (a GGUF kept as blocks, or an int4 / int8 /
-NF4 / FP4 layer repacked for it, on an x86-64 CPU with AVX-512 VNNI or AVX2), 16-bit weights
+LLM.int8 / NF4 / FP4 layer repacked for it, on an x86-64 CPU with AVX-512 VNNI or AVX2), 16-bit weights
 (`--quantize bf16|fp16`) or a float linear (float32 at call time), fused or not, and the
 layer has no variant the C code does not implement (biases, q/k norms, partial rotary, another
 activation), `attach_native_layers` gives it a `NativeLlamaLayer`, and `LlamaDecoderLayer.forward`
@@ -98,8 +98,8 @@ def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
 
 def _native_projection(module: nn.Module) -> bool:
     """A float linear (its dtype is checked per call), 16-bit weights (`native_dense()`), or a quantized
-    layer in the native block layout (`native_blocks()`: kept GGUF blocks, int4/int8/NF4/FP4 repacked
-    for it); no bias."""
+    layer in the native block layout (`native_blocks()`: kept GGUF blocks, int4/int8/LLM.int8/NF4/FP4
+    repacked for it); no bias."""
     if isinstance(module, nn.Linear):
         return module.bias is None
     if hasattr(module, "native_dense"):  # 16-bit weights (`quant/half.py`)
