@@ -54,11 +54,15 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q3_K": (3, 4, False, 16),
     "Q2_K": (2, 0, True, 16),
     "IQ4_NL": (4, 128, False, 32),
+    "MXFP4": (4, 128, False, 32),
+    "NVFP4": (4, 128, False, 16),
     **{t: (4, 128, False, 16 if t in GRID_SCALED_BY_16 else 32) for t in GRID_BOOKS},
 }
 #: Block formats whose 4-bit codes index a code book: format -> its integer values, w = d * book[c].
 CODE_BOOKS = {
     "IQ4_NL": tuple(quants.IQ4_NL.kvalues),
+    "MXFP4": tuple(quants.MXFP4.kvalues),
+    "NVFP4": tuple(quants.NVFP4.kvalues),
     **{t: book + (0,) * (16 - len(book)) for t, book in GRID_BOOKS.items()},  # unused codes: 0
 }
 

@@ -1,7 +1,7 @@
 """More GGUF types -> the native kernel's blocks (`blockq.py`), so files made of them run without being
 expanded to float: Q5_0 / Q5_1, the K-quants Q2_K to Q6_K (llama.cpp's Q*_K_* files are made of
 these, Q8_0, and Q4_0 / Q5_0 where a width is not a multiple of 256), and the non-linear IQ4_NL /
-IQ4_XS. `gguf.quants` is the reference for every layout.
+IQ4_XS, the grid types and MXFP4 / NVFP4. `gguf.quants` is the reference for every layout.
 
 Q5_0 / Q5_1 (blocks of 32: fp16 d [and m], 32 high bits, 16 bytes of nibbles; w = d (q - 16) or
 d q + m) -> the same blocks, 5-bit codes as a nibble plus a bit plane (blockq.c): exact, same size.
@@ -30,6 +30,14 @@ Non-linear 4-bit (w = d * kvalues[q], `gguf.quants.IQ4_NL.kvalues`: 16 integers 
   the code book through its table (blockq.c): exact.
 - IQ4_XS (super-blocks of 256: fp16 d, 6-bit scales ls_j per 32 split in 2 + 4 bits, nibbles as
   IQ4_NL's per 32) -> IQ4_NL blocks with d * (ls_j - 32) rounded to fp16 (relative <= 2^-11).
+- MXFP4 (OCP microscaling, gpt-oss's experts; blocks of 32: an E8M0 exponent e, 16 bytes of nibbles
+  as Q4_0's; w = 2^(e - 128) * kvalues[q], the E2M1 values doubled: 0, +-1, 2, 3, 4, 6, 8, 12) ->
+  "MXFP4" blocks, a code book read as IQ4_NL's, d = 2^(e - 128) in fp16: exact for e in [104, 143],
+  which holds any weight of a trained model (beyond it the tensor stays float, see below).
+- NVFP4 (super-blocks of 64: four UE4M3 scales, one per 16 weights, then 8 bytes of nibbles per 16,
+  low nibbles first; w = ue4m3 / 2 * kvalues[q], MXFP4's values) -> "NVFP4" blocks, the same code
+  book with a scale per 16 weights: exact (a UE4M3 value has 4 significant bits and lies in
+  [2^-9, 448], which fp16 holds). NVIDIA's per-tensor float32 scale is not part of the GGML type.
 
 Grid types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, TQ1_0, TQ2_0: code words from
 lattices, no nibble layout) are read through their values as `gguf.quants` dequantizes them. Each
@@ -40,13 +48,13 @@ each 16), the candidate g that reproduces the block gives s. The signed numbers 
 most 16 values (`GRID_BOOKS`): 4-bit codes into it, read through the kernel's table as IQ4_NL's are,
 d = s in fp16: codes exact, d relative <= 2^-11 (2^-25 absolute for a step below fp16's normal range).
 
-Scales fp16 cannot hold (beyond 65504) make `converted_blocks` return None: the loader keeps such a
-tensor float.
+Scales fp16 cannot hold (beyond 65504, or nonzero ones it would flush to zero, below 2^-25) make
+`converted_blocks` return None: the loader keeps such a tensor float.
 
 Memory, bits a weight as stored -> here: Q5_0 5.5 -> 5.5, Q5_1 6 -> 6, IQ4_NL 4.5 -> 4.5, Q4_K 4.5 -> 5
 and Q5_K 5.5 -> 6 (fp16 d and m per 32 weights instead of 6-bit ones), IQ4_XS 4.25 -> 4.5, Q2_K
 2.63 -> 4 (fp16 d and m per 16), Q3_K 3.44 -> 4, Q6_K 6.56 -> 7, IQ1_S / IQ2_XXS / IQ3_XXS / IQ3_S /
-TQ 1.56-3.44 -> 4.5, IQ1_M / IQ2_XS / IQ2_S 1.75-2.5 -> 5; float32 would be 32.
+TQ 1.56-3.44 -> 4.5, IQ1_M / IQ2_XS / IQ2_S 1.75-2.5 -> 5, MXFP4 4.25 -> 4.5, NVFP4 4.5 -> 5; float32 would be 32.
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ CONVERTED = {
     "Q2_K": "Q2_K",
     "IQ4_NL": "IQ4_NL",
     "IQ4_XS": "IQ4_NL",
+    "MXFP4": "MXFP4",
+    "NVFP4": "NVFP4",
     **{t: t for t in GRID_BOOKS},
 }
 #: Grid types whose blocks have a scale per 16 weights (the rest one per 32).
@@ -236,6 +246,29 @@ def iq4_xs_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.T
     return {"codes": torch.from_numpy(codes.reshape(n, k)), "d": torch.from_numpy(d.reshape(n, k // 32))}
 
 
+def mxfp4_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """MXFP4 bytes of a [N, K] tensor -> codes uint8 [N, K] (indices into `quants.MXFP4.kvalues`), d
+    float32 [N, K/32] (2^(e - 128), as gguf's `e8m0_to_fp32_half`)."""
+    n, k = shape
+    b = quant_blocks(data, "MXFP4", shape)  # [B, 17]: e, qs[16]
+    d = quants.MXFP4.e8m0_to_fp32_half(b[:, 0].copy())  # [B]
+    return {
+        "codes": torch.from_numpy(_nibbles32(b[:, 1:]).reshape(n, k)),
+        "d": torch.from_numpy(d.reshape(n, k // 32)),
+    }
+
+
+def nvfp4_blocks(data: np.ndarray, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """NVFP4 bytes of a [N, K] tensor -> codes uint8 [N, K] (indices into `quants.NVFP4.kvalues`), d
+    float32 [N, K/16] (UE4M3 / 2, as gguf's `ue4m3_to_fp32`)."""
+    n, k = shape
+    sb = quant_blocks(data, "NVFP4", shape)  # [S, 36]: 4 UE4M3 scales, qs[32]
+    d = quants.NVFP4.ue4m3_to_fp32(sb[:, :4]).astype(np.float32)  # [S, 4]
+    qs = sb[:, 4:].reshape(-1, 4, 8)  # [S, sub-block, 8 bytes]: weight j low nibble, j + 8 high
+    codes = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)  # [S, 4, 16]
+    return {"codes": torch.from_numpy(codes.reshape(n, k)), "d": torch.from_numpy(d.reshape(n, k // 16))}
+
+
 def grid_blocks(data: np.ndarray, shape: tuple[int, int], ggml_type: str) -> dict[str, torch.Tensor]:
     """A grid type's values -> 4-bit codes into its `GRID_BOOKS` book, uint8 [N, K], and d per 32
     weights (per 16 for `GRID_SCALED_BY_16`) in fp16 values: the step found per block (see above)."""
@@ -277,6 +310,8 @@ _CONVERTERS: dict[str, Callable[[np.ndarray, tuple[int, int]], dict[str, torch.T
     "Q2_K": q2_k_blocks,
     "IQ4_NL": iq4_nl_blocks,
     "IQ4_XS": iq4_xs_blocks,
+    "MXFP4": mxfp4_blocks,
+    "NVFP4": nvfp4_blocks,
     **{t: functools.partial(grid_blocks, ggml_type=t) for t in GRID_BOOKS},
 }
 
@@ -285,11 +320,13 @@ def converted_blocks(
     data: np.ndarray, ggml_type: str, shape: tuple[int, int]
 ) -> tuple[str, dict[str, torch.Tensor]] | None:
     """A tensor of a `CONVERTED` type as (block format, its blocks) for `BlockQuantLinear.from_blocks`,
-    or None when a scale is beyond fp16's range. Raises `UnsupportedModelError` for other types or
-    widths that are not a multiple of the type's block."""
+    or None when a scale is beyond fp16's range (too large, or nonzero and flushed to zero). Raises
+    `UnsupportedModelError` for other types or widths that are not a multiple of the type's block."""
     quant_blocks(data, ggml_type, shape)  # checks the type and shape
     blocks = _CONVERTERS[ggml_type](data, shape=shape)
-    fp16_max = torch.finfo(torch.float16).max
-    if any(blocks[name].abs().max() > fp16_max for name in ("d", "m") if name in blocks):
-        return None
+    for scales in (blocks[name] for name in ("d", "m") if name in blocks):
+        if scales.abs().max() > torch.finfo(torch.float16).max or torch.any(
+            (scales != 0) & (scales.half() == 0)
+        ):
+            return None
     return CONVERTED[ggml_type], blocks

@@ -19,10 +19,10 @@ from lamina.quant.blockq import (
 from lamina.quant.blocks import tile_codes, tile_scales, untile_codes, untile_scales
 
 #: formats gguf quantizes to; RUNTIME_TYPES adds Q6_K's, Q3_K's and Q2_K's (a scale per 16 weights) and
-#: IQ4_NL's, IQ3_S's, IQ2_XXS's and IQ2_XS's (code books; IQ2's have 6 values, IQ2_XS a scale per
-#: 16 weights), built from codes
+#: IQ4_NL's, IQ3_S's, IQ2_XXS's, IQ2_XS's, MXFP4's and NVFP4's (code books; IQ2's have 6 values, IQ2_XS
+#: and NVFP4 a scale per 16 weights), built from codes
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
-RUNTIME_TYPES = [*TYPES, "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ3_S", "IQ2_XXS", "IQ2_XS"]
+RUNTIME_TYPES = [*TYPES, "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ3_S", "IQ2_XXS", "IQ2_XS", "MXFP4", "NVFP4"]
 
 
 def random_layer(ggml_type: str, n: int, k: int, seed: int = 0) -> BlockQuantLinear:

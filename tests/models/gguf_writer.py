@@ -324,6 +324,7 @@ KQUANT_SCALES = {
     "IQ3_S": ((0,), (5e-5, 1.5e-4)),
     "TQ1_0": ((52,), (0.02, 0.05)),
     "TQ2_0": ((64,), (0.02, 0.05)),
+    "NVFP4": ((), (2e-3, 8e-3)),  # four UE4M3 scales (one per 16 weights) at byte 0; |w| ~ 5 d
 }
 
 
@@ -339,6 +340,10 @@ def random_kquant(shape: tuple[int, int], ggml_type: str, rng: np.random.Generat
     for offset in offsets:
         scales = rng.uniform(low, high, (data.shape[0], 1)).astype(np.float16)
         data[:, offset : offset + 2] = scales.view(np.uint8)
+    if ggml_type == "NVFP4":
+        data[:, 0:4] = gguf.quants.NVFP4.fp32_to_ue4m3(
+            rng.uniform(low, high, (data.shape[0], 4)).astype(np.float32)
+        )
     if ggml_type == "IQ1_M":  # 16-bit words at byte 48: 3-bit scales below, one nibble of d on top each
         d_bits = rng.uniform(low, high, (data.shape[0], 1)).astype(np.float16).view(np.uint16)
         nibbles = (d_bits >> np.array([0, 4, 8, 12], dtype=np.uint16)) & 0xF  # [blocks, 4]

@@ -93,6 +93,36 @@ def test_iq4_nl_is_exact_and_iq4_xs_within_its_fp16_scales(native_lib) -> None:
         assert (layer(x) - want).abs().max() <= (bound + 1e-4) * want.abs().max()  # + x's two int8 passes
 
 
+def test_mxfp4_is_exact(native_lib) -> None:
+    rng = np.random.default_rng(6)
+    data = quants.quantize((rng.standard_normal(SHAPE) * 0.02).astype(np.float32), GGMLQuantizationType.MXFP4)
+    layer = blockq_linear_from_gguf(data, "MXFP4", SHAPE)
+    assert (layer.ggml_type, layer.native_blocks()[5] is not None) == ("MXFP4", True)  # a code book
+    values = gguf_values(data, "MXFP4")
+    assert torch.equal(layer.dequantize(), values)
+    x = torch.randn(3, SHAPE[1])
+    want = x @ values.t()
+    assert (layer(x) - want).abs().max() <= 1e-4 * want.abs().max()  # x's two int8 passes
+
+
+def test_nvfp4_is_exact(native_lib) -> None:
+    data = random_kquant(SHAPE, "NVFP4", np.random.default_rng(7))
+    layer = blockq_linear_from_gguf(data, "NVFP4", SHAPE)
+    assert (layer.ggml_type, layer.scale_block, layer.native_blocks()[5] is not None) == ("NVFP4", 16, True)
+    values = gguf_values(data, "NVFP4")
+    assert torch.equal(layer.dequantize(), values)
+    x = torch.randn(3, SHAPE[1])
+    want = x @ values.t()
+    assert (layer(x) - want).abs().max() <= 1e-4 * want.abs().max()  # x's two int8 passes
+
+
+@pytest.mark.parametrize("exponent", [200, 90])  # 2^72 (beyond fp16), 2^-38 (fp16 would flush it to 0)
+def test_mxfp4_scales_beyond_fp16_are_not_converted(exponent: int) -> None:
+    data = quants.quantize(np.full(SHAPE, 0.01, dtype=np.float32), GGMLQuantizationType.MXFP4).copy()
+    data.reshape(-1, 17)[3, 0] = exponent
+    assert converted_blocks(data, "MXFP4", SHAPE) is None
+
+
 def test_widths_off_the_super_block_are_refused_by_name() -> None:
     data = np.zeros((16, 2 * 144), dtype=np.uint8)  # two Q4_K super-blocks a row, but 384 columns
     with pytest.raises(UnsupportedModelError, match=r"Q4_K with 384 columns.*multiple of their block"):
@@ -178,8 +208,10 @@ def test_grid_types_become_book_codes_exactly(ggml_type: str) -> None:
     assert ((plain - want).abs() > 2**-11 * want.abs()).any() or ggml_type.startswith("TQ")
 
 
-def test_a_gguf_of_grid_types_loads_as_blocks(native_lib, tmp_path) -> None:
+def test_a_gguf_of_grid_types_and_mxfp4_loads_as_blocks(native_lib, tmp_path) -> None:
     types = {
+        "output": "MXFP4",
+        "token_embd": "NVFP4",
         "ffn_down": "IQ3_S",
         "ffn_gate": "IQ2_XXS",
         "ffn_up": "IQ3_XXS",
@@ -193,9 +225,13 @@ def test_a_gguf_of_grid_types_loads_as_blocks(native_lib, tmp_path) -> None:
     kinds = {
         name: type(m)
         for name, m in kept.named_modules()
-        if name.endswith(("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"))
+        if name.endswith(
+            ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "lm_head")
+        )
     }
     assert kinds and all(kind is BlockQuantLinear for kind in kinds.values()), kinds
+    assert kept.lm_head.ggml_type == "MXFP4"
+    assert isinstance(kept.input_embeddings(), BlockQuantEmbedding)  # NVFP4
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got, want = kept(ids), expanded(ids)
