@@ -40,7 +40,9 @@ class GGUFCheckpoint(Checkpoint):
         try:
             self.metadata, tensors = read_gguf(path)
         except Exception as exc:  # the parser raises ValueError/IndexError/struct errors on bad bytes
-            raise CheckpointError(f"{path} is not a valid GGUF file, truncated or corrupt ({exc})") from None
+            raise CheckpointError(
+                f"{path} is not a valid GGUF file, truncated or corrupt ({exc}); re-download it"
+            ) from None
         arch = self.metadata.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             supported = ", ".join(sorted(GGUF_ARCHITECTURES))

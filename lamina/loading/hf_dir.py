@@ -22,7 +22,7 @@ class HFDirectoryCheckpoint(Checkpoint):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.config = read_json(path / "config.json")
+        self.config = _read_config(path / "config.json")
         self.file_of = tensor_files(path)  # HF name -> shard path
         self._handles: dict[Path, Any] = {}
 
@@ -55,3 +55,11 @@ class HFDirectoryCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """config.json as a dict; `read_json` says what is wrong with a damaged one, this adds the fix."""
+    try:
+        return read_json(file)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; fix the JSON or re-download the model") from None

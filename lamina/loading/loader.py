@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lamina.config import ModelConfig
-from lamina.errors import CheckpointError
+from lamina.errors import CheckpointError, LaminaError
 from lamina.heap import release_free_heap
 from lamina.loading.checkpoint import Checkpoint
 from lamina.models.registry import resolve
@@ -37,11 +38,39 @@ TRIM_EVERY = 8
 
 
 def build_empty(checkpoint: Checkpoint) -> tuple[nn.Module, ModelConfig]:
-    """The checkpoint's model with every parameter on the meta device (no memory used)."""
-    model_class, config = resolve(checkpoint.config)
-    with init_empty():
-        model = model_class(config)
+    """The checkpoint's model with every parameter on the meta device (no memory used).
+
+    A config value that passes `ModelConfig`'s checks can still make the model code fail (fewer
+    `layer_types` than layers); that becomes a one-line CheckpointError, not a traceback.
+    """
+    try:
+        model_class, config = resolve(checkpoint.config)
+        with init_empty():
+            model = model_class(config)
+    except LaminaError:
+        raise
+    except Exception as exc:  # TypeError, ValueError, ZeroDivisionError, RuntimeError from torch...
+        raise CheckpointError(
+            f"cannot build {_architecture(checkpoint)} from {_config_source(checkpoint)}: "
+            f"{_one_line(exc)}; check its values"
+        ) from None
     return model, config
+
+
+def _architecture(checkpoint: Checkpoint) -> str:
+    """The architecture the checkpoint's config names, for messages."""
+    names = checkpoint.config.get("architectures")
+    return str(names[0]) if isinstance(names, list) and names else "the model"
+
+
+def _config_source(checkpoint: Checkpoint) -> Path:
+    """Where the checkpoint's config comes from: a directory's config.json, or the GGUF file itself."""
+    return checkpoint.path / "config.json" if checkpoint.path.is_dir() else checkpoint.path
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as `Type: message` on one line (torch's messages can span several)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def load_weights(

@@ -83,7 +83,7 @@ def _from_index(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {index}: {exc}") from None
+        raise CheckpointError(f"cannot read {index}: {exc}; re-download it") from None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index} has no weight_map; the index file is damaged")
+        raise CheckpointError(f"{index} has no weight_map; the index file is damaged, re-download it")
     return {name: index.parent / shard for name, shard in weight_map.items()}
