@@ -2,6 +2,7 @@
 
 The model is loaded in float32 on the CPU, its linears are quantized one by one (a progress bar over
 layers on stderr), and DIR gets model.safetensors + quant_config.json + config.json + the tokenizer.
+DIR must be new or empty; it appears only once complete (nothing is left behind on failure).
 gptq calibrates on the last 4096 tokens of --calibration FILE (default: CPython's bundled English docs,
 whose first tokens are what `lamina perplexity` scores by default).
 """
@@ -47,13 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from lamina.api import LLM
     from lamina.engine.perplexity import default_text, read_text
     from lamina.quant.apply import quantizable_linears, quantize_model, validate_method
-    from lamina.quant.checkpoint import save_quantized
+    from lamina.quant.checkpoint import check_output_dir, save_quantized, staged_output
     from lamina.quant.load import CALIBRATION_WINDOW, GPTQ_CALIBRATION_TOKENS, calibration_ids
 
     validate_method(args.method, args.group_size)
-    out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise InvalidArgumentError(f"output directory {out} is not empty; choose a new --out DIR")
+    out = check_output_dir(args.out)  # before minutes of quantizing, not after
+    refuse_quantized_source(args.model)
     text = (
         read_text(args.calibration) if args.calibration else default_text() if args.method == "gptq" else ""
     )
@@ -79,10 +79,26 @@ def run(args: argparse.Namespace) -> int:
     options = {"group_size": args.group_size} if args.method in ("int4", "gptq") else {}
     if args.method == "gptq":
         options["act_order"] = args.act_order
-    save_quantized(llm.model, out, args.method, config=_hf_config(llm), **options)
-    save_tokenizer(llm.tokenizer, out)
+    config = _hf_config(llm)
+    with staged_output(out) as stage:
+        save_quantized(llm.model, stage, args.method, config=config, **options)
+        save_tokenizer(llm.tokenizer, stage)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def refuse_quantized_source(model: str | None) -> None:
+    """Refuse a `lamina quantize` output as MODEL: its linears are no longer float, so nothing would
+    be quantized and the new quant_config.json would misdescribe the layers."""
+    from lamina.default_model import model_path
+    from lamina.quant.checkpoint import is_quantized_dir, read_scheme
+
+    source = model_path(model)
+    if is_quantized_dir(source):
+        method = read_scheme(source)["method"]
+        raise InvalidArgumentError(
+            f"{model} is already quantized with {method}; quantize the original float checkpoint instead"
+        )
 
 
 def _hf_config(llm: LLM) -> dict[str, Any]:
@@ -93,8 +109,9 @@ def _hf_config(llm: LLM) -> dict[str, Any]:
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """tokenizer.json + tokenizer_config.json (special tokens, chat template) as HF writes them."""
-    tokenizer.backend.save(str(out / "tokenizer.json"))
+    """tokenizer.json + tokenizer_config.json (special tokens, chat template) as HF writes them.
+    Written by Python, so a failed write is an OSError (the tokenizers library raises a bare Exception)."""
+    (out / "tokenizer.json").write_text(tokenizer.backend.to_str(pretty=True), encoding="utf-8")
     config = {
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,

@@ -9,18 +9,29 @@ Directory layout written by `save_quantized`:
 
 Loading checks the scheme file against the tensors: a missing scheme file next to quantized tensors,
 an unknown method, a layer without its tensors, a tensor shape that disagrees, or quantized tensors
-no layer claims are all `CheckpointError`s that say what to do. Tensors are read with safetensors
-(no pickle) through a memory map, one layer at a time.
+no layer claims are all `CheckpointError`s that say what to do, and so is a stored tensor whose shape
+disagrees with the model built from config.json. Tensors are read with safetensors (no pickle) through
+a memory map, one layer at a time.
+
+`check_output_dir` and `staged_output` make writing a directory safe: the output is checked before
+any work, and everything is written into a temporary sibling that becomes the output only once
+complete, so a failure or Ctrl-C never leaves a partial checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -65,9 +76,87 @@ def save_quantized(
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
     scheme = {"format": FORMAT, "version": VERSION, "method": method, **options, "layers": scheme_layers}
     (out / SCHEME_FILE).write_text(json.dumps(scheme, indent=1), encoding="utf-8")
+    # safetensors writes through a private (0600) temporary file; give the weights the mode every
+    # other file here got from the umask.
+    shutil.copymode(out / SCHEME_FILE, out / WEIGHTS_FILE)
     if config is not None:
         (out / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     return out
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """The absolute directory `path` names, checked before any work is done: it must be new or an
+    empty directory, and creatable in a writable place. Raises `InvalidArgumentError` otherwise."""
+    try:
+        out = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # ~user with no such user, a symlink loop
+        raise InvalidArgumentError(
+            f"cannot use {path} as the output directory ({exc}); give another --out DIR"
+        ) from None
+    if out.exists():
+        if not out.is_dir():
+            raise InvalidArgumentError(
+                f"output {out} is an existing file, not a directory; choose a new --out DIR"
+            )
+        if _has_entries(out):
+            raise InvalidArgumentError(f"output directory {out} is not empty; choose a new --out DIR")
+    ancestor = next(p for p in out.parents if p.exists())
+    if not ancestor.is_dir():
+        raise InvalidArgumentError(
+            f"cannot create output directory {out}: {ancestor} is a file; choose another --out DIR"
+        )
+    try:  # the real test of writability (permissions, read-only or virtual file systems)
+        Path(tempfile.mkdtemp(prefix=".lamina-write-test-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot create output directory {out}: {ancestor} is not writable ({exc.strerror}); "
+            "choose another --out DIR"
+        ) from None
+    return out
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        return any(directory.iterdir())
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read output directory {directory} ({exc.strerror}); choose another --out DIR"
+        ) from None
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A new temporary sibling of `out` (`.NAME.partial-XXXX`) to write a checkpoint into.
+
+    When the block completes it is renamed to `out` (atomically, also over an empty `out`
+    directory); on any error or Ctrl-C it is removed, with any parent directories made for it, so
+    `out` never holds a partial checkpoint. Write failures (disk full, file too large) become a
+    `CheckpointError`.
+    """
+    made = [p for p in out.parents if not p.exists()]  # deepest first
+    stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()  # umask-respecting mode (tempfile.mkdtemp's would be 0700)
+        yield stage
+        os.replace(stage, out)
+    except (OSError, SafetensorError) as exc:
+        _discard(stage, made)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+        raise CheckpointError(
+            f"cannot write {out} ({reason}); nothing was written, free some space or choose another --out DIR"
+        ) from None
+    except BaseException:
+        _discard(stage, made)
+        raise
+
+
+def _discard(stage: Path, made: list[Path]) -> None:
+    """Remove a staging directory and the (now empty) parents made for it, deepest first."""
+    shutil.rmtree(stage, ignore_errors=True)
+    for directory in made:
+        with suppress(OSError):  # one not made after all, or holding something else now
+            directory.rmdir()
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -141,16 +230,14 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
                 raise CheckpointError(
                     f"{SCHEME_FILE}: layer {name} lacks field {exc}; re-run `lamina quantize`"
                 ) from None
-            try:
-                set_submodule(model, name, layer)
-            except AttributeError:
-                raise CheckpointError(
-                    f"{SCHEME_FILE} names layer {name}, which this model does not have"
-                ) from None
+            _check_layer_fits(model, name, layer, weights)
+            set_submodule(model, name, layer)
             keys -= {prefix + n for n in names}
             filled.add(name)
         params = dict(model.named_parameters())
         floats = {k: _owned(f.get_tensor(k)) for k in keys if k in params}
+        for k, t in floats.items():
+            _check_fits(f"tensor {k}", tuple(t.shape), tuple(params[k].shape), weights)
         stray = sorted(keys - set(floats))
         if stray:
             raise CheckpointError(
@@ -159,6 +246,31 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
             )
     model.load_state_dict(floats, strict=False, assign=True)
     return filled | set(floats)
+
+
+def _check_layer_fits(model: nn.Module, name: str, layer: nn.Module, weights: Path) -> None:
+    """A stored quantized layer must be shaped like the linear the model (built from config.json)
+    has there. `from_tensors` only checks the tensors against the scheme file, which was written
+    with them, so an edited config.json would otherwise go unnoticed."""
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{SCHEME_FILE} names layer {name}, which this model does not have") from None
+    if not isinstance(current, nn.Linear):
+        raise CheckpointError(
+            f"{SCHEME_FILE} names layer {name}, which is a {type(current).__name__} in this model, not a linear"
+        )
+    stored = (layer.out_features, layer.in_features)
+    _check_fits(f"quantized layer {name}", stored, tuple(current.weight.shape), weights)
+
+
+def _check_fits(what: str, stored: tuple[int, ...], expected: tuple[int, ...], weights: Path) -> None:
+    """Raise a `CheckpointError` naming `what` when its stored shape is not the model's."""
+    if stored != expected:
+        raise CheckpointError(
+            f"{what} has shape {stored} in {weights} but the model config implies {expected}; "
+            "the config and the weights disagree"
+        )
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
