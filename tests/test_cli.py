@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -131,6 +132,12 @@ def test_chat_runs_as_a_process(tiny_llama_dir):
         (["--top-k", "-3"], "top-k must be >= 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--device", "tpu"], "unknown device"),
+        (["--seed", str(10**23)], "seed must be an integer in [-2^63, 2^64)"),
+        (["--threads", "100000"], "--threads 100000 is more than the"),  # torch's thread pool segfaults
+        (["--group-size", "64"], "--group-size applies to --quantize int4|gptq, but nothing is quantized"),
+        (["--quantize", "int8", "--group-size", "64"], "--quantize int8 has no groups; drop --group-size"),
+        (["--offload-dir", "/tmp/x"], "add a max memory budget (--max-memory) or drop the offload dir"),
+        (["--model", ""], "the model path is empty"),
     ],
 )
 def test_bad_input_is_one_line_error(args, message, capsys):
@@ -167,3 +174,120 @@ def test_max_memory_with_quantize_is_a_clear_error(tiny_llama_dir, capsys):
     args = ["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--max-memory", "cpu=1MB"]
     assert main([*args, "--quantize", "int8"]) == 2
     assert "cannot be combined with quantization" in capsys.readouterr().err
+
+
+def _run_with_fd_closed(fd: int, *args: str) -> subprocess.CompletedProcess:
+    """The CLI started with standard input (0) or output (1) closed, as `<&-` / `>&-` start it."""
+    return subprocess.run(
+        [sys.executable, "-m", "lamina", *args],
+        capture_output=fd != 1,
+        stderr=subprocess.PIPE if fd == 1 else None,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.close(fd),
+    )
+
+
+@pytest.mark.parametrize(
+    ("fd", "args", "message"),
+    [
+        (0, ["generate"], "standard input is closed; pass the prompt with --prompt"),
+        (0, ["chat"], "standard input is closed; chat reads your messages from it"),
+        (1, ["generate", "--prompt", "hi"], "standard output is closed; lamina writes its results there"),
+    ],
+)
+def test_closed_standard_streams_are_one_line_errors(tiny_llama_dir, fd, args, message):
+    result = _run_with_fd_closed(fd, *args, "--model", str(tiny_llama_dir), "--max-new-tokens", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"lamina: error: {message}"
+
+
+def test_a_full_output_device_is_a_one_line_error(tiny_llama_dir):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "lamina", "generate", "--model", str(tiny_llama_dir), "--prompt", "hi"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "lamina: error: No space left on device"
+
+
+def test_invalid_utf8_on_stdin_is_a_one_line_error(tiny_llama_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "lamina", "generate", "--model", str(tiny_llama_dir), "--max-new-tokens", "2"],
+        input=b"hi \xff\xfe there",
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    error = result.stderr.decode().strip()
+    assert error.startswith("lamina: error: ") and "UTF-8" in error and "\n" not in error
+
+
+def test_chat_drops_a_message_it_cannot_answer_and_goes_on(tiny_llama_dir, monkeypatch, chat_calls, capsys):
+    import io
+
+    too_long = "word " * 400  # the tiny model's context is 256 tokens
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"hello\n{too_long}\nagain\n"))
+    args = ["chat", "--model", str(tiny_llama_dir), "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(args) == 2  # piped input: the dropped message shows in the exit status
+    assert [[m["content"] for m in call if m["role"] == "user"] for call in chat_calls] == [
+        ["hello"],
+        [too_long],  # older exchanges are dropped to make room, and still it does not fit
+        ["hello", "again"],  # the history is as before the long message; the conversation went on
+    ]
+    assert "context window is 256; shorten the prompt (the message was dropped" in capsys.readouterr().err
+
+
+def test_plan_creates_a_missing_offload_dir_and_refuses_a_file(tiny_llama_dir, tmp_path, capsys):
+    folder = tmp_path / "new" / "offload"
+    assert main(["plan", str(tiny_llama_dir), "--offload-dir", str(folder)]) == 0
+    assert folder.is_dir()
+    (tmp_path / "file").write_text("x")
+    assert main(["plan", str(tiny_llama_dir), "--offload-dir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--context", "0"], "--context must be >= 2 (tokens a window sees), got 0"),
+        (["--context", "100"], "--stride must be in 1..--context (100), got 256"),
+        (["--context", "300", "--stride", "100"], "--context 300 exceeds the model's context window (256)"),
+    ],
+)
+def test_perplexity_window_options_are_checked(tiny_llama_dir, capsys, args, message):
+    assert main(["perplexity", str(tiny_llama_dir), "--max-tokens", "16", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_refuses_two_different_models(tiny_llama_dir, tmp_path, capsys):
+    assert main(["bench", str(tiny_llama_dir), "--model", str(tmp_path)]) == 2
+    assert "either as MODEL or as --model, not both" in capsys.readouterr().err
+
+
+def test_max_memory_on_a_quantized_checkpoint_names_the_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["quantize", str(tiny_llama_dir), "--method", "bf16", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "x", "--max-memory", "cpu=1MB"]) == 2
+    assert (
+        f"{out} is a quantized checkpoint and --max-memory streams float weights only"
+        in capsys.readouterr().err
+    )
+
+
+def test_chat_drops_a_message_that_is_not_utf8_and_goes_on(tiny_llama_dir, monkeypatch, chat_calls, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nbad \udcff bytes\nagain\n"))  # surrogate-escaped
+    args = ["chat", "--model", str(tiny_llama_dir), "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(args) == 2
+    assert [[m["content"] for m in call if m["role"] == "user"] for call in chat_calls] == [
+        ["hello"],
+        ["hello", "again"],
+    ]
+    assert "not valid UTF-8" in capsys.readouterr().err

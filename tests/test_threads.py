@@ -83,3 +83,13 @@ def test_busy_cores_now_reads_this_machine():
 def test_rejects_zero_threads():
     with pytest.raises(InvalidArgumentError):
         threads.configure_threads(0)
+
+
+def test_rejects_more_threads_than_usable_cores(monkeypatch):
+    """100000 threads crash torch's thread pool (a segfault, no message); more than the cores only
+    wait on each other."""
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    with pytest.raises(InvalidArgumentError, match=r"--threads 100000 is more than the 2 cores.*at most 2"):
+        threads.configure_threads(100000)
+    assert torch.get_num_threads() == before

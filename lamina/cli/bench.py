@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("prompt_len", "new_tokens", "batch", "repeat"):
         if getattr(args, flag) < 1:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.model_path is not None and args.model is not None and args.model != args.model_path:
+        raise InvalidArgumentError("give the model either as MODEL or as --model, not both")
     args.model = args.model_path or args.model
     if args.draft is not None and args.batch != 1:
         raise InvalidArgumentError("--draft decodes one sequence at a time; use --batch 1")

@@ -1,7 +1,9 @@
 """`lamina chat`: talk with a model in the terminal, in the model's own chat format.
 
 Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves. Ctrl-C stops the current reply
-and keeps the chat going; at the prompt it leaves.
+and keeps the chat going; at the prompt it leaves. A message that cannot be answered (longer than
+the context window, not UTF-8) is reported and dropped, and the chat goes on; with piped input the
+exit status is then 2.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lamina.cli.common import (
     load_model_from_args,
     sampling_kwargs,
 )
+from lamina.errors import InvalidArgumentError, LaminaError
 from lamina.loading.chat_template import Message
 
 
@@ -33,26 +36,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = sampling_kwargs(args)
+    if sys.stdin is None:
+        raise InvalidArgumentError("standard input is closed; chat reads your messages from it")
     llm = load_model_from_args(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chatting; /reset to start over, /exit or Ctrl-D to leave.", file=sys.stderr)
     start: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
+    failed = False
     while True:
-        message = _read_message(args.multiline, interactive)
+        try:
+            message = _read_message(args.multiline, interactive)
+        except UnicodeDecodeError as exc:
+            _report(f"that message is not UTF-8 text ({exc.reason}); it was dropped")
+            failed = True
+            continue
         if message is None or message.strip() == "/exit":
-            return 0
+            return 2 if failed and not interactive else 0
         if message.strip() == "/reset":
             history = list(start)
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not message.strip():
             continue
-        history.append({"role": "user", "content": message})
-        history = _fit_context(llm, history, options["max_new_tokens"])
-        reply = _stream_reply(llm, history, options)
-        history.append({"role": "assistant", "content": reply})
+        try:
+            turn = _fit_context(
+                llm, [*history, {"role": "user", "content": message}], options["max_new_tokens"]
+            )
+            reply = _stream_reply(llm, turn, options)
+        except LaminaError as exc:  # the history stays as it was before the message
+            _report(f"{exc} (the message was dropped; the chat goes on)")
+            failed = True
+            continue
+        history = [*turn, {"role": "assistant", "content": reply}]
+
+
+def _report(problem: str) -> None:
+    print(f"lamina: error: {problem}", file=sys.stderr)
 
 
 def _read_message(multiline: bool, interactive: bool) -> str | None:

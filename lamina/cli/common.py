@@ -43,7 +43,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_args(parser: argparse.ArgumentParser) -> None:
-    from lamina.quant.apply import DEFAULT_GROUP_SIZE, METHODS
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE, GROUPED_METHODS, METHODS
+    from lamina.quant.int4 import GROUP_SIZES
 
     group = parser.add_argument_group("quantization")
     group.add_argument(
@@ -54,9 +55,10 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--group-size",
         type=int,
-        default=DEFAULT_GROUP_SIZE,
+        default=None,
         metavar="G",
-        help="int4/gptq group size: 32, 64, 128",
+        help=f"{'/'.join(GROUPED_METHODS)} group size: {', '.join(map(str, GROUP_SIZES))} "
+        f"(default: {DEFAULT_GROUP_SIZE})",
     )
 
 
@@ -102,22 +104,49 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     )
 
 
+def read_stdin(what: str) -> str:
+    """All of standard input as text, or a one-line error when it is closed or not UTF-8."""
+    if sys.stdin is None:
+        raise InvalidArgumentError(f"standard input is closed; {what}")
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(
+            f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
 def load_model_from_args(args: argparse.Namespace) -> Any:
     """The LLM the model options describe."""
     from lamina.api import LLM
     from lamina.engine.threads import configure_threads
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE
 
+    _check_group_size(args.quantize, args.group_size)
     configure_threads(args.threads)
     return LLM.load(
         args.model,
         dtype=args.dtype,
         device=args.device,
         quantize=args.quantize,
-        group_size=args.group_size,
+        group_size=DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size,
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
         **_draft_kwargs(args),
     )
+
+
+def _check_group_size(quantize: str | None, group_size: int | None) -> None:
+    """--group-size only means something to the grouped methods; refuse it elsewhere rather than
+    ignore it."""
+    from lamina.quant.apply import GROUPED_METHODS
+
+    if group_size is not None and quantize not in GROUPED_METHODS:
+        methods = "|".join(GROUPED_METHODS)
+        reason = f"--quantize {quantize} has no groups" if quantize else "nothing is quantized"
+        raise InvalidArgumentError(
+            f"--group-size applies to --quantize {methods}, but {reason}; drop --group-size"
+        )
 
 
 def _draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,11 +168,12 @@ def _draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for `LLM.stream`, validated before any model is loaded."""
-    from lamina.engine.sampling import SamplingParams
+    from lamina.engine.sampling import SamplingParams, check_seed
 
     if args.max_new_tokens < 1:
         raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # raises on bad values
+    check_seed(args.seed)
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,

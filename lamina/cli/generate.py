@@ -10,6 +10,7 @@ from lamina.cli.common import (
     add_model_args,
     add_sampling_args,
     load_model_from_args,
+    read_stdin,
     sampling_kwargs,
 )
 
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = sampling_kwargs(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else read_stdin("pass the prompt with --prompt")
     llm = load_model_from_args(args)
     if args.chat:
         pieces = llm.chat_stream([{"role": "user", "content": prompt}], **options)

@@ -18,12 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lamina.default_model import default_model_path
+    from lamina.default_model import model_path
     from lamina.errors import InvalidArgumentError
 
     if args.context is not None and args.context < 1:
         raise InvalidArgumentError(f"--context must be >= 1, got {args.context}")
-    info = describe(args.model or args.model_option or default_model_path())
+    if args.model is not None and args.model_option is not None:
+        raise InvalidArgumentError("give the model either as MODEL or as --model, not both")
+    info = describe(model_path(args.model if args.model is not None else args.model_option))
     print(render(info, args.context or info.context_length))
     return 0
 

@@ -45,12 +45,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 2:
         raise InvalidArgumentError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    if args.context < 2:
+        raise InvalidArgumentError(f"--context must be >= 2 (tokens a window sees), got {args.context}")
+    if not 0 < args.stride <= args.context:
+        raise InvalidArgumentError(f"--stride must be in 1..--context ({args.context}), got {args.stride}")
     if args.model_path is not None:
         if args.model is not None and args.model != args.model_path:
             raise InvalidArgumentError("give the model either as MODEL or as --model, not both")
         args.model = args.model_path
     text = read_text(args.text) if args.text else default_text()
     llm = load_model_from_args(args)
+    if args.context > llm.config.max_position_embeddings:
+        raise InvalidArgumentError(
+            f"--context {args.context} exceeds the model's context window "
+            f"({llm.config.max_position_embeddings}); pass at most that"
+        )
     ids = llm.tokenizer.encode(text, add_special_tokens=False)[: args.max_tokens]
 
     def show(done: int, total: int) -> None:

@@ -36,22 +36,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lamina.api import resolve_dtype
-    from lamina.default_model import default_model_path
+    from lamina.default_model import model_path
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty
     from lamina.placement.memory import default_max_memory, measure_bandwidths, parse_max_memory
+    from lamina.placement.offload_store import prepare_dir
     from lamina.placement.plan import plan
     from lamina.quant.gguf_stream import streamed_blocks
 
     budget = parse_max_memory(args.max_memory)  # a bad spec fails before anything is opened
     dtype = resolve_dtype(args.dtype)
-    with open_checkpoint(args.model or default_model_path()) as checkpoint:
+    scratch = prepare_dir(args.offload_dir) if args.offload_dir is not None else tempfile.gettempdir()
+    with open_checkpoint(model_path(args.model)) as checkpoint:
         model, _ = build_empty(checkpoint)
         # a GGUF's blocks, sized as `LLM.load` keeps them (CPU and disk budgets)
         streamed_blocks(model, checkpoint, None, budget or default_max_memory(), dtype)
     the_plan = plan(model, budget, strategy=args.strategy, dtype=dtype, prefetch=args.prefetch)
     print(the_plan)
-    scratch = args.offload_dir or tempfile.gettempdir()
     print()
     print(prediction(the_plan, measure_bandwidths(scratch)))
     return 0

@@ -33,6 +33,7 @@ class GenerationStats:
     compile_s: float = 0.0  # warm-up of a compiled decode step before the prompt was read (0 if none)
     drafted: int = 0  # speculative decoding: tokens the draft model proposed
     accepted: int = 0  # ... and how many of them the target kept
+    context: int = 0  # the context window the run had (0: unknown)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -54,6 +55,8 @@ class GenerationStats:
         )
         if self.drafted:
             text += f", draft accepted: {self.accepted}/{self.drafted} ({self.acceptance_rate:.0%})"
+        if self.context and self.prompt_tokens + self.new_tokens >= self.context:
+            text += f"; stopped at the model's context window ({self.context} tokens)"
         return text
 
 
@@ -107,7 +110,7 @@ def generate_tokens(
     check_prompt_fits(len(prompt_ids), context)
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
+    stats.prompt_tokens, stats.new_tokens, stats.context = len(prompt_ids), 0, context
 
     device, act_dtype = input_device_dtype(model)
     total = len(prompt_ids) + max_new_tokens

@@ -39,6 +39,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def check_seed(seed: object) -> None:
+    """A seed must be None or an integer torch's generators take: in [-2^63, 2^64)."""
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+    ):
+        raise InvalidArgumentError(f"seed must be an integer in [-2^63, 2^64), got {seed!r}")
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make already-seen tokens less likely (CTRL paper; same rule as transformers).
 

@@ -68,6 +68,7 @@ def speculative_tokens(
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.new_tokens, stats.drafted, stats.accepted = len(prompt_ids), 0, 0, 0
+    stats.context = context
 
     device, target_dtype = input_device_dtype(target)
     total = len(prompt_ids) + max_new_tokens

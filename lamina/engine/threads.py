@@ -73,9 +73,16 @@ def idle_cores() -> int:
 
 
 def configure_threads(threads: int | None = None) -> int:
-    """Use `threads` intra-op threads (default: the idle cores); returns the count in force."""
+    """Use `threads` intra-op threads (default: the idle cores); returns the count in force. More
+    threads than usable cores only wait on each other at every barrier (and a count in the tens of
+    thousands crashes torch's thread pool), so that is refused."""
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"--threads must be >= 1, got {threads}")
+    if threads is not None and threads > (cores := usable_cores()):
+        raise InvalidArgumentError(
+            f"--threads {threads} is more than the {cores} cores this process may use; "
+            f"pass at most {cores}, or leave it out to use the idle ones"
+        )
     count = threads if threads is not None else idle_cores()
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)

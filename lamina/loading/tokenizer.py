@@ -12,7 +12,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as Backend
 
-from lamina.errors import CheckpointError, LaminaError
+from lamina.errors import CheckpointError, InvalidArgumentError, LaminaError
 from lamina.loading.chat_template import Message, render_chat
 from lamina.loading.checkpoint import Checkpoint, read_json
 
@@ -52,10 +52,10 @@ class Tokenizer:
         try:
             backend = Backend.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception on parse errors
-            raise CheckpointError(f"cannot read {file}: {exc}") from None
-        config = (
-            read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-        )
+            raise CheckpointError(
+                f"cannot read {file}: {exc}; re-download the model's tokenizer.json"
+            ) from None
+        config = _tokenizer_config(path / "tokenizer_config.json")
         template = config.get("chat_template")
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
@@ -92,6 +92,12 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:  # undecodable bytes (surrogate-escaped, as argv and stdin carry them) fail in the backend
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(
+                f"the text is not valid UTF-8 (undecodable bytes at character {exc.start}); pass UTF-8 text"
+            ) from None
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
@@ -111,6 +117,16 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+def _tokenizer_config(file: Path) -> dict[str, Any]:
+    """tokenizer_config.json as a dict ({} where the model has none); a damaged one names the fix."""
+    if not file.is_file():
+        return {}
+    try:
+        return read_json(file)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; re-download the model's tokenizer_config.json") from None
 
 
 def _token_text(token: Any) -> str | None:

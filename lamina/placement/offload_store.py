@@ -40,6 +40,10 @@ def prepare_dir(path: str | Path | None) -> Path:
             "to a writable folder"
         )
     folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgumentError(
+            f"offload dir {folder} is a file, not a folder; pass a folder to --offload-dir"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

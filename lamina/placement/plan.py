@@ -202,5 +202,5 @@ def _check_compute_room(
         raise PlacementError(
             f"block {biggest.prefix} ({type(biggest.module).__name__}, {format_size(biggest.nbytes)}) "
             f"cannot be split, and streaming it needs {format_size(reserve)} on {compute}, whose budget "
-            f"is {format_size(int(budgets[compute]))}; raise the {compute} budget or lower prefetch"
+            f"is {format_size(int(budgets[compute]))}; raise the {compute} budget to at least {format_size(reserve)}"
         )
