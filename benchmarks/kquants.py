@@ -1,7 +1,7 @@
-"""A llama.cpp K-quant or IQ file (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS, IQ3_M) kept vs expanded to
-float32: weights, perplexity and decode tokens/s in one run.
+"""A llama.cpp K-quant, IQ or MXFP4 file (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS, IQ3_M, MXFP4) kept vs
+expanded to float32: weights, perplexity and decode tokens/s in one run.
 
-    python benchmarks/kquants.py [--preset Q2_K|Q3_K_M|Q4_K_M|Q5_K_M|IQ4_XS|IQ3_M | --gguf FILE]
+    python benchmarks/kquants.py [--preset Q2_K|Q3_K_M|Q4_K_M|Q5_K_M|IQ4_XS|IQ3_M|MXFP4 | --gguf FILE]
                                  [--max-tokens 1024] [--decode-tokens 32] [--threads 2]
 
 Without --gguf, the bundled SmolLM2-135M-Instruct (Q4_1) is re-quantized to --preset with llama.cpp's
@@ -9,7 +9,8 @@ own quantizer (`llama-cpp-python`, `pip install -e .[bench]`) into ~/.cache/lami
 576-wide matrices are not a multiple of 256, so llama.cpp stores most of them as Q4_0 / Q5_0 / Q5_1
 (IQ4_NL for IQ4_XS); ffn_down (1536 wide) gets the K-quants (IQ4_XS) and attn_v Q8_0. (Q3_K_M's
 Q3_K matrices are all 576 wide, so its file holds no Q3_K; the Q2_K preset's ffn_down are Q3_K; IQ3_M's are
-IQ3_S. IQ2 and IQ1 presets need an importance matrix, which llama.cpp's quantizer is not given here.) For
+IQ3_S. IQ2 and IQ1 presets need an importance matrix, which llama.cpp's quantizer is not given here.)
+MXFP4 is made by gguf-py's quantizer instead (every matrix, the embedding included). For
 llama.cpp's and transformers' speed on the same
 file: `python benchmarks/compare.py --model FILE`.
 """
@@ -36,6 +37,8 @@ def make_kquant(preset: str) -> Path:
     out = Path.home() / f".cache/lamina/bench/smollm2-135m-{preset.lower()}.gguf"
     if out.exists():
         return out
+    if preset == "MXFP4":
+        return make_mxfp4(out)
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -46,6 +49,36 @@ def make_kquant(preset: str) -> Path:
     if llama_cpp.llama_model_quantize(str(default_model_path()).encode(), str(partial).encode(), params):
         raise SystemExit("llama.cpp's quantizer failed")
     partial.rename(out)
+    return out
+
+
+def make_mxfp4(out: Path) -> Path:
+    """The bundled model with every quantized matrix re-quantized to MXFP4 by gguf-py's quantizer (the
+    reference implementation): llama.cpp's quantizer has no dense MXFP4 type (its MXFP4_MOE preset
+    turns a dense model's matrices into Q8_0)."""
+    import gguf
+
+    reader = gguf.GGUFReader(default_model_path())
+    arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(out.with_suffix(".part"), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue  # the header's own counts, and what the writer adds itself
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+            continue
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # [rows, columns] float32
+        mxfp4 = gguf.quants.quantize(values, gguf.GGMLQuantizationType.MXFP4)
+        writer.add_tensor(tensor.name, mxfp4, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out.with_suffix(".part").rename(out)
     return out
 
 
@@ -72,7 +105,9 @@ def main() -> None:
     )
     parser.add_argument("--gguf", type=Path, help="a K-quant GGUF (default: make SmolLM2 --preset)")
     parser.add_argument(
-        "--preset", choices=("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ3_M"), default="Q4_K_M"
+        "--preset",
+        choices=("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ3_M", "MXFP4"),
+        default="Q4_K_M",
     )
     parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--decode-tokens", type=int, default=32)
