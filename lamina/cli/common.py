@@ -122,7 +122,7 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     from lamina.engine.threads import configure_threads
     from lamina.quant.apply import DEFAULT_GROUP_SIZE
 
-    _check_group_size(args.quantize, args.group_size)
+    check_group_size(args.quantize, args.group_size)
     configure_threads(args.threads)
     return LLM.load(
         args.model,
@@ -136,16 +136,16 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_group_size(quantize: str | None, group_size: int | None) -> None:
-    """--group-size only means something to the grouped methods; refuse it elsewhere rather than
-    ignore it."""
+def check_group_size(method: str | None, group_size: int | None, flag: str = "--quantize") -> None:
+    """--group-size only means something to the grouped methods (`flag` names the method option);
+    refuse it elsewhere rather than ignore it."""
     from lamina.quant.apply import GROUPED_METHODS
 
-    if group_size is not None and quantize not in GROUPED_METHODS:
+    if group_size is not None and method not in GROUPED_METHODS:
         methods = "|".join(GROUPED_METHODS)
-        reason = f"--quantize {quantize} has no groups" if quantize else "nothing is quantized"
+        reason = f"{flag} {method} has no groups" if method else "nothing is quantized"
         raise InvalidArgumentError(
-            f"--group-size applies to --quantize {methods}, but {reason}; drop --group-size"
+            f"--group-size applies to {flag} {methods}, but {reason}; drop --group-size"
         )
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamina.cli.common import check_group_size
 from lamina.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lamina.quant.apply import DEFAULT_GROUP_SIZE, METHODS
+    from lamina.quant.int4 import GROUP_SIZES
 
     parser = subparsers.add_parser("quantize", help="quantize a model and save it", description=__doc__)
     parser.add_argument(
@@ -31,13 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--method", required=True, choices=METHODS, help="quantization scheme")
     parser.add_argument(
-        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4/gptq group size (32, 64, 128)"
+        "--group-size",
+        type=int,
+        default=None,
+        help=f"int4/gptq group size: {', '.join(map(str, GROUP_SIZES))} (default: {DEFAULT_GROUP_SIZE})",
     )
     parser.add_argument("--calibration", metavar="FILE", help="gptq calibration text (default: CPython docs)")
     parser.add_argument(
         "--act-order",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="gptq: quantize columns by decreasing Hessian diagonal (default: on)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -47,10 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lamina.api import LLM
     from lamina.engine.perplexity import default_text, read_text
-    from lamina.quant.apply import quantizable_linears, quantize_model, validate_method
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE, quantizable_linears, quantize_model, validate_method
     from lamina.quant.checkpoint import check_output_dir, save_quantized, staged_output
     from lamina.quant.load import CALIBRATION_WINDOW, GPTQ_CALIBRATION_TOKENS, calibration_ids
 
+    _check_method_options(args)
+    args.group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
+    args.act_order = True if args.act_order is None else args.act_order
     validate_method(args.method, args.group_size)
     out = check_output_dir(args.out)  # before minutes of quantizing, not after
     refuse_quantized_source(args.model)
@@ -85,6 +93,18 @@ def run(args: argparse.Namespace) -> int:
         save_tokenizer(llm.tokenizer, stage)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Options another method would ignore are refused, not silently dropped."""
+    check_group_size(args.method, args.group_size, flag="--method")
+    if args.method != "gptq":
+        for flag, value in (
+            ("--calibration", args.calibration),
+            ("--act-order/--no-act-order", args.act_order),
+        ):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} applies to --method gptq only; drop it")
 
 
 def refuse_quantized_source(model: str | None) -> None:

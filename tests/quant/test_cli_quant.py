@@ -22,10 +22,8 @@ def test_quantize_writes_a_checkpoint_generate_loads(
     tiny_llama_dir: Path, tmp_path: Path, method: str, capsys
 ) -> None:
     out = tmp_path / "q"
-    assert (
-        main(["quantize", str(tiny_llama_dir), "--method", method, "--group-size", "32", "--out", str(out)])
-        == 0
-    )
+    groups = ["--group-size", "32"] if method != "nf4" else []  # nf4's blocks are 64 weights
+    assert main(["quantize", str(tiny_llama_dir), "--method", method, *groups, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "14/14" in err  # the progress bar reached every layer
     scheme = json.loads((out / SCHEME_FILE).read_text())
@@ -92,6 +90,9 @@ def test_perplexity_json(tiny_llama_dir: Path, capsys) -> None:
         (["--method", "gptq", "--calibration", "EMPTY"], "is empty"),
         (["--method", "gptq", "--calibration", "/no/such/file.txt"], "does not exist"),
         (["--method", "int4", "--group-size", "48"], "use one of [32, 64, 128, 256]"),
+        (["--method", "int8", "--group-size", "64"], "--method int8 has no groups; drop --group-size"),
+        (["--method", "int4", "--calibration", "EMPTY"], "--calibration applies to --method gptq only"),
+        (["--method", "nf4", "--no-act-order"], "--act-order/--no-act-order applies to --method gptq only"),
     ],
 )
 def test_quantize_bad_input_is_one_line_error(
