@@ -291,3 +291,11 @@ def test_chat_drops_a_message_that_is_not_utf8_and_goes_on(tiny_llama_dir, monke
         ["hello", "again"],
     ]
     assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_perplexity_text_that_is_not_utf8_is_named(tmp_path, capsys):
+    (tmp_path / "binary.txt").write_bytes(b"text \xe7\xff\xfe more")
+    assert main(["perplexity", "--text", str(tmp_path / "binary.txt")]) == 2
+    assert "binary.txt is not UTF-8 (invalid continuation byte at byte 5); pass a UTF-8 text file" in (
+        capsys.readouterr().err
+    )

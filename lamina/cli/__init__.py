@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C can land here
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     plain_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _run(args)

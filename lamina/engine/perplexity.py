@@ -47,8 +47,14 @@ def read_text(path: str | Path) -> str:
         raise InvalidArgumentError(
             f"text file {p} does not exist; pass an existing UTF-8 text file"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"cannot read text file {p}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(
+            f"text file {p} is not UTF-8 ({exc.reason} at byte {exc.start}); pass a UTF-8 text file"
+        ) from None
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read text file {p} ({exc.strerror or exc}); pass a readable UTF-8 text file"
+        ) from None
     if not text.strip():
         raise InvalidArgumentError(f"text file {p} is empty; give it some text")
     return text
