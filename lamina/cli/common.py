@@ -104,10 +104,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     )
 
 
-def read_stdin(what: str) -> str:
-    """All of standard input as text, or a one-line error when it is closed or not UTF-8."""
+def read_stdin(hint: str) -> str:
+    """All of standard input as text; a one-line error when it is closed (ending in `hint`, what to do
+    instead) or not UTF-8."""
     if sys.stdin is None:
-        raise InvalidArgumentError(f"standard input is closed; {what}")
+        raise InvalidArgumentError(f"standard input is closed; {hint}")
     try:
         return sys.stdin.read()
     except UnicodeDecodeError as exc:
