@@ -39,6 +39,11 @@ class Checkpoint(ABC):
     def close(self) -> None:
         """Release file handles and maps; reading afterwards is an error."""
 
+    @abstractmethod
+    def release_pages(self) -> None:
+        """Hint that what was read so far is copied elsewhere: a mapped file's pages may leave this
+        process's resident memory (reading again maps them back)."""
+
     def __enter__(self) -> Checkpoint:
         return self
 

@@ -19,7 +19,7 @@ from gguf.constants import GGMLQuantizationType
 from lamina.errors import CheckpointError, UnsupportedModelError
 from lamina.loading.checkpoint import Checkpoint
 from lamina.loading.gguf_dequant import dequantize
-from lamina.loading.gguf_header import TensorEntry, read_gguf
+from lamina.loading.gguf_header import TensorEntry, read_gguf, unmap_file_pages
 from lamina.loading.gguf_names import GGUF_ARCHITECTURES, ROPE_FACTOR_TENSORS, hf_config_from_gguf
 
 
@@ -97,6 +97,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._tensors.clear()
+
+    def release_pages(self) -> None:
+        if self._tensors:  # every tensor is a view of one mapping of the file
+            unmap_file_pages(next(iter(self._tensors.values())).data)
 
     def _tensor(self, name: str) -> TensorEntry:
         t = self._tensors.get(name)

@@ -56,6 +56,9 @@ class HFDirectoryCheckpoint(Checkpoint):
     def close(self) -> None:
         self._handles.clear()
 
+    def release_pages(self) -> None:
+        self._handles.clear()  # their maps go once nothing read through them is left; reopened on demand
+
 
 def _read_config(file: Path) -> dict[str, Any]:
     """config.json as a dict; `read_json` says what is wrong with a damaged one, this adds the fix."""

@@ -33,7 +33,8 @@ ModuleHook = Callable[[str, nn.Module], bool]
 # representation (GGUF blocks kept quantized) from first being expanded to float and thrown away.
 ModuleClaim = Callable[[str, nn.Module], bool]
 # A claim or hook that rebuilds modules frees large temporaries; glibc keeps them in the heap, so
-# the heap is trimmed every this many rebuilt modules (about one decoder block; ~1 ms a trim).
+# the heap is trimmed (and a mapped file's pages read so far released) every this many rebuilt
+# modules (about one decoder block; ~1 ms a trim).
 TRIM_EVERY = 8
 
 
@@ -104,7 +105,7 @@ def load_weights(
             filled.update(n for n in params if n.rpartition(".")[0] == module_name)
             rebuilt += 1
             if rebuilt % TRIM_EVERY == 0:
-                release_free_heap()
+                _release(checkpoint)
             continue
         tensor = sanitize(target, checkpoint.read(name))
         expected = params[target].shape
@@ -118,7 +119,7 @@ def load_weights(
         if on_loaded is not None and on_loaded(module_name, module):
             rebuilt += 1
             if rebuilt % TRIM_EVERY == 0:
-                release_free_heap()
+                _release(checkpoint)
     if unexpected:
         raise CheckpointError(
             f"{checkpoint.path.name} has {len(unexpected)} tensor(s) the model does not use, "
@@ -131,6 +132,14 @@ def load_weights(
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    checkpoint.release_pages()
+
+
+def _release(checkpoint: Checkpoint) -> None:
+    """Give back what rebuilding modules left behind: freed heap, and the mapped file pages read so far
+    (each module now holds its own copy)."""
+    release_free_heap()
+    checkpoint.release_pages()
 
 
 def parameter_name(
