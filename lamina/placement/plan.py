@@ -133,6 +133,11 @@ def plan(
     tiers = tier_order(budgets)
     gpus = [t for t in tiers if t.startswith("cuda") and budgets[t] > 0]
     compute = gpus[0] if gpus else "cpu"
+    if compute not in budgets:
+        raise PlacementError(
+            f"max memory gives {compute}, where the model computes, no budget; add {compute}=SIZE "
+            "(e.g. cpu=300MB) to it"
+        )
     no_split = tuple(getattr(model, "no_split_modules", ()) if no_split is None else no_split)
     units = collect_units(model, no_split, dtype)
     groups = tie_groups(units)

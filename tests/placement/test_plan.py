@@ -77,6 +77,11 @@ def test_unsplittable_block_larger_than_compute_device_is_an_error():
         plan(empty_toy(), {"cpu": BLOCK})
 
 
+def test_a_budget_without_the_computing_device_is_an_error():
+    with pytest.raises(PlacementError, match=r"gives cpu, where the model computes, no budget; add cpu=SIZE"):
+        plan(empty_toy(), {"disk": "1GB"})
+
+
 def test_bad_strategy_is_an_error():
     with pytest.raises(PlacementError, match="strategy"):
         plan(empty_toy(), {"cpu": "1MB"}, strategy="random")
