@@ -3,8 +3,9 @@
 Used when the checkpoint cannot be streamed as it is (GGUF blocks, a dtype cast, `.bin`). Each
 layer is written as soon as its tensors are complete, so at most one layer is held in memory; files
 are written under a temporary name and renamed, and the index is written last, so an interrupted
-run leaves no file that looks complete. A later run whose source checkpoint, dtype and layer names
-match the index reuses the folder without reading the checkpoint's disk-tier tensors at all.
+run leaves no file that looks complete. A later run whose source checkpoint, dtype, layer names and
+file sizes match the index reuses the folder without reading the checkpoint's disk-tier tensors at
+all; a truncated or replaced file makes it write the folder again.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lamina.errors import InvalidArgumentError
+from lamina.errors import CheckpointError, InvalidArgumentError
 
 INDEX = "lamina-offload.json"
 
@@ -78,8 +79,17 @@ class OffloadFolder:
         return (
             index.get("key") == self.key
             and index.get("units") == self.units
-            and all((self.folder / _file_name(p)).is_file() for p in self.units)
+            and index.get("sizes") == self._sizes()
         )
+
+    def _sizes(self) -> dict[str, int | None]:
+        """Each layer file's size now (None: missing): a truncated or replaced file fails the match,
+        and the folder is written again."""
+        sizes: dict[str, int | None] = {}
+        for prefix in self.units:
+            file = self.folder / _file_name(prefix)
+            sizes[file.name] = file.stat().st_size if file.is_file() else None
+        return sizes
 
     def add(self, prefix: str, name: str, tensor: torch.Tensor) -> None:
         """Hold one tensor of a layer; write the layer's file once all of its tensors arrived."""
@@ -109,7 +119,8 @@ class OffloadFolder:
         if missing:
             self.abort()
             raise InvalidArgumentError(f"the checkpoint lacks tensors of {missing[0]}; it is incomplete")
-        (self.folder / INDEX).write_text(json.dumps({"key": self.key, "units": self.units}, indent=1))
+        index = {"key": self.key, "units": self.units, "sizes": self._sizes()}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=1))
 
     def abort(self) -> None:
         """Remove what this run wrote, so no half-written folder is left behind."""
@@ -122,6 +133,13 @@ class OffloadFolder:
         """Every stored tensor by name, memory-mapped (the page cache holds them, not the process)."""
         out: dict[str, torch.Tensor] = {}
         for prefix in self.units:
-            with safe_open(str(self.folder / _file_name(prefix)), framework="pt") as handle:
-                out.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+            file = self.folder / _file_name(prefix)
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    out.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+            except (OSError, SafetensorError) as exc:
+                raise CheckpointError(
+                    f"offload file {file} is damaged ({' '.join(str(exc).split())}); delete {self.folder} "
+                    "to have it written again"
+                ) from None
         return out

@@ -86,6 +86,25 @@ def test_dtype_cast_writes_offload_folder_once_and_reuses_it(reference, ckpt_dir
     assert {p: p.stat().st_mtime_ns for p in off.iterdir()} == stamp  # reused, not rewritten
 
 
+def test_a_damaged_offload_file_is_written_again_or_named(reference, ckpt_dir, tmp_path):
+    off = tmp_path / "off"
+    budget = (EMB + 4 * BLOCK) // 2 - 1
+    load(ckpt_dir, budget, offload_dir=off, dtype="bfloat16")
+    index = json.loads((off / INDEX).read_text())
+    victim = off / f"{next(iter(index['units']))}.safetensors"
+    intact = victim.read_bytes()
+    victim.write_bytes(intact[: len(intact) // 2])  # truncated: the index's size no longer matches
+    ids = torch.randint(0, 50, (1, 5))
+    in_memory = Toy(d=D).to(torch.bfloat16).eval()
+    in_memory.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        assert torch.equal(load(ckpt_dir, budget, offload_dir=off, dtype="bfloat16")(ids), in_memory(ids))
+    assert victim.read_bytes() == intact  # written again
+    victim.write_bytes(b"\0" * len(intact))  # same size, unreadable header: named, not a traceback
+    with pytest.raises(CheckpointError, match=rf"offload file {victim} is damaged.*delete {off} to have it"):
+        load(ckpt_dir, budget, offload_dir=off, dtype="bfloat16")
+
+
 def test_sharded_index_and_bin_checkpoints(reference, tmp_path):
     state = {k: v for k, v in reference.state_dict().items() if k != "head.weight"}
     names = sorted(state)
