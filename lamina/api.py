@@ -22,7 +22,7 @@ from lamina.engine.sampling import SamplingParams, check_seed
 from lamina.engine.seq2seq import generate_seq2seq_tokens
 from lamina.engine.speculative import DEFAULT_K, Drafter, speculative_tokens
 from lamina.engine.text_stream import IncrementalDetokenizer, StopStrings
-from lamina.errors import InvalidArgumentError
+from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.heap import release_free_heap
 from lamina.kernels import native
 from lamina.loading.chat_template import Message
@@ -31,6 +31,7 @@ from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
+from lamina.quant.apply import DEFAULT_GROUP_SIZE
 from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.gguf_stream import streamed_blocks
 from lamina.quant.load import (
@@ -52,15 +53,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    """A run dtype by name or as a torch dtype: float32, bfloat16 or float16."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> the first GPU if there is one, else the CPU; a named CUDA device must exist."""
+    if not isinstance(device, (str, torch.device)):
+        raise InvalidArgumentError(f"device must be a str such as 'cpu' or 'cuda:0', got {device!r}")
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -106,7 +110,7 @@ class LLM:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "auto",
         quantize: str | None = None,
-        group_size: int = 128,
+        group_size: int = DEFAULT_GROUP_SIZE,
         max_memory: str | dict[str, str | int] | None = None,
         offload_dir: str | Path | None = None,
         compile: bool | None = None,
@@ -118,7 +122,7 @@ class LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
         `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8, gptq, bf16 or fp16, applied layer by layer
-        while loading (`group_size` for int4/gptq). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
+        while loading (`group_size` for int4/gptq, the draft's too). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
         unless `quantize` says otherwise ("none" expands it to float); on a CPU in float32, linears
         stored in 16 bits stay 16-bit (`bf16`/`fp16`: exact) unless `quantize="none"`. See
         `lamina.quant.load`.
@@ -142,6 +146,9 @@ class LLM:
         """
         check_quantize_arg(quantize, group_size)
         _check_draft_options(draft, draft_quantize, speculative_k)
+        _check_flags(compile=compile, fuse=fuse)
+        if offload_dir is not None and not isinstance(offload_dir, (str, os.PathLike)):
+            raise InvalidArgumentError(f"offload_dir must be a path, got {type(offload_dir).__name__}")
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         source = model_path(path)
         saved_quantized = is_quantized_dir(source)
@@ -166,6 +173,7 @@ class LLM:
         with open_checkpoint(source) as checkpoint:
             model, config = build_empty(checkpoint)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
+            _check_tokenizer_fits(tokenizer, config, source)
             if quantize is None and max_memory is None and not saved_quantized:
                 quantize = default_quantize(model, checkpoint, torch_device, torch_dtype)
             if max_memory is not None:
@@ -191,12 +199,16 @@ class LLM:
         if max_memory is None and draft is None and should_compile(model, torch_device, compile):
             llm.decoder = CompiledDecoder(model)
         if draft is not None:
-            llm.set_draft(draft, k=speculative_k, quantize=draft_quantize)
+            llm.set_draft(draft, k=speculative_k, quantize=draft_quantize, group_size=group_size)
         llm.load_seconds = time.perf_counter() - started
         return llm
 
     def set_draft(
-        self, draft: LLM | str | Path | None, k: int | None = None, quantize: str | None = None
+        self,
+        draft: LLM | str | Path | None,
+        k: int | None = None,
+        quantize: str | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
         """Decode speculatively: `draft` proposes `k` tokens at a time and this model verifies them.
 
@@ -204,10 +216,10 @@ class LLM:
         (the speculative-sampling rule). The draft must be a decoder-only model with the same
         vocabulary and tokenization, on the same device. A path (or "default", the bundled model)
         is loaded on this model's device and activation dtype, quantized by `quantize` (None keeps
-        a GGUF's blocks). A draft is resident even when this model streams under `max_memory`, and
-        its weights are not counted in that budget. "prompt-lookup" drafts without a model (see
-        `lamina.engine.prompt_lookup`). `k` None: 4 for a model, 2 for prompt lookup. None as
-        `draft` turns speculative decoding off.
+        a GGUF's blocks; `group_size` for int4/gptq). A draft is resident even when this model
+        streams under `max_memory`, and its weights are not counted in that budget. "prompt-lookup"
+        drafts without a model (see `lamina.engine.prompt_lookup`). `k` None: 4 for a model, 2 for
+        prompt lookup. None as `draft` turns speculative decoding off.
         """
         if draft is None:
             self.draft = None
@@ -220,7 +232,9 @@ class LLM:
         if not isinstance(draft, LLM):
             path = default_model_path() if str(draft) == "default" else draft
             device, dtype = input_device_dtype(self.model)
-            draft = LLM.load(path, dtype=dtype, device=device, quantize=quantize, compile=False)
+            draft = LLM.load(
+                path, dtype=dtype, device=device, quantize=quantize, group_size=group_size, compile=False
+            )
         self._check_draft(draft)
         self.draft, self.speculative_k = draft, DEFAULT_K if k is None else k
 
@@ -283,6 +297,8 @@ class LLM:
         _check_request(prompt, max_new_tokens, seed)
         if isinstance(stop, str):
             stop = [stop]
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+            raise InvalidArgumentError(f"stop must be a str or a list of str, got {stop!r}")
         prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         self.last_stats = GenerationStats()
         detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -347,6 +363,17 @@ class LLM:
         return "".join(self.chat_stream(messages, **kwargs))
 
 
+def _check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, source: Path) -> None:
+    """A tokenizer whose vocabulary outgrows the model's belongs to another model: its ids would index
+    past the embedding (an IndexError at the first prompt)."""
+    size = tokenizer.backend.get_vocab_size(with_added_tokens=False)
+    if size > config.vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {size} tokens but the model's vocabulary has {config.vocab_size}; "
+            "the tokenizer belongs to another model, use the model's own tokenizer.json"
+        )
+
+
 def _warn_without_native_kernels() -> None:
     """Say so when a CPU that could run the native kernels runs without them (no compiler, a failed
     build, a forced build it lacks): decoding is then about half as fast, which should not go
@@ -357,6 +384,13 @@ def _warn_without_native_kernels() -> None:
             "decoding runs on torch's slower kernels",
             stacklevel=3,
         )
+
+
+def _check_flags(**flags: object) -> None:
+    """Yes/no options must be bools (None where it means "decide"): a string like "no" is truthy."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_request(prompt: object, max_new_tokens: object, seed: object) -> None:
@@ -371,6 +405,12 @@ def _check_request(prompt: object, max_new_tokens: object, seed: object) -> None
 
 def _check_draft_options(draft: object, quantize: str | None, k: int | None) -> None:
     """Validate the speculative-decoding arguments before anything is loaded."""
+    if draft is not None and not isinstance(draft, (LLM, str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"draft must be an LLM, a path or 'prompt-lookup', got {type(draft).__name__}"
+        )
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise InvalidArgumentError(f"speculative k must be an integer (tokens drafted per step), got {k!r}")
     if k is not None and k < 1:
         raise InvalidArgumentError(f"speculative k must be >= 1 (tokens drafted per step), got {k}")
     if quantize is not None and draft is None:

@@ -11,6 +11,7 @@ instead of a traceback from deep in the model code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,19 @@ POSITIVE_FIELDS = frozenset(
 )
 
 
+# Real values that are a scale or a frequency base: zero or less makes every output NaN.
+POSITIVE_REALS = frozenset(
+    {
+        "rope_theta",
+        "rope_local_base_freq",
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "layer_norm_epsilon",
+        "qk_norm_eps",
+    }
+)
+
+
 class _WrongType(ValueError):
     """A config value is not of its field's type."""
 
@@ -111,8 +125,8 @@ def _as_int(value: Any) -> int:
 
 
 def _as_float(value: Any) -> Any:
-    """Any number but a bool, unchanged (RoPE theta is often written as an integer)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    """Any finite number but a bool, unchanged (RoPE theta is often written as an integer)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
         return value
     raise _WrongType
 
@@ -142,7 +156,7 @@ def _list_of(item: Check) -> Check:
 # A field's annotation (less " | None") -> (its check, what the message asks for).
 FIELD_TYPES: dict[str, tuple[Check, str]] = {
     "int": (_as_int, "an integer"),
-    "float": (_as_float, "a number"),
+    "float": (_as_float, "a finite number"),
     "bool": (_of_type(bool), "true or false"),
     "str": (_of_type(str), "a string"),
     "list[int]": (_list_of(_as_int), "a list of integers"),
@@ -158,10 +172,16 @@ def _checked(field_name: str, key: str, value: Any, annotation: str) -> Any:
     positive = field_name in POSITIVE_FIELDS
     try:
         result = check(value)
-        if positive and result < 1:
+        if (positive and result < 1) or (field_name in POSITIVE_REALS and result <= 0):
             raise _WrongType
     except _WrongType:
-        wanted = "a positive integer" if positive else wanted
+        wanted = (
+            "a positive integer"
+            if positive
+            else "a positive number"
+            if field_name in POSITIVE_REALS
+            else wanted
+        )
         raise CheckpointError(
             f"config.json: {key} must be {wanted}, got {value!r}; fix config.json"
         ) from None

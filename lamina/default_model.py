@@ -7,6 +7,7 @@ its `__init__` imports plugins (`llm`, `llama_cpp`) that Lamina does not need or
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from lamina.errors import InvalidArgumentError, LaminaError
@@ -31,6 +32,8 @@ def model_path(path: str | Path | None) -> Path:
     """The model a path names (`~` expanded), or the bundled model for None."""
     if path is None:
         return default_model_path()
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"a model path must be a str or a Path, got {type(path).__name__}")
     if not str(path).strip():
         raise InvalidArgumentError("the model path is empty; give a model directory or .gguf file")
     try:

@@ -101,11 +101,32 @@ def test_a_run_cut_short_by_the_context_window_says_so(tiny_llama_dir):
         ("hi", {"max_new_tokens": "4"}, "max new tokens must be an integer >= 1, got '4'"),
         ("hi", {"max_new_tokens": 2.5}, "max new tokens must be an integer >= 1, got 2.5"),
         ("hi", {"seed": 10**30}, "seed must be an integer"),
+        ("hi", {"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+        ("hi", {"top_k": 1.5}, r"top-k must be an integer \(0 = no limit\), got 1.5"),
+        ("hi", {"stop": 5}, "stop must be a str or a list of str, got 5"),
+        ("hi", {"stop": [None]}, r"stop must be a str or a list of str, got \[None\]"),
     ],
 )
 def test_bad_requests_are_invalid_argument_errors(llm, prompt, options, message):
     with pytest.raises(InvalidArgumentError, match=message):
         llm.generate(prompt, **options)
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "message"),
+    [
+        ((5,), {}, "a model path must be a str or a Path, got int"),
+        ((), {"device": ["cpu"]}, r"device must be a str such as 'cpu' or 'cuda:0', got \['cpu'\]"),
+        ((), {"dtype": torch.int8}, "unknown dtype torch.int8; choose one of"),  # failed later, in attention
+        ((), {"quantize": "int4", "group_size": 128.0}, "group size must be an integer, got 128.0"),
+        ((), {"draft": "default", "speculative_k": "4"}, "speculative k must be an integer"),
+        ((), {"fuse": "no"}, "fuse must be True or False, got 'no'"),  # a truthy string
+        ((), {"offload_dir": 5}, "offload_dir must be a path, got int"),
+    ],
+)
+def test_bad_load_arguments_are_invalid_argument_errors(args, options, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        LLM.load(*args, **options)
 
 
 def test_missing_native_kernels_are_warned_about(tiny_llama_dir, monkeypatch):
@@ -124,6 +145,20 @@ def test_model_path_problems_are_invalid_argument_errors(tiny_llama_dir, tmp_pat
         LLM.load("")
     with pytest.raises(InvalidArgumentError, match="add a max memory budget"):
         LLM.load(tiny_llama_dir, offload_dir=tmp_path)
+
+
+def test_nan_logits_are_an_error_not_empty_text(tiny_llama_dir):
+    """Damaged weights (a flipped byte, a NaN RoPE base) make NaN logits; sampling them printed empty
+    or garbage text with a zero exit status."""
+    from lamina.engine.perplexity import perplexity
+    from lamina.errors import CheckpointError
+
+    llm = LLM.load(tiny_llama_dir, device="cpu")
+    llm.model.model.norm.weight.data[3] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN or infinite logits: its weights or config are damaged"):
+        llm.generate("The cat", max_new_tokens=4, temperature=0)
+    with pytest.raises(CheckpointError, match="NaN or infinite logits"):
+        perplexity(llm.model, llm.tokenizer.encode("The cat sat on the mat"), context=8, stride=4)
 
 
 def test_bfloat16_load_runs_close_to_float32(tiny_models):

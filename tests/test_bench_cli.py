@@ -51,4 +51,6 @@ def test_bench_json_schema_and_consistency(tiny_llama_dir, capsys, batch):
 
 def test_bench_rejects_bad_sizes(tiny_llama_dir, capsys):
     assert main(["bench", str(tiny_llama_dir), "--new-tokens", "0"]) == 2
-    assert "--new-tokens must be >= 1" in capsys.readouterr().err
+    assert "--new-tokens must be >= 2 to time decoding, got 0" in capsys.readouterr().err
+    assert main(["bench", str(tiny_llama_dir), "--new-tokens", "1"]) == 2  # reported 0.0 tok/s as measured
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err

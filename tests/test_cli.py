@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -255,13 +256,19 @@ def test_plan_creates_a_missing_offload_dir_and_refuses_a_file(tiny_llama_dir, t
     ("args", "message"),
     [
         (["--context", "0"], "--context must be >= 2 (tokens a window sees), got 0"),
-        (["--context", "100"], "--stride must be in 1..--context (100), got 256"),
+        (["--context", "100", "--stride", "200"], "--stride must be in 1..--context (100), got 200"),
         (["--context", "300", "--stride", "100"], "--context 300 exceeds the model's context window (256)"),
     ],
 )
 def test_perplexity_window_options_are_checked(tiny_llama_dir, capsys, args, message):
     assert main(["perplexity", str(tiny_llama_dir), "--max-tokens", "16", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_perplexity_windows_fit_a_short_context_by_default(tiny_llama_dir, capsys):
+    """The tiny model's window is 256 tokens: the default 512 would be refused."""
+    assert main(["perplexity", str(tiny_llama_dir), "--max-tokens", "300", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 299
 
 
 def test_bench_refuses_two_different_models(tiny_llama_dir, tmp_path, capsys):
@@ -299,3 +306,24 @@ def test_perplexity_text_that_is_not_utf8_is_named(tmp_path, capsys):
     assert "binary.txt is not UTF-8 (invalid continuation byte at byte 5); pass a UTF-8 text file" in (
         capsys.readouterr().err
     )
+
+
+def test_chat_without_a_chat_template_stops_at_startup(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Every message would fail the same way; chat says so once instead of dropping each one."""
+    import io
+    import shutil
+
+    model = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": None}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n"))
+    assert main(["chat", "--model", str(model), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "this model has no chat template" in err and "dropped" not in err and err.count("\n") == 1
+
+
+def test_the_command_starts_without_importing_torch():
+    """So a Ctrl-C while it starts reaches `main`'s handler (exit 130, no traceback)."""
+    probe = "import sys, lamina.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr

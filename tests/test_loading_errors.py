@@ -140,7 +140,18 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
         ("num_hidden_layers", -2, "num_hidden_layers must be a positive integer, got -2"),
         ("num_key_value_heads", 1.5, "num_key_value_heads must be a positive integer, got 1.5"),
         ("intermediate_size", True, "intermediate_size must be a positive integer, got True"),
-        ("rms_norm_eps", "tiny", "rms_norm_eps must be a number, got 'tiny'"),
+        ("rms_norm_eps", "tiny", "rms_norm_eps must be a positive number, got 'tiny'"),
+        (  # NaN logits otherwise
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": float("nan")},
+            "rope_theta must be a positive number, got nan",
+        ),
+        (
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": -10000},
+            "rope_theta must be a positive number, got -10000",
+        ),
+        ("rms_norm_eps", float("inf"), "rms_norm_eps must be a positive number, got inf"),
         ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false, got 'yes'"),
         ("eos_token_id", "2", "eos_token_id must be a list of integers, got '2'"),
         ("hidden_act", 5, "hidden_act must be a string, got 5"),
@@ -217,3 +228,12 @@ def test_weights_index_that_is_not_json(tiny_llama_dir, tmp_path):
     (model_dir / "model.safetensors.index.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"cannot read .*index\.json: .*; re-download it$"):
         LLM.load(model_dir)
+
+
+def test_tokenizer_larger_than_the_models_vocabulary(tiny_llama_dir, tmp_path):
+    """Its ids would index past the embedding: an IndexError at the first prompt, in every command."""
+    model_dir = _with_config(tiny_llama_dir, tmp_path / "m", vocab_size=100)
+    with pytest.raises(CheckpointError) as excinfo:
+        LLM.load(model_dir)
+    message = _one_line_error(excinfo)
+    assert "but the model's vocabulary has 100; the tokenizer belongs to another model" in message

@@ -264,6 +264,17 @@ def test_draft_quantize_loads_the_draft_quantized(dirs, target):
     )
 
 
+def test_group_size_reaches_a_draft_quantized_to_int4(dirs, capsys):
+    """--group-size serves --draft-quantize too (it was refused: "nothing is quantized")."""
+    llm = LLM.load(dirs["target"], device="cpu", draft=dirs["target"], draft_quantize="int4", group_size=32)
+    assert llm.draft.model.model.layers[0].mlp.down_proj.group_size == 32
+    args = ["generate", "--model", str(dirs["target"]), "--prompt", PROMPT, "--max-new-tokens", "2"]
+    assert (
+        main([*args, "--draft", str(dirs["target"]), "--draft-quantize", "int4", "--group-size", "32"]) == 0
+    )
+    assert "error" not in capsys.readouterr().err
+
+
 def test_streamed_target_takes_a_resident_draft(dirs, target, drafts, tmp_path):
     llm = LLM.load(dirs["target"], max_memory={"cpu": "350KB"}, offload_dir=tmp_path / "offload")
     llm.set_draft(drafts["int4"], k=4)

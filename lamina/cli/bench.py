@@ -60,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
         weight_bytes,
     )
 
-    for flag in ("prompt_len", "new_tokens", "batch", "repeat"):
+    for flag in ("prompt_len", "batch", "repeat"):
         if getattr(args, flag) < 1:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.new_tokens < 2:  # the first new token comes from the prefill: decoding starts at the second
+        raise InvalidArgumentError(f"--new-tokens must be >= 2 to time decoding, got {args.new_tokens}")
     if args.model_path is not None and args.model is not None and args.model != args.model_path:
         raise InvalidArgumentError("give the model either as MODEL or as --model, not both")
     args.model = args.model_path or args.model
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     runs = sorted((measure(prompt, args.new_tokens) for _ in range(args.repeat)), key=lambda r: r["decode_s"])
     timing = runs[len(runs) // 2]
     total_bytes, step_bytes = weight_bytes(llm.model)
-    decode_rate = (args.new_tokens - 1) * args.batch / timing["decode_s"] if args.new_tokens > 1 else 0.0
+    decode_rate = (args.new_tokens - 1) * args.batch / timing["decode_s"]
     achieved = step_bytes * decode_rate / args.batch / 1e9
     rss, gpu = peak_memory(device)  # before the bandwidth probe, whose 256 MB matrix is not the model's
     machine = matvec_bandwidth(device)

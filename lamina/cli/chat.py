@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if sys.stdin is None:
         raise InvalidArgumentError("standard input is closed; chat reads your messages from it")
     llm = load_model_from_args(args)
+    llm.chat_prompt([{"role": "user", "content": "hi"}])  # no template or a broken one: say so now, once
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chatting; /reset to start over, /exit or Ctrl-D to leave.", file=sys.stderr)

@@ -121,9 +121,10 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     """The LLM the model options describe."""
     from lamina.api import LLM
     from lamina.engine.threads import configure_threads
-    from lamina.quant.apply import DEFAULT_GROUP_SIZE
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE, GROUPED_METHODS
 
-    check_group_size(args.quantize, args.group_size)
+    methods = (args.quantize, getattr(args, "draft_quantize", None))  # --group-size serves both
+    check_group_size(next((m for m in methods if m in GROUPED_METHODS), args.quantize), args.group_size)
     configure_threads(args.threads)
     return LLM.load(
         args.model,
@@ -161,7 +162,7 @@ def _draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         return {"compile": args.compile}
     if args.compile:
         print(
-            "lamina: --compile is ignored with --draft: the model and its draft decode eagerly",
+            "lamina: warning: --compile is ignored with --draft: the model and its draft decode eagerly",
             file=sys.stderr,
         )
     return {"draft": draft, "draft_quantize": quantize, "speculative_k": k}

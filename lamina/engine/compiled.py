@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -45,17 +46,15 @@ def should_compile(model: nn.Module, device: torch.device, requested: bool | Non
     """
     if not getattr(model, "supports_static_decode", False) or getattr(model, "is_encoder_decoder", False):
         if requested:
-            print(
-                f"lamina: {type(model).__name__} has no compiled decode step; decoding eagerly",
-                file=sys.stderr,
+            warnings.warn(
+                f"{type(model).__name__} has no compiled decode step; decoding eagerly", stacklevel=3
             )
         return False
     layers = model.decoder_layers()
     if device.type == "cpu" and all(getattr(layer, "native", None) is not None for layer in layers):
         if requested:
-            print(
-                "lamina: --compile is ignored: this model decodes on native layers, which are faster",
-                file=sys.stderr,
+            warnings.warn(
+                "compiling is skipped: this model decodes on native layers, which are faster", stacklevel=3
             )
         return False
     return requested if requested is not None else device.type == "cuda"

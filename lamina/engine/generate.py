@@ -16,7 +16,7 @@ from torch import nn
 
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams, sample
-from lamina.errors import InvalidArgumentError
+from lamina.errors import CheckpointError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from lamina.engine.compiled import CompiledDecoder
@@ -77,6 +77,19 @@ def check_prompt_fits(prompt_len: int, context: int) -> None:
         )
 
 
+NON_FINITE = (
+    "the model produced NaN or infinite logits: its weights or config are damaged; re-download the "
+    "model (or re-run `lamina quantize`)"
+)
+
+
+def require_finite(logits: torch.Tensor) -> None:
+    """A run's first logits must be finite: NaN or inf come from damaged weights or config values, and
+    sampling from them would print empty or garbage text as if all were well (one check a run)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(NON_FINITE)
+
+
 def prefill(model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run prompt `ids` [B, T] (positions 0..T-1) into `cache` in chunks; logits of the last position [B, 1, V].
 
@@ -128,6 +141,7 @@ def generate_tokens(
     start = time.perf_counter()
     length = len(prompt_ids)
     logits = prefill(model, tokens[:, :length], cache)
+    require_finite(logits[:, -1])
     for step in range(max_new_tokens):
         next_id = sample(logits[:, -1], params, tokens[:, :length], generator)
         tokens[:, length] = next_id

@@ -11,6 +11,7 @@ so the number is reproducible offline; any UTF-8 text file can be used instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lamina.errors import InvalidArgumentError
+from lamina.engine.generate import NON_FINITE
+from lamina.errors import CheckpointError, InvalidArgumentError
 
 DEFAULT_CONTEXT = 512
 DEFAULT_STRIDE = 256
@@ -88,6 +90,8 @@ def perplexity(
         # first token has no left context and goes unscored.
         first = max(prev_end - begin - 1, 0)
         nll = torch.nn.functional.cross_entropy(logits[first:], targets[first:], reduction="sum")
+        if not math.isfinite(float(nll)):
+            raise CheckpointError(NON_FINITE)
         total_nll += float(nll)
         scored += end - 1 - begin - first
         prev_end = end

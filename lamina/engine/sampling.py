@@ -8,6 +8,7 @@ cannot drift apart. Greedy decoding is temperature 0.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0 = off
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidArgumentError(f"{name.replace('_', ' ')} must be a number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise InvalidArgumentError(f"top-k must be an integer (0 = no limit), got {self.top_k!r}")
         if not self.temperature >= 0:
             raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from lamina.engine.acceptance import greedy_accept, speculative_accept
-from lamina.engine.generate import GenerationStats, check_prompt_fits, input_device_dtype, prefill
+from lamina.engine.generate import (
+    GenerationStats,
+    check_prompt_fits,
+    input_device_dtype,
+    prefill,
+    require_finite,
+)
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.sampling import SamplingParams, process_logits, sample
 from lamina.errors import InvalidArgumentError
@@ -80,6 +86,7 @@ def speculative_tokens(
     start = time.perf_counter()
     length = len(prompt_ids)  # tokens so far; the target's cache holds all but the newest
     logits = prefill(target, tokens[:, :length], target_cache)
+    require_finite(logits[:, -1])
     drafter.start(tokens, length)
     new = [int(sample(logits[:, -1], params, tokens[:, :length], generator).item())]
     while True:

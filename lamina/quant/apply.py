@@ -60,6 +60,8 @@ def validate_method(method: str, group_size: int | None = None) -> None:
         raise InvalidArgumentError(
             f"unknown quantization method {method!r}; valid methods: {', '.join(METHODS)}"
         )
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise InvalidArgumentError(f"group size must be an integer, got {group_size!r}")
     if group_size is not None and method in GROUPED_METHODS and group_size not in GROUP_SIZES:
         raise InvalidArgumentError(
             f"group size {group_size} is not supported for {method}; use one of {list(GROUP_SIZES)}"

@@ -269,9 +269,12 @@ def load_saved_quantized(
     model: nn.Module, directory: Path, quantize: str | None, dtype: torch.dtype, device: torch.device
 ) -> None:
     """Fill `model` (on meta) from a `lamina quantize` directory, float tensors in `dtype` on `device`."""
-    if quantize not in (None, NO_QUANTIZATION):
+    if quantize is not None:  # "none" cannot expand it either: the float weights are gone
         method = read_scheme(directory)["method"]
-        raise InvalidArgumentError(f"{directory} is already quantized ({method}); load it without --quantize")
+        raise InvalidArgumentError(
+            f"{directory} is already quantized ({method}); load it without --quantize, or load the "
+            "float checkpoint it was made from"
+        )
     load_quantized_into(model, directory)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
