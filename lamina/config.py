@@ -22,6 +22,10 @@ from lamina.errors import CheckpointError
 ConfigT = TypeVar("ConfigT", bound="ModelConfig")
 
 
+class ConfigValueError(CheckpointError):
+    """A config value is missing or wrong; the loader names the file it came from and the fix."""
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Fields every causal language model has. Families add theirs in a subclass."""
@@ -60,9 +64,8 @@ class ModelConfig:
             and f.default_factory is dataclasses.MISSING
         ]
         if missing:
-            raise CheckpointError(
-                f"model config for {values.get('architecture', '?')} lacks required keys {missing}; "
-                "is config.json complete?"
+            raise ConfigValueError(
+                f"the {values.get('architecture', '?')} config lacks required keys {missing}"
             )
         return cls(**{k: _checked(k, spelled.get(k, k), v, types[k]) for k, v in kwargs.items()})
 
@@ -182,9 +185,7 @@ def _checked(field_name: str, key: str, value: Any, annotation: str) -> Any:
             if field_name in POSITIVE_REALS
             else wanted
         )
-        raise CheckpointError(
-            f"config.json: {key} must be {wanted}, got {value!r}; fix config.json"
-        ) from None
+        raise ConfigValueError(f"{key} must be {wanted}, got {value!r}") from None
     return result
 
 
@@ -225,7 +226,7 @@ def _complete_longrope(scaling: dict[str, Any], values: dict[str, Any]) -> dict[
         "original_max_position_embeddings"
     )
     if not original:
-        raise CheckpointError(
+        raise ConfigValueError(
             "rope_scaling 'longrope' needs original_max_position_embeddings, which the config lacks"
         )
     context = values.get("max_position_embeddings") or ModelConfig.max_position_embeddings

@@ -163,7 +163,23 @@ def test_config_value_of_wrong_type_or_impossible_size(tiny_llama_dir, tmp_path,
     model_dir = _with_config(tiny_llama_dir, tmp_path / "m", **{key: value})
     with pytest.raises(CheckpointError) as excinfo:
         LLM.load(model_dir)
-    assert _one_line_error(excinfo) == f"config.json: {message}; fix config.json"
+    assert _one_line_error(excinfo) == f"{model_dir / 'config.json'}: {message}; fix config.json"
+
+
+def test_a_gguf_config_value_is_named_as_its_metadata(tmp_path):
+    """A GGUF has no config.json: the message names the file and the fix for its metadata."""
+    from tests.models.gguf_writer import write_gguf
+    from tests.models.tiny import VOCAB, tiny_hf_model
+
+    reference = tiny_hf_model("gemma")
+    reference.config.num_attention_heads = 0
+    path = write_gguf(reference, "gemma", tmp_path / "g.gguf", VOCAB)
+    with pytest.raises(CheckpointError) as excinfo:
+        LLM.load(path)
+    assert _one_line_error(excinfo) == (
+        f"{path}: num_attention_heads must be a positive integer, got 0; "
+        "its metadata is wrong, re-convert or re-download it"
+    )
 
 
 def test_config_error_names_the_familys_own_key(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lamina.config import ModelConfig
+from lamina.config import ConfigValueError, ModelConfig
 from lamina.errors import CheckpointError, LaminaError
 from lamina.heap import release_free_heap
 from lamina.loading.checkpoint import Checkpoint
@@ -48,6 +48,13 @@ def build_empty(checkpoint: Checkpoint) -> tuple[nn.Module, ModelConfig]:
         model_class, config = resolve(checkpoint.config)
         with init_empty():
             model = model_class(config)
+    except ConfigValueError as exc:
+        fix = (
+            "fix config.json"
+            if checkpoint.path.is_dir()
+            else "its metadata is wrong, re-convert or re-download it"
+        )
+        raise CheckpointError(f"{_config_source(checkpoint)}: {exc}; {fix}") from None
     except LaminaError:
         raise
     except Exception as exc:  # TypeError, ValueError, ZeroDivisionError, RuntimeError from torch...
