@@ -41,7 +41,7 @@ from lamina.quant.load import (
     load_saved_quantized,
     loading_claim,
     loading_hook,
-    resident_bytes,
+    weight_footprint,
 )
 
 #: The `draft` that drafts by prompt lookup (n-grams of the prompt and output) instead of a model.
@@ -273,8 +273,9 @@ class LLM:
         return input_device_dtype(self.model)[0]
 
     def memory_footprint(self) -> dict[str, int]:
-        """Resident bytes of weights (parameters and buffers) per device, e.g. {"cpu": 98000000}."""
-        return resident_bytes(self.model)
+        """Bytes of weights (parameters and buffers) per device, e.g. {"cpu": 98000000}; under
+        `max_memory` the disk tier's as "disk" (read from their files each step, not resident)."""
+        return weight_footprint(self.model)
 
     def stream(
         self,

@@ -9,12 +9,12 @@ import sys
 MEASURE = """
 import json, resource, sys, torch
 from lamina import LLM
-from lamina.quant.load import resident_bytes
+from lamina.quant.load import weight_footprint
 torch.ones(1)  # torch's and Lamina's import-time memory belongs to the baseline
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 llm = LLM.load(device="cpu", quantize=sys.argv[1] if len(sys.argv) > 1 else None)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-weights = resident_bytes(llm.model)["cpu"]
+weights = weight_footprint(llm.model)["cpu"]
 heavy = [name for name in ("torch._dynamo", "sympy") if name in sys.modules]
 print(json.dumps({"base": base, "peak": peak, "weights": weights, "heavy_imports": heavy}))
 """

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ from lamina.quant.blockq import (
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 from lamina.quant.half import GGML_HALF_DTYPES, half_linear_from_gguf
+
+if TYPE_CHECKING:
+    from lamina.placement.plan import Placement
 
 #: `quantize=` values besides the methods: keep GGUF blocks (default for GGUF) or expand to float.
 NO_QUANTIZATION = "none"
@@ -250,19 +254,33 @@ def _embedding_blocks(
     return True
 
 
-def resident_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameters and buffers per device type ({"cpu": ..., "cuda:0": ...}), shared tensors once."""
+def weight_footprint(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers per device ({"cpu": ..., "cuda:0": ...}), shared tensors once.
+    Under a placement plan (`max_memory`) the disk tier's are reported as "disk": their files are
+    mapped and read each step through the page cache, not held by the process."""
+    plan = getattr(model, "lamina_plan", None)
+    disk = [p for p in plan.placements if p.tier == "disk"] if plan is not None else []
     seen: set[tuple[str, int]] = set()
     totals: dict[str, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             continue
         key = (str(t.device), t.untyped_storage().data_ptr())
         if key in seen:
             continue
         seen.add(key)
-        totals[str(t.device)] = totals.get(str(t.device), 0) + t.untyped_storage().nbytes()
+        tier = "disk" if any(_placed_in(name, p) for p in disk) else str(t.device)
+        totals[tier] = totals.get(tier, 0) + t.untyped_storage().nbytes()
     return totals
+
+
+def _placed_in(tensor_name: str, placement: Placement) -> bool:
+    """Whether a tensor (qualified name) belongs to a placement's unit: the module's own tensors, and
+    its children's when the unit is whole."""
+    prefix = f"{placement.prefix}." if placement.prefix else ""
+    if not tensor_name.startswith(prefix):
+        return False
+    return placement.whole or "." not in tensor_name[len(prefix) :]
 
 
 def load_saved_quantized(

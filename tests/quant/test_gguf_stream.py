@@ -96,6 +96,10 @@ def test_the_default_model_under_a_cap_keeps_its_blocks_and_its_tokens(native_li
     capped = LLM.load(None, max_memory={"cpu": "60MB"}, offload_dir=tmp_path)
     placed = capped.model.lamina_plan.totals()
     assert placed["cpu"] <= 60 * MB and sum(placed.values()) < 100 * MB  # 538 MB expanded to float32
+    # the footprint reports the disk tier apart (it reported all 96.6 MB as resident on the cpu)
+    footprint = capped.memory_footprint()
+    assert footprint["cpu"] <= 60 * MB and footprint["disk"] > 30 * MB
+    assert sum(footprint.values()) == resident.memory_footprint()["cpu"]
     prompt, greedy = "The capital of France is", {"max_new_tokens": 12, "temperature": 0}
     assert capped.generate(prompt, **greedy) == resident.generate(prompt, **greedy)
 
