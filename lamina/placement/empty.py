@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from lamina.errors import InvalidArgumentError
+
 #: `torch.nn.init` functions modules call from `reset_parameters`; on meta tensors they compute
 #: nothing, yet the first one pulls in torch._dynamo and sympy (~70 MB, ~1 s) through torch._refs.
 INIT_FUNCTIONS = (
@@ -43,6 +45,8 @@ def init_empty(include_buffers: bool = True) -> Iterator[None]:
     model computes in `__init__` and never saves (rotary tables, masks) are then lost; pass
     `include_buffers=False` to keep buffers real and put only parameters on meta.
     """
+    if not isinstance(include_buffers, bool):
+        raise InvalidArgumentError(f"include_buffers must be True or False, got {include_buffers!r}")
     if include_buffers:
         with torch.device("meta"), skip_init():
             yield

@@ -7,6 +7,7 @@ typo such as `cuda:3` on a one-GPU box fails at once with a one-line error, not 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -40,6 +41,10 @@ def parse_size(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise InvalidArgumentError(f"memory size {value!r} is not a size; write e.g. 300MB or 2GiB")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(
+                f"memory size {value} is not a finite number; give a number of bytes or a size such as 300MB"
+            )
         if value < 0:
             raise InvalidArgumentError(f"memory size {value} is negative; give a size such as 300MB")
         return int(value)
@@ -49,7 +54,10 @@ def parse_size(value: str | int | float) -> int:
         raise InvalidArgumentError(
             f"cannot read memory size {value!r}; write a number with a unit such as 300MB, 1.5GB or 2GiB"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(size):
+        raise InvalidArgumentError(f"memory size {value!r} is too large; give a size such as 300MB or 2GiB")
+    return int(size)
 
 
 def normalize_device(name: str) -> str:
@@ -75,6 +83,11 @@ def parse_max_memory(spec: str | Mapping[str, str | int | float] | None) -> dict
     """`"cpu=300MB,cuda:0=4GB"` or `{"cpu": "300MB"}` -> `{"cpu": 300_000_000}` (None stays None)."""
     if spec is None:
         return None
+    if not isinstance(spec, str | Mapping):
+        raise InvalidArgumentError(
+            f"max_memory must be a string like 'cpu=300MB,cuda:0=4GB' or a dict like "
+            f"{{'cpu': '300MB', 'cuda:0': '4GB'}}, got {type(spec).__name__} {spec!r}"
+        )
     if isinstance(spec, str):
         items: list[tuple[str, str]] = []
         for part in filter(None, (p.strip() for p in spec.split(","))):

@@ -12,10 +12,16 @@ looks at layers i+1..i+k:
   would force the kernel to reclaim page by page, and reading through it would copy twice.
 The buffers are the `reserved` bytes of the plan, allocated on the first read from disk; the mapped
 pages are file pages, not the process's anonymous memory. Nothing is allocated per token.
+
+Reads go by path, so each file is checked to be the very file mapped (its inode, from
+`/proc/self/maps`): another process may have replaced it since (rewriting a shared offload folder
+for another dtype or model). Such a layer is then copied from the mapping, which still holds the
+original, never read from the new file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Sequence
@@ -32,32 +38,37 @@ MERGE_GAP = 2**20  # tensors of one file closer than this are read in one reques
 
 @dataclass(frozen=True)
 class Run:
-    """One aligned read: `length` bytes of `path` from `offset` into the layer buffer at `into`."""
+    """One aligned read: `length` bytes of `path` (inode `inode`) from `offset` into the layer
+    buffer at `into`."""
 
     path: str
     offset: int
     length: int
     into: int
+    inode: int = 0
 
 
-def _mappings() -> list[tuple[int, int, int, str]]:
-    """(start, end, file offset, path) of this process's file mappings."""
+FileMap = tuple[int, int, int, str, int]  # start, end, file offset, path, inode
+
+
+def _mappings() -> list[FileMap]:
+    """(start, end, file offset, path, inode) of this process's file mappings."""
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].startswith("/"):
                 start, end = (int(x, 16) for x in parts[0].split("-"))
-                out.append((start, end, int(parts[2], 16), parts[5].rstrip("\n")))
+                out.append((start, end, int(parts[2], 16), parts[5].rstrip("\n"), int(parts[4])))
     return out
 
 
-def file_location(tensor: torch.Tensor, mappings: list[tuple[int, int, int, str]]) -> tuple[str, int] | None:
-    """(path, byte offset) of a memory-mapped tensor's data, or None if it is not file-backed."""
+def file_location(tensor: torch.Tensor, mappings: list[FileMap]) -> tuple[str, int, int] | None:
+    """(path, byte offset, inode) of a memory-mapped tensor's data, or None if it is not file-backed."""
     ptr = tensor.data_ptr()
-    for start, end, offset, path in mappings:
+    for start, end, offset, path, inode in mappings:
         if start <= ptr < end:
-            return path, ptr - start + offset
+            return path, ptr - start + offset, inode
     return None
 
 
@@ -72,11 +83,11 @@ def plan_reads(tensors: Sequence[torch.Tensor]) -> tuple[list[Run], list[int], i
         where = file_location(tensor, mappings)
         if where is None:
             return None
-        located.append((where[0], where[1], tensor.numel() * tensor.element_size()))
+        located.append((where[0], where[1], tensor.numel() * tensor.element_size(), where[2]))
     order = sorted(range(len(located)), key=lambda k: located[k][:2])
     groups: list[list[int]] = []
     for k in order:
-        path, offset, _ = located[k]
+        path, offset, _, _ = located[k]
         last = located[groups[-1][-1]] if groups else None
         if last is not None and last[0] == path and offset <= last[1] + last[2] + MERGE_GAP:
             groups[-1].append(k)
@@ -88,7 +99,7 @@ def plan_reads(tensors: Sequence[torch.Tensor]) -> tuple[list[Run], list[int], i
         begin = located[group[0]][1] // PAGE * PAGE
         end = max(located[k][1] + located[k][2] for k in group)
         length = (end - begin + PAGE - 1) // PAGE * PAGE
-        runs.append(Run(path, begin, length, size))
+        runs.append(Run(path, begin, length, size, located[group[0]][3]))
         for k in group:
             where_in_buffer[k] = size + located[k][1] - begin
         size += length
@@ -138,7 +149,7 @@ class PageStreamer(_Streamer):
         self.size = max((r[2] for r in self.reads if r is not None), default=0)
         self.count = min(prefetch, len(self.layers) - 1) + 1
         self.buffers: list[torch.Tensor] = []  # allocated on the first read from disk
-        self.fds: dict[tuple[str, bool], tuple[int, bool]] = {}  # (path, direct?) -> (fd, O_DIRECT?)
+        self.fds: dict[tuple[str, bool], tuple[int, bool] | None] = {}  # (path, direct?) -> (fd, O_DIRECT?)
         self.missed: set[int] = set()  # layers found uncached once: read with O_DIRECT from now on
         self.pending: dict[int, tuple[int, Future[None]]] = {}  # layer -> (buffer, its read)
         self.owner: list[int | None] = [None] * self.count
@@ -153,15 +164,23 @@ class PageStreamer(_Streamer):
             self.buffers.append(raw[skip : skip + self.size])
         return self.buffers[index]
 
-    def _fd(self, path: str, direct: bool) -> tuple[int, bool]:
-        """A read-only fd for `path`, with O_DIRECT if asked and the file system allows it."""
-        if (path, direct) not in self.fds:
-            try:
-                flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
-                self.fds[path, direct] = (os.open(path, flags), direct)
-            except OSError:  # a file system without O_DIRECT (tmpfs): plain reads, dropped after
-                self.fds[path, direct] = (os.open(path, os.O_RDONLY), False)
-        return self.fds[path, direct]
+    def _fd(self, run: Run, direct: bool) -> tuple[int, bool] | None:
+        """A read-only fd for `run.path`, with O_DIRECT if asked and the file system allows it;
+        None when the path no longer holds the mapped file (replaced or deleted since)."""
+        key = (run.path, direct)
+        if key not in self.fds:
+            fd, is_direct = None, False
+            if direct and hasattr(os, "O_DIRECT"):
+                with contextlib.suppress(OSError):  # a file system without O_DIRECT (tmpfs): plain reads
+                    fd, is_direct = os.open(run.path, os.O_RDONLY | os.O_DIRECT), True
+            if fd is None:
+                with contextlib.suppress(OSError):  # deleted since it was mapped
+                    fd = os.open(run.path, os.O_RDONLY)
+            if fd is not None and os.fstat(fd).st_ino != run.inode:
+                os.close(fd)
+                fd = None
+            self.fds[key] = (fd, is_direct) if fd is not None else None
+        return self.fds[key]
 
     def _read(self, index: int, buffer: int) -> None:
         """Runs on the reader thread: fill `buffer` with layer `index` (not in the page cache).
@@ -169,20 +188,27 @@ class PageStreamer(_Streamer):
         A layer's first miss is read through the page cache, so with RAM to spare it runs in place
         from the next token on. A second miss means memory is too tight to keep it cached: from then
         on its reads bypass the cache (O_DIRECT), sparing the kernel the reclaim they would cause.
+        A layer whose file was replaced since it was mapped is copied from the mapping instead.
         """
         reads = self.reads[index]
         direct = index in self.missed
         self.missed.add(index)
+        fds = [self._fd(run, direct) for run in reads[0]]
+        if any(fd is None for fd in fds):
+            base = self._buffer(buffer)
+            for slot, offset in zip(self.layers[index], reads[1], strict=True):
+                size = slot.host.numel() * slot.host.element_size()
+                base[offset : offset + size].view(slot.host.dtype).view(slot.host.shape).copy_(slot.host)
+            return
         view = memoryview(self._buffer(buffer).numpy())
-        for run in reads[0]:
-            fd, is_direct = self._fd(run.path, direct)
+        for run, (fd, is_direct) in zip(reads[0], fds, strict=True):
             done = 0
             while done < run.length:
                 n = os.preadv(fd, [view[run.into + done : run.into + run.length]], run.offset + done)
                 if n <= 0:
                     break  # end of file: the aligned range ran past it
                 done += n
-            if direct and not is_direct:
+            if direct and not is_direct and hasattr(os, "posix_fadvise"):  # dropped after reading
                 os.posix_fadvise(fd, run.offset, run.length, os.POSIX_FADV_DONTNEED)
 
     def _schedule(self, index: int) -> tuple[int, Future[None]]:
@@ -227,6 +253,7 @@ class PageStreamer(_Streamer):
 
     def close(self) -> None:
         super().close()
-        for fd, _ in self.fds.values():
-            os.close(fd)
+        for entry in self.fds.values():
+            if entry is not None:
+                os.close(entry[0])
         self.fds.clear()

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import lamina
 from lamina.errors import CheckpointError, InvalidArgumentError
-from lamina.placement.offload_store import INDEX
+from lamina.placement.offload_store import INDEX, LOCK
 from tests.placement.toy_models import Toy, block_bytes
 
 D = 32
@@ -78,7 +78,7 @@ def test_dtype_cast_writes_offload_folder_once_and_reuses_it(reference, ckpt_dir
         assert torch.equal(model(ids), expected)
     index = json.loads((off / INDEX).read_text())
     files = sorted(p.name for p in off.iterdir())
-    assert files == sorted([INDEX, *(f"{u}.safetensors" for u in index["units"])])
+    assert files == sorted([INDEX, LOCK, *(f"{u}.safetensors" for u in index["units"])])
     stamp = {p: p.stat().st_mtime_ns for p in off.iterdir()}
     again = load(ckpt_dir, budget, offload_dir=off, dtype="bfloat16")
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_failed_offload_write_leaves_nothing_half_written(ckpt_dir, tmp_path, mo
     off = tmp_path / "off"
     with pytest.raises(InvalidArgumentError, match="No space left"):
         load(ckpt_dir, BUDGETS["all-disk"], offload_dir=off, dtype="bfloat16")
-    assert list(off.iterdir()) == []
+    assert [p.name for p in off.iterdir()] == [LOCK]  # only the (empty) lock file
 
 
 def test_offload_dir_required_when_conversion_is_needed(ckpt_dir):

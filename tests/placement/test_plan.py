@@ -74,7 +74,7 @@ def test_disk_limit_error_names_sizes():
 
 def test_unsplittable_block_larger_than_compute_device_is_an_error():
     with pytest.raises(PlacementError, match=r"block layers\.\d \(Block, 8\.7 kB\) cannot be split"):
-        plan(empty_toy(), {"cpu": BLOCK})
+        plan(empty_toy(), {"cpu": BLOCK - 1})
 
 
 def test_a_budget_without_the_computing_device_is_an_error():
@@ -147,3 +147,26 @@ def test_cpu_tier_is_streamed_to_the_gpu_and_room_is_reserved_there(two_fake_gpu
     assert p.reserved == 2 * BLOCK
     assert p.is_streamed("cpu") and p.execution_device("cpu") == "cuda:0"
     assert p.streamed_bytes() == {"cpu": 3 * BLOCK}
+
+
+def test_a_prefetch_deeper_than_the_streamed_layers_counts_one_buffer_per_streamed_layer():
+    """Reading every streamed unit ahead needs one buffer each, however large the prefetch: the
+    figures stay real (the audit saw "needs 3008102400000000000.0 GB") and name prefetch as the cause."""
+    for prefetch in (5, 1000, 10**20):  # 6 units (emb, 4 blocks, the tied head), all streamed
+        with pytest.raises(
+            PlacementError,
+            match=rf"^prefetch {prefetch} keeps 6 stream buffers of the largest streamed block \(layers\.0, "
+            r"8\.7 kB\) on cpu: 52\.2 kB, more than its budget of 30\.0 kB; lower prefetch to at most 2 or "
+            r"raise the cpu budget to at least 52\.2 kB$",
+        ):
+            plan(empty_toy(), {"cpu": 30_000}, prefetch=prefetch)
+    assert plan(empty_toy(), {"cpu": 30_000}, prefetch=2).reserved == 3 * BLOCK  # what the message offers
+    fits = plan(empty_toy(), {"cpu": "1MB"}, prefetch=10**20)  # nothing streamed: nothing reserved
+    assert fits.reserved == 0 and fits.stream_buffers == 0
+
+
+def test_the_table_counts_the_buffers_the_streamer_allocates():
+    p = plan(empty_toy(), {"cpu": EMB + 4 * BLOCK - 1})  # 3 blocks streamed
+    assert p.stream_buffers == 2 and "for 2 stream buffers" in str(p)
+    p.prefetch = 1000  # an edited plan: the streamer keeps one buffer per streamed block, no more
+    assert p.stream_buffers == 3 and "for 3 stream buffers" in str(p)
