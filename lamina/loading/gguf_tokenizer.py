@@ -12,10 +12,16 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from lamina.errors import UnsupportedModelError
-from lamina.loading.gguf_sentencepiece import sentencepiece_from_gguf, unigram_from_gguf
+from lamina.errors import CheckpointError, UnsupportedModelError
+from lamina.loading.gguf_sentencepiece import (
+    GEMMA_ARCHITECTURES,
+    SPACE,
+    sentencepiece_from_gguf,
+    unigram_from_gguf,
+)
 
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp token types
+DAMAGED = "the file's metadata is damaged, re-download or re-convert it"
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -37,8 +43,12 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
-def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
-    """The backend tokenizer a GGUF file's metadata describes (special tokens registered)."""
+def tokenizer_from_gguf(metadata: dict[str, Any], source: str = "the GGUF file") -> Tokenizer:
+    """The backend tokenizer a GGUF file's metadata describes (special tokens registered).
+
+    The metadata is checked first (`check_gguf_tokenizer`); `source` names the file in its errors.
+    """
+    check_gguf_tokenizer(metadata, source)
     kind = metadata.get("tokenizer.ggml.model")
     if kind == "llama":
         return _with_special_tokens(sentencepiece_from_gguf(metadata), metadata, byte_level=False)
@@ -60,6 +70,80 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
             ]
         )
     return _with_special_tokens(tokenizer, metadata, byte_level=True)
+
+
+def check_gguf_tokenizer(metadata: dict[str, Any], source: str = "the GGUF file") -> None:
+    """Raise a `CheckpointError` naming `source` and the key for tokenizer metadata that would fail
+    (or silently garble text) when the tokenizer is built: no token list, parallel lists (types,
+    scores) of another length, a special-token id the tokenizer looks up that is not a token, or a
+    byte-level BPE vocabulary without the merges that make its tokens."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise CheckpointError(
+            f"{source} has no tokenizer (tokenizer.ggml.tokens); Lamina needs one to read and write text"
+        )
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{source}: tokenizer.ggml.tokens is not a list of token strings; {DAMAGED}")
+    for key in ("token_type", "scores"):
+        values = metadata.get(f"tokenizer.ggml.{key}")
+        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
+            count = f"{len(values)} entries" if isinstance(values, list) else repr(values)
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.{key} has {count} for {len(tokens)} tokens; {DAMAGED}"
+            )
+    kind = metadata.get("tokenizer.ggml.model")
+    for key in _special_tokens_used(kind, metadata.get("general.architecture")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None:
+            continue
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.{key}_token_id is {token_id!r}, not a token id; {DAMAGED}"
+            )
+        if not 0 <= token_id < len(tokens):
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.{key}_token_id {token_id} is outside its {len(tokens)} tokens; "
+                + DAMAGED
+            )
+    merges = metadata.get("tokenizer.ggml.merges")
+    if merges is not None and (
+        not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges)
+    ):
+        raise CheckpointError(
+            f'{source}: tokenizer.ggml.merges is not a list of "LEFT RIGHT" pairs; {DAMAGED}'
+        )
+    if kind == "gpt2" and not merges and _has_multi_character_tokens(metadata, tokens):
+        raise CheckpointError(
+            f"{source} has a byte-level BPE tokenizer (tokenizer.ggml.model gpt2) without its merges "
+            "(tokenizer.ggml.merges), so text would split into single bytes the model was not trained on; "
+            "re-convert the model with its tokenizer's merges"
+        )
+    if kind == "llama" and _looks_byte_level(tokens):
+        raise CheckpointError(
+            f"{source}: tokenizer.ggml.model is llama (SentencePiece) but its tokens are spelled as "
+            "byte-level BPE (Ġ for a space, no ▁), so text would be garbled; the file's metadata is wrong, "
+            "re-convert it"
+        )
+
+
+def _looks_byte_level(tokens: list[str]) -> bool:
+    """Byte-level BPE spelling (GPT-2's "Ġ" for a space) and none of SentencePiece's "▁"."""
+    return any(t.startswith("\u0120") for t in tokens) and not any(SPACE in t for t in tokens)
+
+
+def _special_tokens_used(kind: Any, arch: Any) -> tuple[str, ...]:
+    """The `tokenizer.ggml.{key}_token_id` keys building this kind of tokenizer looks up."""
+    if kind == "t5":
+        return ("bos", "eos", "unknown", "padding")
+    if kind == "llama" and arch in GEMMA_ARCHITECTURES:
+        return ("bos", "eos", "unknown")
+    return ("bos", "eos")
+
+
+def _has_multi_character_tokens(metadata: dict[str, Any], tokens: list[str]) -> bool:
+    """Whether some ordinary token is longer than one character (only merges can produce it)."""
+    types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    return any(len(t) > 1 and kind == NORMAL for t, kind in zip(tokens, types, strict=True))
 
 
 def _with_special_tokens(tokenizer: Tokenizer, metadata: dict[str, Any], byte_level: bool) -> Tokenizer:

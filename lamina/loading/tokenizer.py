@@ -41,7 +41,7 @@ class Tokenizer:
         from lamina.loading.gguf import GGUFCheckpoint
 
         if isinstance(checkpoint, GGUFCheckpoint):
-            return cls.from_gguf_metadata(checkpoint.metadata)
+            return cls.from_gguf_metadata(checkpoint.metadata, source=str(checkpoint.path))
         return cls.from_hf_dir(checkpoint.path)
 
     @classmethod
@@ -70,9 +70,20 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict[str, Any]) -> Tokenizer:
+    def from_gguf_metadata(cls, metadata: dict[str, Any], source: str = "the GGUF file") -> Tokenizer:
+        """The tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes; metadata that cannot
+        make one is a `CheckpointError` naming `source` (the file) and the key."""
         from lamina.loading.gguf_tokenizer import tokenizer_from_gguf
 
+        try:  # checks the metadata first: the token list and the special-token ids used below
+            backend = tokenizer_from_gguf(metadata, source)
+        except LaminaError:
+            raise
+        except Exception as exc:  # tokenizers raises a bare Exception, e.g. a merge of unknown tokens
+            raise CheckpointError(
+                f"{source}: cannot build the tokenizer from its metadata ({' '.join(str(exc).split())}); "
+                "the file's metadata is damaged, re-download or re-convert it"
+            ) from None
         tokens = metadata["tokenizer.ggml.tokens"]
 
         def token(key: str) -> str | None:
@@ -81,7 +92,7 @@ class Tokenizer:
 
         # BOS, when the file asks for it, is added by the backend's post-processor.
         return cls(
-            tokenizer_from_gguf(metadata),
+            backend,
             bos_token=token("bos"),
             eos_token=token("eos"),
             chat_template=metadata.get("tokenizer.chat_template"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,9 @@ class QuantizedLinear(nn.Module, ABC):
 
     #: Scheme name as written in the scheme file and accepted by `--quantize`.
     method: ClassVar[str]
+    #: Whether `torch.compile` can trace `forward` without a graph break (a compiled decode step
+    #: skips compiling models with layers that cannot, rather than trying for a minute and failing).
+    compiles: ClassVar[bool] = True
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -49,6 +53,18 @@ class QuantizedLinear(nn.Module, ABC):
         cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> QuantizedLinear:
         """Rebuild a layer from `export_tensors()` output and its `scheme_config()`."""
+
+    @classmethod
+    def config_problem(cls, config: dict[str, Any]) -> str | None:
+        """What is wrong with a layer's scheme-file entry (its `method`, `in_features`,
+        `out_features` and options) for `from_tensors`, worded to follow "layer NAME", e.g.
+        "has group_size 0, not one of [32, 64, 128, 256]"; None when it is usable. Subclasses add
+        their options' checks to these."""
+        for key in ("in_features", "out_features"):
+            problem = field_problem(config, key, is_positive_int, "not a positive integer")
+            if problem:
+                return problem
+        return None
 
     @abstractmethod
     def export_tensors(self) -> dict[str, torch.Tensor]:
@@ -95,6 +111,23 @@ class QuantizedLinear(nn.Module, ABC):
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.scheme_config().items() if k != "method")
         return f"in_features={self.in_features}, out_features={self.out_features}, {opts}".rstrip(", ")
+
+
+def is_positive_int(value: Any) -> bool:
+    """An int above 0 (JSON's true/false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def field_problem(
+    config: dict[str, Any], key: str, valid: Callable[[Any], bool], expected: str, required: bool = True
+) -> str | None:
+    """A scheme-file field's problem, worded to follow "layer NAME": "lacks field KEY" (when
+    `required`), or "has KEY VALUE, EXPECTED" when `valid(value)` is false; None when the field is
+    fine (or absent and optional)."""
+    if key not in config:
+        return f"lacks field {key!r}" if required else None
+    value = config[key]
+    return None if valid(value) else f"has {key} {value!r}, {expected}"
 
 
 def require_tensors(

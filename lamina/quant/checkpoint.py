@@ -30,19 +30,26 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so a killed writer's staging directory is not swept
+    fcntl = None  # type: ignore[assignment]
+
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lamina.errors import CheckpointError, InvalidArgumentError
+from lamina.errors import CheckpointError, InvalidArgumentError, LaminaError
 from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
-from lamina.quant.blockq import BlockQuantEmbedding
+from lamina.quant.base import field_problem
+from lamina.quant.blockq import FORMATS, BlockQuantEmbedding, BlockQuantLinear
 from lamina.quant.int8 import Int8Embedding
 
 SCHEME_FILE = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT, VERSION = "lamina-quant", 1
+STAGE_INFIX = ".partial-"  # a save to DIR writes into .DIR.partial-XXXX first
 
 
 def save_quantized(
@@ -132,12 +139,18 @@ def staged_output(out: Path) -> Iterator[Path]:
     directory); on any error or Ctrl-C it is removed, with any parent directories made for it, so
     `out` never holds a partial checkpoint. Write failures (disk full, file too large) become a
     `CheckpointError`.
+
+    A writer killed outright (SIGKILL, OOM, power loss) cannot clean up, so each staging directory is
+    held under an exclusive `flock` while it is written (the kernel drops the lock when its process
+    dies) and a new save of the same `out` first removes the `.NAME.partial-*` siblings whose lock it
+    can take: those whose writer is gone, never one still being written.
     """
     made = [p for p in out.parents if not p.exists()]  # deepest first
-    stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    stage, lock = None, None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        stage.mkdir()  # umask-respecting mode (tempfile.mkdtemp's would be 0700)
+        remove_stale_stages(out)
+        stage, lock = _new_stage(out)
         yield stage
         os.replace(stage, out)
     except (OSError, SafetensorError) as exc:
@@ -149,19 +162,117 @@ def staged_output(out: Path) -> Iterator[Path]:
     except BaseException:
         _discard(stage, made)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
-def _discard(stage: Path, made: list[Path]) -> None:
+def _new_stage(out: Path) -> tuple[Path, int | None]:
+    """A new, empty staging directory for `out`, and the descriptor holding its lock (None where the
+    file system has no locks: then a killed writer's directory stays behind, as before)."""
+    while True:
+        stage = out.parent / f".{out.name}{STAGE_INFIX}{secrets.token_hex(4)}"
+        stage.mkdir()  # umask-respecting mode (tempfile.mkdtemp's would be 0700)
+        try:
+            lock = _lock(stage)
+        except (FileNotFoundError, BlockingIOError):  # another save's sweep took it before it was locked
+            continue
+        if lock is None or _same_directory(lock, stage):
+            return stage, lock
+        os.close(lock)  # swept and gone between mkdir and the lock: take another name
+
+
+def _lock(directory: Path) -> int | None:
+    """An open descriptor on `directory` holding an exclusive flock; None where locks are not supported.
+    Raises `FileNotFoundError` when the directory is gone and `BlockingIOError` when it is locked."""
+    if fcntl is None:
+        return None
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK, EOPNOTSUPP: a file system without flock
+        os.close(fd)
+        return None
+    return fd
+
+
+def _same_directory(fd: int, path: Path) -> bool:
+    """Whether `path` still names the directory `fd` has open (not removed or replaced since)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Remove the staging directories of earlier saves to `out` whose writer is gone (killed before it
+    could clean up), and return them. One still being written is locked by its writer and kept; so
+    is one whose lock cannot be tested (a file system without flock)."""
+    prefix = f".{out.name}{STAGE_INFIX}"
+    try:
+        stages = sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+    removed = []
+    for stage in stages:
+        if stage.is_symlink() or not stage.is_dir():
+            continue
+        try:
+            lock = _lock(stage)
+        except OSError:  # locked by a live writer, or gone already
+            continue
+        if lock is None:
+            continue
+        try:
+            if _same_directory(lock, stage):
+                shutil.rmtree(stage, ignore_errors=True)
+                if not stage.exists():
+                    removed.append(stage)
+        finally:
+            os.close(lock)
+    return removed
+
+
+def _discard(stage: Path | None, made: list[Path]) -> None:
     """Remove a staging directory and the (now empty) parents made for it, deepest first."""
-    shutil.rmtree(stage, ignore_errors=True)
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
     for directory in made:
         with suppress(OSError):  # one not made after all, or holding something else now
             directory.rmdir()
 
 
 def is_quantized_dir(path: str | Path) -> bool:
-    """Whether `path` is a directory written by `save_quantized` (it has the scheme file)."""
-    return (Path(path) / SCHEME_FILE).is_file()
+    """Whether `path` is a directory written by `save_quantized` (it has the scheme file).
+
+    Raises a `CheckpointError` when it is one whose weights file is truncated or corrupt: the fix
+    for such a directory is to quantize again, not to re-download (which generic loading would say).
+    """
+    directory = Path(path)
+    if not (directory / SCHEME_FILE).is_file():
+        return False
+    if (directory / WEIGHTS_FILE).is_file():
+        with _open_weights(directory / WEIGHTS_FILE):
+            pass
+    return True
+
+
+def _open_weights(weights: Path) -> Any:
+    """safetensors' handle on a quantized checkpoint's weights file; a truncated or corrupt one is a
+    `CheckpointError` that says to quantize again."""
+    try:
+        return safe_open(str(weights), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"{weights} is not a valid safetensors file, truncated or corrupt ({reason}); "
+            "re-run `lamina quantize` to write it again"
+        ) from None
 
 
 def read_scheme(directory: str | Path) -> dict[str, Any]:
@@ -184,17 +295,43 @@ def read_scheme(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a {FORMAT} scheme file (no 'format' or 'layers'); re-run `lamina quantize`"
         )
-    if scheme.get("version") != VERSION:
+    version = scheme.get("version")
+    if type(version) is not int or version != VERSION:  # "1" or true are not version 1
         raise CheckpointError(
-            f"{path} has scheme version {scheme.get('version')}, this Lamina reads {VERSION}"
+            f"{path} has scheme version {version!r}, this Lamina reads {VERSION!r}; "
+            "re-run `lamina quantize` with this Lamina"
+        )
+    if not isinstance(scheme.get("method"), str):
+        raise CheckpointError(
+            f"{path} has method {scheme.get('method')!r}, not a method name; re-run `lamina quantize`"
         )
     for name, entry in scheme["layers"].items():
-        if not isinstance(entry, dict) or entry.get("method") not in LAYER_CLASSES:
+        if not isinstance(entry, dict) or not _known_method(entry.get("method")):
             method = entry.get("method") if isinstance(entry, dict) else entry
             raise CheckpointError(
                 f"{path}: layer {name} has unknown method {method!r}; known: {', '.join(LAYER_CLASSES)}"
             )
+        problem = _entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{path}: layer {name} {problem}; re-run `lamina quantize`")
     return scheme
+
+
+def _known_method(method: Any) -> bool:
+    return isinstance(method, str) and method in LAYER_CLASSES
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """What is wrong with one layer's entry (see `QuantizedLinear.config_problem`); GGUF blocks kept as
+    stored also need a block format this Lamina has."""
+    cls = LAYER_CLASSES[entry["method"]]
+    problem = cls.config_problem(entry)
+    if problem is None and issubclass(cls, BlockQuantLinear):
+        known = ", ".join(FORMATS)
+        problem = field_problem(
+            entry, "ggml_type", lambda v: isinstance(v, str) and v in FORMATS, f"not one of {known}"
+        )
+    return problem
 
 
 def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
@@ -207,7 +344,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; the quantized checkpoint is incomplete")
-    with safe_open(str(weights), framework="pt") as f:
+    with _open_weights(weights) as f:
         keys = set(f.keys())
         quantized_keys = any(k.endswith((".qweight", ".weight_q", ".weight_packed")) for k in keys)
         if quantized_keys and not is_quantized_dir(directory):
@@ -224,11 +361,15 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
             cls = LAYER_CLASSES[entry["method"]]
             try:
                 layer = cls.from_tensors(
-                    int(entry["in_features"]), int(entry["out_features"]), {**entry, "name": name}, tensors
+                    entry["in_features"], entry["out_features"], {**entry, "name": name}, tensors
                 )
-            except KeyError as exc:
+            except LaminaError:
+                raise
+            except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError, RuntimeError) as exc:
+                # `read_scheme` checked the entry; this is the net for what its checks miss.
                 raise CheckpointError(
-                    f"{SCHEME_FILE}: layer {name} lacks field {exc}; re-run `lamina quantize`"
+                    f"{directory / SCHEME_FILE}: layer {name} cannot be rebuilt from its entry and tensors "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())}); re-run `lamina quantize`"
                 ) from None
             _check_layer_fits(model, name, layer, weights)
             set_submodule(model, name, layer)

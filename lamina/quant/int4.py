@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from lamina.kernels import native
-from lamina.quant.base import QuantizedLinear, check_shape, layer_group_size, require_tensors
+from lamina.quant.base import (
+    QuantizedLinear,
+    check_shape,
+    field_problem,
+    is_positive_int,
+    layer_group_size,
+    require_tensors,
+)
 from lamina.quant.blocks import Blocks, blocks_forward, fits, tile_codes, tile_scales, untile_codes
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -159,6 +166,20 @@ class Int4Linear(QuantizedLinear):
         check_shape(packed, (out_features, in_features // 2), "qweight", where)
         check_shape(sz, (in_features // g, out_features, 2), "scales_and_zeros", where)
         return cls(unpack_nibbles(packed.to(torch.uint8)), sz, g, tensors.get("bias"))
+
+    @classmethod
+    def config_problem(cls, config: dict[str, Any]) -> str | None:
+        problem = (
+            super().config_problem(config)
+            or field_problem(config, "group_size", is_positive_int, "not a positive integer")
+            or field_problem(
+                config, "group_size", GROUP_SIZES.__contains__, f"not one of {list(GROUP_SIZES)}"
+            )
+        )
+        if problem is None and config["in_features"] % config["group_size"]:
+            group_size, in_features = config["group_size"], config["in_features"]
+            return f"has group_size {group_size}, which does not divide its in_features {in_features}"
+        return problem
 
     @classmethod
     def concatenate(cls, layers: list[QuantizedLinear]) -> Int4Linear | None:

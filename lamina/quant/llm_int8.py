@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lamina.kernels import native
-from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.base import QuantizedLinear, check_shape, field_problem, require_tensors
 from lamina.quant.int8 import TiledInt8Weight, quantize_per_channel
 
 DEFAULT_THRESHOLD = 6.0
@@ -36,6 +36,7 @@ class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
     `native_blocks()` come with `native_outliers()`, which a native decoder layer must honour."""
 
     method = "llm.int8"
+    compiles = False  # which columns are outliers depends on the data (measured on an H200: a graph break)
 
     def __init__(
         self, weight_q: torch.Tensor, scales: torch.Tensor, threshold: float, bias: torch.Tensor | None
@@ -66,6 +67,14 @@ class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
         check_shape(s, (out_features,), "scales", where)
         return cls(
             q.to(torch.int8), s, float(config.get("threshold", DEFAULT_THRESHOLD)), tensors.get("bias")
+        )
+
+    @classmethod
+    def config_problem(cls, config: dict[str, Any]) -> str | None:
+        """Besides the base checks: `threshold`, where given, a number above 0 (the activation
+        magnitude from which a column is an outlier)."""
+        return super().config_problem(config) or field_problem(
+            config, "threshold", _is_positive_number, "not a number above 0", required=False
         )
 
     @classmethod
@@ -120,6 +129,10 @@ class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
             w_out = self.weight_q[:, cols].float() * self.scales[:, None]  # [N, n_outliers]
             y = y + x2[:, cols] @ w_out.t()
         return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))  # [..., N]
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0  # NaN fails too
 
 
 @torch.library.custom_op("lamina::llm_int8_matmul", mutates_args=())

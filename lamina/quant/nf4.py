@@ -17,7 +17,8 @@ Kernels: there is no packed NF4/FP4 kernel in torch.
   the kernel's weight is within ~2.7e-4 absmax of the stored one; the stored codes and absmax are
   unchanged. Costs an fp16 scale per 32 weights (0.5 bits per weight) on top of the stored absmax.
 - CUDA with bitsandbytes installed: the weight is re-quantized by bitsandbytes on first use (same codes,
-  same block absmax) and runs on `bnb.matmul_4bit`; that cache holds a second copy on the GPU.
+  same block absmax; with double quantization bitsandbytes' own 8-bit absmax) and runs on
+  `bnb.matmul_4bit`; that cache holds a second copy on the GPU.
 - Elsewhere `forward` dequantizes the whole weight and does a float matmul: correct but slow (it
   expands the weight on every call).
 """
@@ -33,7 +34,7 @@ from torch import nn
 
 from lamina.errors import InvalidArgumentError
 from lamina.kernels import native
-from lamina.quant.base import QuantizedLinear, check_shape, require_tensors
+from lamina.quant.base import QuantizedLinear, check_shape, field_problem, is_positive_int, require_tensors
 from lamina.quant.blocks import BLOCK, Blocks, blocks_forward, fits, tile_codes, tile_scales, untile_codes
 from lamina.quant.int4 import pack_nibbles, unpack_nibbles
 
@@ -98,6 +99,10 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def double_dequantize(q: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Inverse of `double_quantize` (up to its rounding): float32 absmax [M]."""
     return q.float() * scales.repeat_interleave(DQ_BLOCK_SIZE)[: q.numel()] + offset
+
+
+#: Looked up once: `find_spec` in a forward would break a compiled decode step's graph.
+HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 
 class NF4Linear(QuantizedLinear):
@@ -166,6 +171,37 @@ class NF4Linear(QuantizedLinear):
         if dq:  # keep the stored int8 absmax bit-for-bit instead of re-quantizing it
             layer._set_double_quant(tensors["absmax_q"], tensors["absmax_scales"], tensors["absmax_offset"])
         return layer
+
+    @classmethod
+    def config_problem(cls, config: dict[str, Any]) -> str | None:
+        """Besides the base checks: a known `quant_type`, a bool `double_quant`, both agreeing with the
+        layer's `method` (nf4-dq is nf4 + double_quant), and `block_size`, where given, the one size
+        the stored absmax implies (64)."""
+        problem = (
+            super().config_problem(config)
+            or field_problem(
+                config,
+                "quant_type",
+                lambda v: isinstance(v, str) and v in CODE_BOOKS,
+                f"not one of {sorted(CODE_BOOKS)}",
+            )
+            or field_problem(config, "double_quant", lambda v: isinstance(v, bool), "not true or false")
+            or field_problem(
+                config,
+                "block_size",
+                lambda v: is_positive_int(v) and v == BLOCK_SIZE,
+                f"not {BLOCK_SIZE}",
+                required=False,
+            )
+        )
+        if problem is None:
+            implied = f"{config['quant_type']}-dq" if config["double_quant"] else config["quant_type"]
+            if config.get("method") != implied:
+                return (
+                    f"has method {config.get('method')!r} but quant_type {config['quant_type']!r} and "
+                    f"double_quant {str(config['double_quant']).lower()}, which make {implied!r}"
+                )
+        return problem
 
     def _set_double_quant(self, q: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> None:
         del self.absmax
@@ -237,15 +273,21 @@ class NF4Linear(QuantizedLinear):
 
     def _bnb_state(self) -> tuple[torch.Tensor, Any] | None:
         """bitsandbytes' packed weight + QuantState on CUDA, or None when unavailable."""
-        if self.block_absmax().device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        if self.block_absmax().device.type != "cuda" or not HAS_BITSANDBYTES:
             return None
         if self._bnb is None:
             import bitsandbytes.functional as bnbf
 
-            w = self.dequantize().to(torch.float16)
-            self._bnb = bnbf.quantize_4bit(
-                w, blocksize=BLOCK_SIZE, compress_statistics=self.double_quant, quant_type=self.quant_type
+            # From the float32 weight: each block's largest value is its absmax exactly, so bitsandbytes
+            # finds the same absmax and codes (from an fp16 copy the absmax would be rounded to fp16).
+            qweight, state = bnbf.quantize_4bit(
+                self.dequantize(),
+                blocksize=BLOCK_SIZE,
+                compress_statistics=self.double_quant,
+                quant_type=self.quant_type,
             )
+            state.dtype = torch.float16  # what it dequantizes to: the fp16 activations' matmul
+            self._bnb = qweight, state
         return self._bnb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
