@@ -33,7 +33,7 @@ DEFAULT_METHODS = ("int8", "int4", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8", "
 
 def measure(label: str, args: argparse.Namespace, ids: list[int], **load: Any) -> dict[str, Any]:
     started = time.perf_counter()
-    llm = LLM.load(args.model, device="cpu", **load)
+    llm = LLM.load(args.model, device=args.device, **load)
     load_s = time.perf_counter() - started
     ppl = perplexity(llm.model, ids, context=512, stride=256)
     llm.generate(PROMPT, max_new_tokens=args.decode_tokens, temperature=0)
@@ -57,11 +57,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048, help="perplexity tokens (run length)")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    probe = LLM.load(args.model, device="cpu", quantize="none")
+    probe = LLM.load(args.model, device="cpu", quantize="none")  # the tokenizer
     ids = probe.tokenizer.encode(default_text(), add_special_tokens=False)[: args.max_tokens]
     is_gguf = str(probe.source).endswith(".gguf")
     del probe

@@ -143,3 +143,17 @@ def test_real_model_compiled_greedy_equals_eager(default_gguf):
     eager = list(generate_tokens(llm.model, prompt, 64, GREEDY))
     compiled = list(generate_tokens(llm.model, prompt, 64, GREEDY, decoder=CompiledDecoder(llm.model)))
     assert compiled == eager
+
+
+def test_a_model_with_layers_that_cannot_be_traced_is_not_compiled(tiny_llama_dir):
+    """LLM.int8's outlier columns depend on the data: compiling broke the graph after a minute of
+    trying (seen on an H200), so such a model decodes eagerly from the start."""
+    from lamina.engine.compiled import should_compile
+    from lamina.quant.apply import quantize_model
+
+    model = _unfused(tiny_llama_dir)
+    assert should_compile(model, torch.device("cuda"), None)
+    quantize_model(model, "llm.int8")
+    assert not should_compile(model, torch.device("cuda"), None)
+    with pytest.warns(UserWarning, match="quantized layers cannot be traced"):
+        assert not should_compile(model, torch.device("cpu"), True)

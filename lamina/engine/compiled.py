@@ -42,12 +42,20 @@ def should_compile(model: nn.Module, device: torch.device, requested: bool | Non
     back only after a couple of thousand tokens, so eager is the CPU default and `--compile` opts in.
     A model whose every decoder layer runs natively (`lamina.models.native_layer`) is never compiled:
     the native step has none of the per-op overhead compiling removes, and the compiled step (which
-    cannot call it) measured 82-84 against 120-124 tokens/s (finding 16).
+    cannot call it) measured 82-84 against 120-124 tokens/s (finding 16). Nor is a model with a
+    layer whose forward cannot be traced (`QuantizedLinear.compiles`: LLM.int8's data-dependent outlier
+    columns), where compiling would only fail after a minute of trying.
     """
     if not getattr(model, "supports_static_decode", False) or getattr(model, "is_encoder_decoder", False):
         if requested:
             warnings.warn(
                 f"{type(model).__name__} has no compiled decode step; decoding eagerly", stacklevel=3
+            )
+        return False
+    if any(not getattr(module, "compiles", True) for module in model.modules()):
+        if requested:
+            warnings.warn(
+                "compiling is skipped: this model's quantized layers cannot be traced", stacklevel=3
             )
         return False
     layers = model.decoder_layers()
