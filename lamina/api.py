@@ -31,6 +31,7 @@ from lamina.loading.loader import build_empty, load_weights
 from lamina.loading.tokenizer import Tokenizer
 from lamina.placement import load_and_dispatch
 from lamina.placement.offload_store import default_offload_dir
+from lamina.placement.plan import DTYPES, to_dtype
 from lamina.quant.apply import DEFAULT_GROUP_SIZE
 from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.gguf_stream import streamed_blocks
@@ -49,16 +50,12 @@ PROMPT_LOOKUP = "prompt-lookup"
 # Text both tokenizers must encode alike for a draft to be usable: words, digits, spacing, accents.
 TOKENIZER_PROBE = "Speculative decoding: 12 drafts, 3.5 accepted!\n  Caf\u00e9 na\u00efve \u00c5ngstr\u00f6m"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A run dtype by name or as a torch dtype: float32, bfloat16 or float16."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    """A run dtype by name or as a torch dtype: float32, bfloat16 or float16 (`placement.to_dtype`)."""
+    if dtype is None:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got None")
+    return to_dtype(dtype)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -23,20 +23,6 @@ BUDGETS = {  # cpu budget -> what it exercises
 }
 
 
-@pytest.fixture(scope="module")
-def reference():
-    torch.manual_seed(0)
-    return Toy(d=D).eval()
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory, reference):
-    folder = tmp_path_factory.mktemp("ckpt")
-    state = {k: v for k, v in reference.state_dict().items() if k != "head.weight"}  # tied
-    save_file(state, str(folder / "model.safetensors"))
-    return folder
-
-
 def load(ckpt, cpu_budget, **kw):
     with lamina.init_empty():
         model = Toy(d=D)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import lamina
 from lamina.errors import InvalidArgumentError
@@ -24,20 +23,6 @@ EMB = 50 * D * 4
 BLOCK = block_bytes(D)
 BUDGET = (EMB + 4 * BLOCK) // 2 - 1  # in 16 bits: some blocks on disk, converted into the folder
 IDS = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
-def reference():
-    torch.manual_seed(0)
-    return Toy(d=D).eval()
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory, reference):
-    folder = tmp_path_factory.mktemp("ckpt")
-    state = {k: v for k, v in reference.state_dict().items() if k != "head.weight"}  # tied
-    save_file(state, str(folder / "model.safetensors"))
-    return folder
 
 
 def empty_toy() -> Toy:
