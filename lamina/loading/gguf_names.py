@@ -469,7 +469,9 @@ def hf_config_from_gguf(
     for key in ("bos", "eos", "padding"):
         token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
-            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
+            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = (
+                token_id  # type-checked by the config
+            )
     config["torch_dtype"] = "float32"
     return config
 

@@ -57,7 +57,8 @@ def open_weights_file(file: Path) -> Any:
             return safe_open(str(file), framework="pt")
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(
-                f"{file} is not a valid safetensors file, truncated or corrupt ({exc}); re-download it"
+                f"{file} is not a valid safetensors file, truncated or corrupt "
+                f"({' '.join(str(exc).split())}); {_remedy(file)}"
             ) from None
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -65,6 +66,14 @@ def open_weights_file(file: Path) -> Any:
         raise CheckpointError(
             f"{file} is not a readable PyTorch checkpoint ({exc}); re-download it"
         ) from None
+
+
+def _remedy(file: Path) -> str:
+    """How to replace a damaged weights file: one `lamina quantize` wrote (its directory has the
+    scheme file) is written again, any other is downloaded again."""
+    if (file.parent / "quant_config.json").is_file():
+        return "re-run `lamina quantize` to write it again"
+    return "re-download it"
 
 
 def read_tensor(handle: Any, file: Path, name: str) -> torch.Tensor:

@@ -36,11 +36,12 @@ except ImportError:  # Windows: no flock, so a killed writer's staging directory
     fcntl = None  # type: ignore[assignment]
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError, LaminaError
+from lamina.loading.weight_files import open_weights_file
 from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
 from lamina.quant.base import field_problem
 from lamina.quant.blockq import FORMATS, BlockQuantEmbedding, BlockQuantLinear
@@ -248,31 +249,8 @@ def _discard(stage: Path | None, made: list[Path]) -> None:
 
 
 def is_quantized_dir(path: str | Path) -> bool:
-    """Whether `path` is a directory written by `save_quantized` (it has the scheme file).
-
-    Raises a `CheckpointError` when it is one whose weights file is truncated or corrupt: the fix
-    for such a directory is to quantize again, not to re-download (which generic loading would say).
-    """
-    directory = Path(path)
-    if not (directory / SCHEME_FILE).is_file():
-        return False
-    if (directory / WEIGHTS_FILE).is_file():
-        with _open_weights(directory / WEIGHTS_FILE):
-            pass
-    return True
-
-
-def _open_weights(weights: Path) -> Any:
-    """safetensors' handle on a quantized checkpoint's weights file; a truncated or corrupt one is a
-    `CheckpointError` that says to quantize again."""
-    try:
-        return safe_open(str(weights), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        reason = " ".join(str(exc).split())
-        raise CheckpointError(
-            f"{weights} is not a valid safetensors file, truncated or corrupt ({reason}); "
-            "re-run `lamina quantize` to write it again"
-        ) from None
+    """Whether `path` is a directory written by `save_quantized` (it has the scheme file)."""
+    return (Path(path) / SCHEME_FILE).is_file()
 
 
 def read_scheme(directory: str | Path) -> dict[str, Any]:
@@ -344,7 +322,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path) -> set[str]:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; the quantized checkpoint is incomplete")
-    with _open_weights(weights) as f:
+    with open_weights_file(weights) as f:
         keys = set(f.keys())
         quantized_keys = any(k.endswith((".qweight", ".weight_q", ".weight_packed")) for k in keys)
         if quantized_keys and not is_quantized_dir(directory):
