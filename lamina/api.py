@@ -376,7 +376,7 @@ def _warn_without_native_kernels() -> None:
     """Say so when a CPU that could run the native kernels runs without them (no compiler, a failed
     build, a forced build it lacks): decoding is then about half as fast, which should not go
     unnoticed. Turning them off on purpose (LAMINA_NATIVE_KERNELS=0) is not warned about."""
-    if native.library() is None and native.cpu_supported() and os.environ.get(native.DISABLE_ENV) != "0":
+    if native.library() is None and native.cpu_supported() and not native.turned_off():
         warnings.warn(
             f"Lamina's native CPU kernels are unavailable ({native.unavailable_reason()}); "
             "decoding runs on torch's slower kernels",

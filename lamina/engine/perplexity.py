@@ -90,9 +90,10 @@ def perplexity(
         # first token has no left context and goes unscored.
         first = max(prev_end - begin - 1, 0)
         nll = torch.nn.functional.cross_entropy(logits[first:], targets[first:], reduction="sum")
-        if not math.isfinite(float(nll)):
+        window_nll = float(nll)
+        if not math.isfinite(window_nll):
             raise CheckpointError(NON_FINITE)
-        total_nll += float(nll)
+        total_nll += window_nll
         scored += end - 1 - begin - first
         prev_end = end
         if progress is not None:

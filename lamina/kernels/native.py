@@ -101,6 +101,11 @@ def _build(compiler: str, isa: str) -> Path:
     return target
 
 
+def turned_off() -> bool:
+    """Whether the user turned the kernels off (`LAMINA_NATIVE_KERNELS=0`)."""
+    return os.environ.get(DISABLE_ENV, "") == "0"
+
+
 def selected_isa() -> str | None:
     """The build `library()` loads: the one `LAMINA_NATIVE_KERNELS` names, else the best this CPU runs;
     None when turned off or when the CPU runs none (`unavailable_reason()` says which). Another value
@@ -110,7 +115,7 @@ def selected_isa() -> str | None:
         raise InvalidArgumentError(
             f"{DISABLE_ENV}={choice!r} is not a setting; use 0 (off), {' or '.join(ISAS)}, or leave it unset"
         )
-    if choice == "0":
+    if turned_off():
         _reason.append(f"disabled by {DISABLE_ENV}=0")
         return None
     supported = supported_isas()
