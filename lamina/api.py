@@ -36,12 +36,14 @@ from lamina.quant.apply import DEFAULT_GROUP_SIZE
 from lamina.quant.checkpoint import is_quantized_dir
 from lamina.quant.gguf_stream import streamed_blocks
 from lamina.quant.load import (
+    check_prequantized,
     check_quantize_arg,
     default_quantize,
     finish_loading,
     load_saved_quantized,
     loading_claim,
     loading_hook,
+    prequantized_scheme,
     weight_footprint,
 )
 
@@ -171,7 +173,10 @@ class LLM:
             model, config = build_empty(checkpoint)
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
             _check_tokenizer_fits(tokenizer, config, source)
-            if quantize is None and max_memory is None and not saved_quantized:
+            prequantized = prequantized_scheme(checkpoint)
+            if prequantized is not None:
+                check_prequantized(prequantized, quantize, max_memory)
+            if quantize is None and max_memory is None and not saved_quantized and prequantized is None:
                 quantize = default_quantize(model, checkpoint, torch_device, torch_dtype)
             if max_memory is not None:
                 blocks = streamed_blocks(model, checkpoint, quantize, max_memory, torch_dtype)

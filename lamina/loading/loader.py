@@ -31,6 +31,8 @@ ModuleHook = Callable[[str, nn.Module], bool]
 # Called before a module's first tensor is read; returning True means the callee filled (or
 # replaced) the whole module itself, so the loader reads none of its tensors. Keeps a format's own
 # representation (GGUF blocks kept quantized) from first being expanded to float and thrown away.
+# Tensors that are not parameters (a GPTQ linear's `qweight`, `scales`, ...) are offered to the claim
+# as their module's, so a format that stores a layer differently can build it.
 ModuleClaim = Callable[[str, nn.Module], bool]
 # A claim or hook that rebuilds modules frees large temporaries; glibc keeps them in the heap, so
 # the heap is trimmed (and a mapped file's pages read so far released) every this many rebuilt
@@ -98,9 +100,19 @@ def load_weights(
     filled: set[str] = set()
     rebuilt = 0  # modules a claim or hook replaced, for heap trimming
     prefix = getattr(model, "base_model_prefix", "")
+    claimed: set[str] = set()  # modules a claim built, whose remaining tensors are skipped
     for name in checkpoint.tensor_names():
         target = parameter_name(name, params, tied_aliases, prefix)
-        if target is None:
+        if target is None:  # not a parameter: a claimable module's own stored form, or unexpected
+            owner = _owner_module(model, name, prefix) if claim is not None else None
+            if owner is not None and (owner in claimed or claim(owner, model.get_submodule(owner))):
+                if owner not in claimed:
+                    claimed.add(owner)
+                    filled.update(n for n in params if n.rpartition(".")[0] == owner)
+                    rebuilt += 1
+                    if rebuilt % TRIM_EVERY == 0:
+                        _release(checkpoint)
+                continue
             if not any(p.search(name) for p in ignored):
                 unexpected.append(name)
             continue
@@ -109,6 +121,7 @@ def load_weights(
         module_name, _, attr = target.rpartition(".")
         module = model.get_submodule(module_name)
         if claim is not None and claim(module_name, module):
+            claimed.add(module_name)
             filled.update(n for n in params if n.rpartition(".")[0] == module_name)
             rebuilt += 1
             if rebuilt % TRIM_EVERY == 0:
@@ -147,6 +160,21 @@ def _release(checkpoint: Checkpoint) -> None:
     (each module now holds its own copy)."""
     release_free_heap()
     checkpoint.release_pages()
+
+
+def _owner_module(model: nn.Module, name: str, prefix: str) -> str | None:
+    """The module a tensor that is not a parameter would belong to by its name (`x.q_proj` for
+    `x.q_proj.qweight`, with or without the base model's prefix), or None when there is none."""
+    module_name = name.rpartition(".")[0]
+    if not module_name:
+        return None
+    for candidate in (module_name, f"{prefix}.{module_name}" if prefix else module_name):
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return candidate
+    return None
 
 
 def parameter_name(

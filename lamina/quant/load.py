@@ -14,6 +14,8 @@ Three ways a model ends up quantized at load time:
   no re-quantization.
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
   `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
+- an HF checkpoint another tool quantized (4-bit GPTQ or AWQ, `quantization_config`): its layers are
+  built from their packed codes by the loader's claim (`hub_formats`), never expanded to float.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from lamina.quant.blockq import (
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 from lamina.quant.half import GGML_HALF_DTYPES, half_linear_from_gguf
+from lamina.quant.hub_formats import PACKED_PARTS, HubScheme, build_linear, hub_scheme, unpack_layer
 
 if TYPE_CHECKING:
     from lamina.placement.plan import Placement
@@ -109,7 +112,69 @@ def loading_claim(
     something else. `dtype` is the model's activation dtype."""
     if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
         return _gguf_claim(model, checkpoint, device, dtype)
+    scheme = prequantized_scheme(checkpoint)
+    if scheme is not None:
+        return _hub_claim(model, checkpoint, scheme, device, dtype)
     return None
+
+
+def prequantized_scheme(checkpoint: Checkpoint) -> HubScheme | None:
+    """The scheme of an HF checkpoint another tool quantized (GPTQ, AWQ), or None. A scheme Lamina
+    cannot load is a CheckpointError naming what it can."""
+    if isinstance(checkpoint, GGUFCheckpoint):
+        return None
+    return hub_scheme(checkpoint.config, checkpoint.path if checkpoint.path.is_dir() else None)
+
+
+def check_prequantized(scheme: HubScheme, quantize: str | None, max_memory: object) -> None:
+    """Options a GPTQ / AWQ checkpoint cannot take: its float weights are gone."""
+    if quantize is not None:
+        raise InvalidArgumentError(
+            f"the checkpoint is already quantized ({scheme.describe()}); load it without --quantize, "
+            "or quantize the float model it was made from"
+        )
+    if max_memory is not None:
+        raise InvalidArgumentError(
+            f"the checkpoint is quantized ({scheme.describe()}) and --max-memory streams float weights "
+            "only yet; drop --max-memory"
+        )
+
+
+def _hub_claim(
+    model: nn.Module, checkpoint: Checkpoint, scheme: HubScheme, device: torch.device, dtype: torch.dtype
+) -> ModuleClaim:
+    """Build each linear stored as GPTQ / AWQ codes (`NAME.qweight`, ...) from them; others load as usual."""
+    stored = set(checkpoint.tensor_names())
+
+    def build(name: str, module: nn.Module) -> bool:
+        if f"{name}.qweight" not in stored:
+            return False
+        if type(module) is not nn.Linear:
+            raise CheckpointError(
+                f"{checkpoint.path.name} stores {name} {scheme.method}-quantized, but the model's "
+                f"{name} is a {type(module).__name__}, not a linear layer; is it the architecture its config names?"
+            )
+        missing = [part for part in PACKED_PARTS if f"{name}.{part}" not in stored]
+        if missing:
+            raise CheckpointError(
+                f"{checkpoint.path.name} lacks {', '.join(f'{name}.{part}' for part in missing)} of a "
+                f"{scheme.method} layer; the checkpoint is incomplete, download it again"
+            )
+        parts = (*PACKED_PARTS, "g_idx")
+        tensors = {part: checkpoint.read(f"{name}.{part}") for part in parts if f"{name}.{part}" in stored}
+        bias = checkpoint.read(f"{name}.bias").to(dtype) if f"{name}.bias" in stored else None
+        if (bias is None) != (module.bias is None):
+            having = "has no" if bias is None else "has a"
+            raise CheckpointError(
+                f"{checkpoint.path.name} {having} {name}.bias but the model built from its config "
+                f"{'has' if module.bias is not None else 'has none'}; the config and the weights disagree"
+            )
+        layer = unpack_layer(scheme, tensors, tuple(module.weight.shape), name)
+        native_here = runs_natively(device, tuple(module.weight.shape))
+        set_submodule(model, name, build_linear(layer, bias, native_here).to(device))
+        return True
+
+    return build
 
 
 def finish_loading(

@@ -1,0 +1,272 @@
+"""Checkpoints quantized by other tools, loaded as stored: 4-bit GPTQ (AutoGPTQ, GPTQModel, optimum)
+and AWQ (AutoAWQ's GEMM layout), the two formats most quantized Hub models come in.
+
+Such a directory's config.json names the scheme in `quantization_config` (older AutoGPTQ folders in
+`quantize_config.json`). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
+eight 4-bit codes), `NAME.qzeros` (int32 words of eight 4-bit zero points, one row per group),
+`NAME.scales` (fp16 [K/G, N]) and, for GPTQ, `NAME.g_idx` (int32 [K], each input's group). The
+weight is w[n, k] = s (q - z) with the group's scale s and zero point z:
+
+- GPTQ: qweight [K/8, N] holds inputs 8i..8i+7 of output n at bits 4j; qzeros [K/G, N/8] holds outputs
+  8i..8i+7 at bits 4j. The original ("gptq", v1) checkpoint format stores z - 1 for every zero point,
+  subtracted from the whole word (AutoGPTQ's offset, so a zero of 0 borrows from its neighbour);
+  adding 0x11111111 to the word undoes it exactly. "gptq_v2" (GPTQModel) stores z.
+- AWQ GEMM: qweight [K, N/8] and qzeros [K/G, N/8] both hold outputs, eight a word in the order
+  0 2 4 6 1 3 5 7; z as is.
+
+On the native CPU kernel a layer becomes a `BlockQuantLinear`: the codes as they are, d = s exactly,
+as Q4_0 when every z is 8 (symmetric GPTQ: exact) and as Q4_1 with m = -s z otherwise (m rounded to
+fp16: within 2^-11 of s z). Elsewhere it becomes an `Int4Linear`, whose bf16 scale and zero round s and
+s (8 - z) to 8 significant bits. A GPTQ act-order checkpoint (`desc_act`) whose g_idx scatters the
+groups over the inputs is reordered so each group's inputs are adjacent (`ReorderedInputLinear`, which
+gathers x's columns in that order per call).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.errors import CheckpointError
+from lamina.quant.base import QuantizedLinear
+from lamina.quant.blockq import BlockQuantLinear
+from lamina.quant.blocks import BLOCK, fits
+from lamina.quant.int4 import GROUP_SIZES, Int4Linear, make_scales_and_zeros
+
+#: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
+SUPPORTED = {"gptq": ("gptq", "gptq_v2"), "awq": ("gemm",)}
+BITS = 4
+PACK = 32 // BITS  # codes a packed int32 word holds
+#: AWQ GEMM packs outputs 8j..8j+7 of a word in this order: the code at bits 4i is output AWQ_ORDER[i].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stored every zero point minus one
+#: Tensor name suffixes of one quantized linear (GPTQ adds g_idx; either may add bias).
+PACKED_PARTS = ("qweight", "qzeros", "scales")
+QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
+
+
+@dataclass(frozen=True)
+class HubScheme:
+    """A checkpoint's `quantization_config`, checked: what the per-layer tensors mean."""
+
+    method: str  # "gptq" or "awq"
+    checkpoint_format: str  # "gptq" (v1), "gptq_v2", or AWQ's "gemm"
+    group_size: int  # -1: one group over all inputs
+
+    def describe(self) -> str:
+        group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
+        return f"{self.method} {BITS}-bit, {group}"
+
+
+def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubScheme | None:
+    """The quantization scheme an HF checkpoint was saved with, or None for a float checkpoint. Raises
+    CheckpointError for a scheme Lamina cannot load, naming what it supports."""
+    raw = config.get("quantization_config")
+    source = "quantization_config in config.json"
+    if raw is None and directory is not None and (directory / QUANTIZE_CONFIG_FILE).is_file():
+        raw, source = _read_quantize_config(directory / QUANTIZE_CONFIG_FILE), QUANTIZE_CONFIG_FILE
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source} is not a JSON object; the checkpoint's config is damaged")
+    method = str(raw.get("quant_method", "gptq")).lower()  # AutoGPTQ's own file has no quant_method
+    if method not in SUPPORTED:
+        raise CheckpointError(
+            f"the checkpoint is quantized with {method!r} ({source}), which Lamina cannot load; it loads "
+            "4-bit gptq and awq checkpoints: use one of those, or the unquantized model"
+        )
+    fmt_key = "version" if method == "awq" else "checkpoint_format"
+    default = "gemm" if method == "awq" else "gptq"
+    fmt = str(raw.get(fmt_key, raw.get("format", default))).lower()
+    if method == "gptq" and raw.get("is_marlin_format"):
+        fmt = "marlin"
+    bits, group_size = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
+    problem = (
+        f"{fmt_key} {fmt!r}, Lamina reads {' and '.join(map(repr, SUPPORTED[method]))}"
+        if fmt not in SUPPORTED[method]
+        else f"{bits} bits, Lamina reads {BITS}-bit checkpoints"
+        if bits != BITS
+        else f"group size {group_size!r}, Lamina reads -1 or a multiple of {BLOCK}"
+        if not (
+            isinstance(group_size, int) and (group_size == -1 or (group_size > 0 and group_size % BLOCK == 0))
+        )
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(
+            f"the checkpoint is {method} with {problem} ({source}); use a checkpoint of a supported kind"
+        )
+    return HubScheme(method, fmt, group_size)
+
+
+def _read_quantize_config(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; the checkpoint's config is damaged") from exc
+
+
+def unpack_words(words: torch.Tensor, order: tuple[int, ...] = tuple(range(PACK))) -> torch.Tensor:
+    """Integer [R, C] words of eight 4-bit codes (their low 32 bits) -> uint8 [R, 8 C]: the code at
+    bits 4i of word c is column 8 c + order[i]."""
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
+    codes = (words.long()[..., None] >> shifts) & 15  # [R, C, 8]: code i of each word
+    columns = codes[..., torch.tensor(order).argsort()]  # [R, C, 8] in column order
+    return columns.reshape(words.shape[0], -1).to(torch.uint8)  # [R, C, 8] -> [R, 8 C]
+
+
+@dataclass
+class UnpackedLayer:
+    """One stored linear in Lamina's orientation: w[n, k] = scales[n, g] (codes[n, k] - zeros[n, g]) with
+    g = k // group_size, after `order` (None: the inputs' own order) rearranged the inputs; the last
+    group may be shorter (a 576-wide layer at group size 128 has four groups of 128 and one of 64)."""
+
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # float32 [N, ceil(K/G)]
+    zeros: torch.Tensor  # uint8 [N, ceil(K/G)]
+    group_size: int
+    order: torch.Tensor | None  # int64 [K]: input k of the layer is input order[k] of x
+
+    def per_block(self, values: torch.Tensor, width: int) -> torch.Tensor:
+        """Per-group values [N, ceil(K/G)] -> one per `width` inputs [N, K/width]; `width` divides
+        the group size and K."""
+        return values[:, torch.arange(0, self.codes.shape[1], width) // self.group_size]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K] in the stored input order (before `order`)."""
+        s, z = self.per_block(self.scales, 1), self.per_block(self.zeros, 1).float()  # [N, K] each
+        w = s * (self.codes.float() - z)
+        return w if self.order is None else w[:, self.order.argsort()]
+
+
+def unpack_layer(
+    scheme: HubScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, int], name: str
+) -> UnpackedLayer:
+    """A layer's stored tensors (`PACKED_PARTS`, GPTQ's g_idx) -> `UnpackedLayer`; `shape` is the
+    model's [N, K] for the layer. Wrong shapes or dtypes are a CheckpointError naming the tensor."""
+    n, k = shape
+    if n % PACK or k % BLOCK:
+        raise CheckpointError(
+            f"layer {name} is [{n}, {k}], which Lamina cannot hold as {scheme.describe()} (outputs a "
+            f"multiple of {PACK}, inputs of {BLOCK}); the config and the weights disagree"
+        )
+    group_size = k if scheme.group_size == -1 else scheme.group_size
+    groups = -(-k // group_size)
+    qweight, qzeros, scales = (tensors[part] for part in PACKED_PARTS)
+    gptq = scheme.method == "gptq"
+    _check(qweight, (k // PACK, n) if gptq else (k, n // PACK), f"{name}.qweight", torch.int32)
+    _check(qzeros, (groups, n // PACK), f"{name}.qzeros", torch.int32)
+    _check(scales, (groups, n), f"{name}.scales", None)
+    if gptq:
+        codes = unpack_words(qweight.t().contiguous()).contiguous()  # [N, K/8] words -> [N, K]
+        if scheme.checkpoint_format == "gptq":  # undo v1's "zero point minus one", word-wise
+            qzeros = qzeros.long() + V1_ZERO_OFFSET  # a borrow the writer made is carried back
+        zeros = unpack_words(qzeros).t().contiguous()  # [G, N] -> [N, G]
+    else:
+        codes = unpack_words(qweight, AWQ_ORDER).t().contiguous()  # [K, N] -> [N, K]
+        zeros = unpack_words(qzeros, AWQ_ORDER).t().contiguous()  # [G, N] -> [N, G]
+    order = None
+    if gptq and "g_idx" in tensors:
+        order = _group_order(tensors["g_idx"], k, group_size, name)
+        if order is not None:
+            codes = codes[:, order]
+    scales = scales.float().t().contiguous()  # [G, N] -> [N, G]
+    if not torch.isfinite(scales).all():
+        raise CheckpointError(f"{name}.scales holds NaN or infinite values; the checkpoint is damaged")
+    return UnpackedLayer(codes, scales, zeros, group_size, order)
+
+
+def _check(t: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype | None) -> None:
+    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+        raise CheckpointError(
+            f"tensor {name} is {t.dtype} {tuple(t.shape)} but the layer needs "
+            f"{dtype or 'float'} {shape}; the config and the weights disagree"
+        )
+
+
+def _group_order(g_idx: torch.Tensor, k: int, group_size: int, name: str) -> torch.Tensor | None:
+    """None when g_idx is k // group_size (groups of adjacent inputs), else the input order that
+    makes every group's inputs adjacent (GPTQ act-order). Groups must hold group_size inputs each
+    (the last one the rest), as GPTQ writes them."""
+    _check(g_idx, (k,), f"{name}.g_idx", None)
+    g_idx, adjacent = g_idx.long(), torch.arange(k) // group_size
+    if torch.equal(g_idx, adjacent):
+        return None
+    if not torch.equal(g_idx.sort().values, adjacent):
+        raise CheckpointError(
+            f"tensor {name}.g_idx does not put {group_size} inputs in each group; the checkpoint is damaged"
+        )
+    return torch.argsort(g_idx, stable=True)
+
+
+def build_linear(layer: UnpackedLayer, bias: torch.Tensor | None, native: bool) -> QuantizedLinear:
+    """The runtime layer: a `BlockQuantLinear` on the native kernel (`native`: it runs here and the
+    shape fits its tiles), else an `Int4Linear`; wrapped to reorder its inputs where `layer.order` says."""
+    n, k = layer.codes.shape
+    if native and fits(n, k):
+        d = layer.per_block(layer.scales, BLOCK)  # [N, K/32]
+        if (layer.zeros == 8).all():  # symmetric: w = s (q - 8), Q4_0 exactly
+            built: QuantizedLinear = BlockQuantLinear.from_blocks("Q4_0", layer.codes, d, bias=bias)
+        else:  # w = s q - s z: Q4_1 with m = -s z
+            m = -(d * layer.per_block(layer.zeros, BLOCK).float())  # [N, K/32]
+            built = BlockQuantLinear.from_blocks("Q4_1", layer.codes, d, m, bias=bias)
+    else:
+        # the layer's group size, or the largest that divides it and K (576 wide at 128: 64)
+        group = max(g for g in GROUP_SIZES if layer.group_size % g == 0 and k % g == 0)
+        s = layer.per_block(layer.scales, group)  # [N, K/group]
+        z = s * (8 - layer.per_block(layer.zeros, group).float())  # w = (q - 8) s + z
+        built = Int4Linear(layer.codes, make_scales_and_zeros(s, z), group, bias)
+    return built if layer.order is None else ReorderedInputLinear(built, layer.order)
+
+
+class ReorderedInputLinear(QuantizedLinear):
+    """A quantized linear whose inputs were reordered so each group's are adjacent (GPTQ act-order):
+    x's columns are gathered into that order, then the inner layer runs. Loaded only, not saved."""
+
+    method = "reordered"
+
+    def __init__(self, inner: QuantizedLinear, order: torch.Tensor) -> None:
+        super().__init__(inner.in_features, inner.out_features, None)
+        self.inner = inner
+        self.register_buffer("order", order)
+        self.compiles = inner.compiles
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **opts: Any) -> QuantizedLinear:
+        raise NotImplementedError("a reordered layer comes from a GPTQ act-order checkpoint only")
+
+    @classmethod
+    def from_tensors(
+        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> QuantizedLinear:
+        raise NotImplementedError("a reordered layer comes from a GPTQ act-order checkpoint only")
+
+    @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+        """Layers with one input order (q/k/v of one act-order layer share their Hessian, so their
+        order) merge through their inner layers' `concatenate`."""
+        first = layers[0]
+        if not all(type(layer) is cls and torch.equal(layer.order, first.order) for layer in layers):
+            return None
+        inner = type(first.inner).concatenate([layer.inner for layer in layers])
+        return None if inner is None else cls(inner, first.order)
+
+    def scheme_config(self) -> dict[str, Any]:
+        return self.inner.scheme_config()
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("a layer loaded from a GPTQ act-order checkpoint cannot be saved again")
+
+    def dequantize(self) -> torch.Tensor:
+        return self.inner.dequantize()[:, self.order.argsort().to(self.order.device)]
+
+    def weight_bytes(self) -> int:
+        return self.inner.weight_bytes() + self.order.numel() * self.order.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.index_select(-1, self.order))

@@ -1,0 +1,328 @@
+"""GPTQ and AWQ checkpoints made by other tools load as stored (`lamina/quant/hub_formats.py`).
+
+The packers here follow the reference writers line for line: GPTQModel's `pack_original`
+(gptqmodel/nn_modules/qlinear/__init__.py: inputs 8i..8i+7 into qweight row i at bits 4j, outputs into
+qzeros words) and its v2 -> v1 conversion (`convert_gptq_v2_to_v1_format_module`: 0x11111111
+subtracted from each qzeros word), and AutoAWQ's `WQLinear_GEMM.from_linear` (awq/modules/linear/
+gemm.py: outputs packed in the order 0 2 4 6 1 3 5 7). The reference model is transformers' with
+each quantized linear's weight set to s (q - z), what those tools' own dequantization gives.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lamina import LLM
+from lamina.cli import main as cli_main
+from lamina.errors import CheckpointError, InvalidArgumentError
+from lamina.quant.blockq import BlockQuantLinear
+from lamina.quant.hub_formats import HubScheme, ReorderedInputLinear, build_linear, hub_scheme, unpack_layer
+from lamina.quant.int4 import Int4Linear
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize(w: torch.Tensor, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN codes int [N, K], fp16-exact scales [N, K/G] and integer zeros [N, K/G] with w ~ s (q - z)."""
+    n, k = w.shape
+    wg = w.reshape(n, k // group_size, group_size)  # [N, K/G, G]
+    if sym:
+        s = (wg.abs().amax(-1) / 7.5).clamp(min=1e-4).half().float()
+        z = torch.full_like(s, 8)
+    else:
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=1e-4).half().float()
+        z = torch.round(-lo / s).clamp(0, 15)
+    q = torch.round(wg / s[..., None] + z[..., None]).clamp(0, 15)
+    return q.reshape(n, k).int(), s, z.int()
+
+
+def dequantized(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """w[n, k] = s[n, g_idx[k]] (q[n, k] - z[n, g_idx[k]]): the tools' own dequantization."""
+    return s[:, g_idx] * (q - z[:, g_idx]).float()
+
+
+def pack_gptq(q, s, z, g_idx, v1: bool) -> dict[str, torch.Tensor]:
+    """GPTQModel's `pack_original` layout, then (v1) its v2 -> v1 word conversion."""
+    int_weight = q.t().contiguous().numpy().astype(np.uint32)  # [K, N]
+    qweight = np.zeros((int_weight.shape[0] // 8, int_weight.shape[1]), dtype=np.uint32)
+    for row in range(qweight.shape[0]):
+        for j in range(8):
+            qweight[row] |= int_weight[row * 8 + j] << (4 * j)
+    zeros = z.t().contiguous().numpy().astype(np.uint32)  # [G, N]
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
+    for col in range(qzeros.shape[1]):
+        for j in range(8):
+            qzeros[:, col] |= zeros[:, col * 8 + j] << (4 * j)
+    if v1:
+        qzeros = qzeros - np.uint32(0x11111111)  # uint32 arithmetic wraps, borrows included
+    return {
+        "qweight": torch.from_numpy(qweight.view(np.int32)),
+        "qzeros": torch.from_numpy(qzeros.view(np.int32)),
+        "scales": s.t().contiguous().half(),
+        "g_idx": g_idx.int(),
+    }
+
+
+def pack_awq(q, s, z) -> dict[str, torch.Tensor]:
+    """AutoAWQ's `WQLinear_GEMM.from_linear` layout."""
+    intweight = q.t().contiguous().numpy().astype(np.uint32)  # [K, N]
+    qweight = np.zeros((intweight.shape[0], intweight.shape[1] // 8), dtype=np.uint32)
+    for col in range(qweight.shape[1]):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
+    zeros = z.t().contiguous().numpy().astype(np.uint32)  # [G, N]
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
+    for col in range(qzeros.shape[1]):
+        for i in range(8):
+            qzeros[:, col] |= zeros[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
+    return {
+        "qweight": torch.from_numpy(qweight.view(np.int32)),
+        "qzeros": torch.from_numpy(qzeros.view(np.int32)),
+        "scales": s.t().contiguous().half(),
+    }
+
+
+def act_order_g_idx(k: int, group_size: int, seed: int) -> torch.Tensor:
+    """A GPTQ act-order g_idx: inputs in a random order, each run of group_size in one group."""
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    g_idx = torch.empty(k, dtype=torch.long)
+    g_idx[perm] = torch.arange(k) // group_size
+    return g_idx
+
+
+def layer_case(method: str, sym: bool, act_order: bool, group_size: int = 32, seed: int = 0):
+    """(packed tensors, reference weight [N, K], scheme) for a random 64 x 128 layer."""
+    torch.manual_seed(seed)
+    shift = torch.linspace(-0.3, 0.3, 64 * 4).reshape(64, 4).repeat_interleave(32, dim=1)  # groups off 0
+    w = torch.randn(64, 128) * 0.05 + shift  # [N, K]
+    q, s, z = quantize(w, group_size, sym)
+    g_idx = act_order_g_idx(128, group_size, seed) if act_order else torch.arange(128) // group_size
+    if act_order:  # codes of a scattered group were quantized with that group's scale and zero
+        w_groups = w[:, g_idx.argsort(stable=True)]
+        q, s, z = quantize(w_groups, group_size, sym)
+        q = q[:, g_idx.argsort(stable=True).argsort()]
+    reference = dequantized(q, s, z, g_idx)
+    if method == "awq":
+        return pack_awq(q, s, z), reference, HubScheme("awq", "gemm", group_size)
+    fmt = "gptq" if method == "gptq-v1" else "gptq_v2"
+    return pack_gptq(q, s, z, g_idx, v1=fmt == "gptq"), reference, HubScheme("gptq", fmt, group_size)
+
+
+@pytest.mark.parametrize("method", ["gptq-v1", "gptq-v2", "awq"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_unpacked_values_are_the_tools_dequantization_exactly(method: str, sym: bool) -> None:
+    packed, reference, scheme = layer_case(method, sym, act_order=False)
+    layer = unpack_layer(scheme, packed, (64, 128), "layer")
+    assert torch.equal(layer.dequantize(), reference)
+    if not sym:  # the asymmetric zeros reach both ends, so v1's words borrowed somewhere
+        assert layer.zeros.min() == 0 and layer.zeros.max() == 15
+
+
+def test_gptq_v1_zero_of_zero_borrows_and_is_recovered() -> None:
+    z = torch.zeros(64, 4, dtype=torch.int32)  # every zero point 0: each v1 nibble borrows
+    q = torch.randint(0, 16, (64, 128), dtype=torch.int32)
+    s = torch.full((64, 4), 0.01).half().float()
+    packed = pack_gptq(q, s, z, torch.arange(128) // 32, v1=True)
+    assert (packed["qzeros"] == np.int32(-0x11111111)).all()  # 0 - 0x11111111, wrapped: borrows
+    layer = unpack_layer(HubScheme("gptq", "gptq", 32), packed, (64, 128), "layer")
+    assert torch.equal(layer.zeros, torch.zeros(64, 4, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("method", ["gptq-v1", "awq"])
+def test_native_layer_holds_the_values_exactly_or_within_fp16_rounding_of_the_zero(
+    method: str, native_lib
+) -> None:
+    for sym in (True, False):
+        packed, reference, scheme = layer_case(method, sym, act_order=False)
+        layer = build_linear(unpack_layer(scheme, packed, (64, 128), "layer"), None, native=True)
+        assert isinstance(layer, BlockQuantLinear)
+        w = layer.dequantize()
+        if sym:  # every zero point 8
+            assert layer.ggml_type == "Q4_0" and torch.equal(w, reference)
+        else:  # m = -s z rounded to fp16
+            assert layer.ggml_type == "Q4_1"
+            bound = (reference.abs().amax() + 1) * 2**-11
+            assert (w - reference).abs().max() <= bound
+
+
+def test_int4_layer_holds_the_values_within_bf16_rounding() -> None:
+    packed, reference, scheme = layer_case("gptq-v1", sym=False, act_order=False, group_size=64)
+    layer = build_linear(unpack_layer(scheme, packed, (64, 128), "layer"), None, native=False)
+    assert isinstance(layer, Int4Linear) and layer.group_size == 64
+    w = layer.dequantize()
+    s = torch.from_numpy(packed["scales"].float().numpy()).t().repeat_interleave(64, dim=1)  # [N, K]
+    assert ((w - reference).abs() <= 16 * s * 2**-8).all()  # |q - 8| s and |8 - z| s, each to 2^-8
+
+
+def test_per_channel_group_runs_on_int4_groups_that_divide_it() -> None:
+    packed, reference, _ = layer_case("gptq-v2", sym=True, act_order=False, group_size=128)
+    layer = build_linear(unpack_layer(HubScheme("gptq", "gptq_v2", -1), packed, (64, 128), "l"), None, False)
+    assert layer.group_size == 128
+    assert torch.allclose(layer.dequantize(), reference, atol=2e-3)
+
+
+def test_shorter_last_group_as_gptq_writes_576_wide_layers_at_128(native_lib) -> None:
+    torch.manual_seed(3)
+    w = torch.randn(64, 96) * 0.05  # groups of 64: one of 64 inputs, one of 32
+    q_full, s_full, z_full = quantize(torch.cat([w, w[:, 64:]], dim=1), 64, sym=False)  # pad to 128
+    q, s, z = q_full[:, :96], s_full, z_full  # the second group's scale came from its 32 inputs
+    g_idx = torch.arange(96) // 64
+    reference = dequantized(q, s, z, g_idx)
+    packed = pack_gptq(q, s, z, g_idx, v1=False)
+    unpacked = unpack_layer(HubScheme("gptq", "gptq_v2", 64), packed, (64, 96), "layer")
+    assert torch.equal(unpacked.dequantize(), reference)
+    for native in (True, False):
+        layer = build_linear(unpacked, None, native=native)
+        assert isinstance(layer, BlockQuantLinear if native else Int4Linear)
+        assert torch.allclose(layer.dequantize(), reference, rtol=0, atol=16 * s.max() * 2**-8)
+
+
+def test_act_order_layer_gathers_its_inputs(native_lib) -> None:
+    packed, reference, scheme = layer_case("gptq-v1", sym=True, act_order=True)
+    unpacked = unpack_layer(scheme, packed, (64, 128), "layer")
+    assert unpacked.order is not None and torch.equal(unpacked.dequantize(), reference)
+    layer = build_linear(unpacked, None, native=True)
+    assert isinstance(layer, ReorderedInputLinear)
+    assert torch.equal(layer.dequantize(), reference)
+    x = torch.randn(3, 128)
+    expected = x @ reference.t()
+    assert torch.allclose(layer(x), expected, rtol=0, atol=0.02 * expected.abs().max())
+    # without the gather the product is a different one
+    assert not torch.allclose(layer.inner(x), expected, rtol=0, atol=0.2 * expected.abs().max())
+
+
+# --- whole checkpoints ------------------------------------------------------------------------------
+
+
+def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_order: bool) -> dict:
+    """A tiny model's checkpoint with its decoder projections packed as `method` writes them (group 32),
+    plus config.json's quantization_config; returns the reference state dict (s (q - z) weights)."""
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "model.safetensors"))
+    out, reference = {}, dict(state)
+    for name, tensor in state.items():
+        module, _, leaf = name.rpartition(".")
+        if not (leaf == "weight" and module.rpartition(".")[2] in PROJECTIONS):
+            out[name] = tensor
+            continue
+        n, k = tensor.shape
+        g_idx = act_order_g_idx(k, 32, seed=n + k) if act_order else torch.arange(k) // 32
+        order = g_idx.argsort(stable=True)
+        q, s, z = quantize(tensor[:, order], 32, sym)  # each group's inputs quantized together
+        q = q[:, order.argsort()]
+        reference[name] = dequantized(q, s, z, g_idx)
+        parts = pack_awq(q, s, z) if method == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
+        out.update({f"{module}.{part}": t for part, t in parts.items()})
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    if method == "awq":
+        config["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": 32,
+            "version": "gemm",
+            "zero_point": True,
+        }
+    else:
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 32,
+            "desc_act": act_order,
+            "sym": sym,
+            "checkpoint_format": "gptq",
+        }
+    (dst / "config.json").write_text(json.dumps(config))
+    return reference
+
+
+def reference_logits(hf_model, state: dict, ids: torch.Tensor) -> torch.Tensor:
+    import copy
+
+    model = copy.deepcopy(hf_model)
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return model(ids).logits[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "sym", "act_order"), [("gptq", True, False), ("gptq", False, True), ("awq", False, False)]
+)
+def test_hub_checkpoint_logits_match_transformers(tiny_models, tmp_path, method, sym, act_order) -> None:
+    hf_model, src = tiny_models["llama"]
+    state = write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=act_order)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
+    expected = reference_logits(hf_model, state, ids)
+    llm = LLM.load(tmp_path / "q")
+    with torch.no_grad():
+        got = llm.model(ids)[0]  # [T, vocab]
+    # measured: 1e-5 to 6e-4 of the largest logit on the native kernel, 3e-3 on the int4 kernels
+    assert torch.allclose(got, expected, rtol=0, atol=0.01 * expected.abs().max())
+    unquantized = reference_logits(hf_model, load_file(str(src / "model.safetensors")), ids)
+    assert not torch.allclose(got, unquantized, rtol=0, atol=0.02 * unquantized.abs().max())  # 5-7% off
+    float_linears = [name for name, m in llm.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert float_linears == ["lm_head"]  # every decoder projection was built from its codes
+    kinds = {type(m).__name__ for m in llm.model.modules()}
+    assert ("ReorderedInputLinear" in kinds) == act_order
+
+
+def test_unsupported_schemes_are_one_line_errors() -> None:
+    base = {"bits": 4, "group_size": 128}
+    cases = {
+        "bitsandbytes": ({"quant_method": "bitsandbytes"}, "'bitsandbytes'"),
+        "fp8": ({"quant_method": "fp8"}, "gptq and awq"),
+        "8 bits": ({**base, "quant_method": "gptq", "bits": 8}, "8 bits"),
+        "gemv": ({**base, "quant_method": "awq", "version": "gemv"}, "'gemv'"),
+        "marlin": ({**base, "quant_method": "gptq", "checkpoint_format": "marlin"}, "'marlin'"),
+        "group 16": ({**base, "quant_method": "gptq", "group_size": 16}, "group size 16"),
+    }
+    for what, (config, needle) in cases.items():
+        with pytest.raises(CheckpointError, match=needle) as err:
+            hub_scheme({"quantization_config": config})
+        assert "\n" not in str(err.value), what
+    assert hub_scheme({}) is None
+    assert hub_scheme({"quantization_config": {**base, "quant_method": "awq"}}).method == "awq"
+
+
+def test_old_autogptq_folder_with_quantize_config_json(tmp_path) -> None:
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": True}))
+    assert hub_scheme({}, tmp_path) == HubScheme("gptq", "gptq", 128)
+
+
+def test_damaged_layers_name_the_tensor() -> None:
+    packed, _, scheme = layer_case("gptq-v1", sym=True, act_order=False)
+    bad_shape = {**packed, "scales": packed["scales"][:, :32]}
+    with pytest.raises(CheckpointError, match=r"layer\.scales .*\(4, 64\)"):
+        unpack_layer(scheme, bad_shape, (64, 128), "layer")
+    uneven = {**packed, "g_idx": torch.zeros(128, dtype=torch.int32)}
+    with pytest.raises(CheckpointError, match="g_idx does not put 32 inputs"):
+        unpack_layer(scheme, uneven, (64, 128), "layer")
+    nan = {**packed, "scales": packed["scales"].clone().fill_(float("nan"))}
+    with pytest.raises(CheckpointError, match="NaN"):
+        unpack_layer(scheme, nan, (64, 128), "layer")
+
+
+def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, capsys) -> None:
+    _, src = tiny_models["llama"]
+    write_hub_checkpoint(src, tmp_path / "q", "gptq", sym=True, act_order=False)
+    with pytest.raises(InvalidArgumentError, match="already quantized"):
+        LLM.load(tmp_path / "q", quantize="int8")
+    with pytest.raises(InvalidArgumentError, match="max-memory"):
+        LLM.load(tmp_path / "q", max_memory={"cpu": "100MB"})
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.qzeros"]
+    save_file(state, str(tmp_path / "q" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lacks model\.layers\.1\.mlp\.down_proj\.qzeros"):
+        LLM.load(tmp_path / "q")
+    assert cli_main(["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "down_proj.qzeros" in err and "Traceback" not in err
