@@ -1,11 +1,8 @@
 """GPTQ and AWQ checkpoints made by other tools load as stored (`lamina/quant/hub_formats.py`).
 
-The packers here follow the reference writers line for line: GPTQModel's `pack_original`
-(gptqmodel/nn_modules/qlinear/__init__.py: inputs 8i..8i+7 into qweight row i at bits 4j, outputs into
-qzeros words) and its v2 -> v1 conversion (`convert_gptq_v2_to_v1_format_module`: 0x11111111
-subtracted from each qzeros word), and AutoAWQ's `WQLinear_GEMM.from_linear` (awq/modules/linear/
-gemm.py: outputs packed in the order 0 2 4 6 1 3 5 7). The reference model is transformers' with
-each quantized linear's weight set to s (q - z), what those tools' own dequantization gives.
+The checkpoints are packed by `hub_packers.py`, which follows the reference writers (GPTQModel,
+AutoAWQ). The reference model is transformers' with each quantized linear's weight set to s (q - z),
+what those tools' own dequantization gives.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,70 +21,7 @@ from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.hub_formats import HubScheme, ReorderedInputLinear, build_linear, hub_scheme, unpack_layer
 from lamina.quant.int4 import Int4Linear
-
-AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def quantize(w: torch.Tensor, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RTN codes int [N, K], fp16-exact scales [N, K/G] and integer zeros [N, K/G] with w ~ s (q - z)."""
-    n, k = w.shape
-    wg = w.reshape(n, k // group_size, group_size)  # [N, K/G, G]
-    if sym:
-        s = (wg.abs().amax(-1) / 7.5).clamp(min=1e-4).half().float()
-        z = torch.full_like(s, 8)
-    else:
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        s = ((hi - lo) / 15).clamp(min=1e-4).half().float()
-        z = torch.round(-lo / s).clamp(0, 15)
-    q = torch.round(wg / s[..., None] + z[..., None]).clamp(0, 15)
-    return q.reshape(n, k).int(), s, z.int()
-
-
-def dequantized(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """w[n, k] = s[n, g_idx[k]] (q[n, k] - z[n, g_idx[k]]): the tools' own dequantization."""
-    return s[:, g_idx] * (q - z[:, g_idx]).float()
-
-
-def pack_gptq(q, s, z, g_idx, v1: bool) -> dict[str, torch.Tensor]:
-    """GPTQModel's `pack_original` layout, then (v1) its v2 -> v1 word conversion."""
-    int_weight = q.t().contiguous().numpy().astype(np.uint32)  # [K, N]
-    qweight = np.zeros((int_weight.shape[0] // 8, int_weight.shape[1]), dtype=np.uint32)
-    for row in range(qweight.shape[0]):
-        for j in range(8):
-            qweight[row] |= int_weight[row * 8 + j] << (4 * j)
-    zeros = z.t().contiguous().numpy().astype(np.uint32)  # [G, N]
-    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
-    for col in range(qzeros.shape[1]):
-        for j in range(8):
-            qzeros[:, col] |= zeros[:, col * 8 + j] << (4 * j)
-    if v1:
-        qzeros = qzeros - np.uint32(0x11111111)  # uint32 arithmetic wraps, borrows included
-    return {
-        "qweight": torch.from_numpy(qweight.view(np.int32)),
-        "qzeros": torch.from_numpy(qzeros.view(np.int32)),
-        "scales": s.t().contiguous().half(),
-        "g_idx": g_idx.int(),
-    }
-
-
-def pack_awq(q, s, z) -> dict[str, torch.Tensor]:
-    """AutoAWQ's `WQLinear_GEMM.from_linear` layout."""
-    intweight = q.t().contiguous().numpy().astype(np.uint32)  # [K, N]
-    qweight = np.zeros((intweight.shape[0], intweight.shape[1] // 8), dtype=np.uint32)
-    for col in range(qweight.shape[1]):
-        for i in range(8):
-            qweight[:, col] |= intweight[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
-    zeros = z.t().contiguous().numpy().astype(np.uint32)  # [G, N]
-    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
-    for col in range(qzeros.shape[1]):
-        for i in range(8):
-            qzeros[:, col] |= zeros[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
-    return {
-        "qweight": torch.from_numpy(qweight.view(np.int32)),
-        "qzeros": torch.from_numpy(qzeros.view(np.int32)),
-        "scales": s.t().contiguous().half(),
-    }
+from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
 
 
 def act_order_g_idx(k: int, group_size: int, seed: int) -> torch.Tensor:
@@ -132,7 +65,7 @@ def test_gptq_v1_zero_of_zero_borrows_and_is_recovered() -> None:
     q = torch.randint(0, 16, (64, 128), dtype=torch.int32)
     s = torch.full((64, 4), 0.01).half().float()
     packed = pack_gptq(q, s, z, torch.arange(128) // 32, v1=True)
-    assert (packed["qzeros"] == np.int32(-0x11111111)).all()  # 0 - 0x11111111, wrapped: borrows
+    assert (packed["qzeros"] == -0x11111111).all()  # 0 - 0x11111111, wrapped: borrows
     layer = unpack_layer(HubScheme("gptq", "gptq", 32), packed, (64, 128), "layer")
     assert torch.equal(layer.zeros, torch.zeros(64, 4, dtype=torch.uint8))
 
@@ -173,8 +106,8 @@ def test_per_channel_group_runs_on_int4_groups_that_divide_it() -> None:
 def test_shorter_last_group_as_gptq_writes_576_wide_layers_at_128(native_lib) -> None:
     torch.manual_seed(3)
     w = torch.randn(64, 96) * 0.05  # groups of 64: one of 64 inputs, one of 32
-    q_full, s_full, z_full = quantize(torch.cat([w, w[:, 64:]], dim=1), 64, sym=False)  # pad to 128
-    q, s, z = q_full[:, :96], s_full, z_full  # the second group's scale came from its 32 inputs
+    q, s, z = quantize(w, 64, sym=False)
+    assert s.shape == (64, 2)
     g_idx = torch.arange(96) // 64
     reference = dequantized(q, s, z, g_idx)
     packed = pack_gptq(q, s, z, g_idx, v1=False)
@@ -294,7 +227,9 @@ def test_unsupported_schemes_are_one_line_errors() -> None:
 
 
 def test_old_autogptq_folder_with_quantize_config_json(tmp_path) -> None:
-    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": True}))
+    (tmp_path / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": 128, "desc_act": True})
+    )
     assert hub_scheme({}, tmp_path) == HubScheme("gptq", "gptq", 128)
 
 
@@ -323,6 +258,8 @@ def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, c
     save_file(state, str(tmp_path / "q" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"lacks model\.layers\.1\.mlp\.down_proj\.qzeros"):
         LLM.load(tmp_path / "q")
-    assert cli_main(["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "2"]) != 0
+    assert (
+        cli_main(["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "2"]) != 0
+    )
     err = capsys.readouterr().err
     assert "down_proj.qzeros" in err and "Traceback" not in err
