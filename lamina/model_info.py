@@ -16,6 +16,7 @@ from torch import nn
 from lamina.loading.checkpoint import Checkpoint, open_checkpoint
 from lamina.loading.loader import build_empty
 from lamina.quant.apply import quantizable_linears
+from lamina.quant.hub_formats import HubScheme
 
 # Bytes per weight of the formats a model can run in; int8/int4 quantize the layers'
 # nn.Linear weights (one scale per output row / per group of 128), everything else stays 16-bit.
@@ -33,7 +34,7 @@ class ModelInfo:
     stored_types: dict[str, int]  # storage type -> number of parameters stored that way
     linear_stored_types: dict[str, int]  # the same, counting only the weights of quantizable linears
     stored_bytes: int
-    quantization: str | None  # a quantization method the HF config declares
+    quantization: str | None  # the quantization the HF config declares
     context_length: int
     kv_bytes_per_token: dict[str, int]  # KV cache dtype -> bytes per token, all layers
     tokenizer: str
@@ -41,6 +42,7 @@ class ModelInfo:
     layers: int
     layer_parameters: int  # the largest decoder layer: the unit placement streams between tiers
     layer_linear_parameters: int
+    prequantized_bits: float | None = None  # bits a GPTQ / AWQ layer's weight takes as loaded
 
     def weight_bytes(self, run_format: str) -> int:
         """Estimated bytes of all weights when run in `run_format` (a key of RUN_FORMATS)."""
@@ -50,11 +52,12 @@ class ModelInfo:
         """Estimated bytes of all weights as loading them on a CPU in float32 keeps them by default: a
         GGUF's quantized matrices as stored (native kernel), linear weights stored in 16 bits as 16-bit
         (`quant/half.py`), everything else float32; None when all of it would be float32."""
+        from lamina.quant.hub_formats import HUB_STORED_TYPES
         from lamina.quant.load import HALF_STORED
 
         total, narrow = 0.0, False
         for kind, count in self.stored_types.items():
-            bits = kept_bits(kind)
+            bits = kept_bits(kind) if kind not in HUB_STORED_TYPES else self.prequantized_bits
             half_linears = self.linear_stored_types.get(kind, 0) if kind in HALF_STORED else 0
             if bits is not None:
                 total += count * bits / 8
@@ -94,11 +97,15 @@ def describe(path: str | Path) -> ModelInfo:
         linear_weights = {f"{name}.weight" for name in quantizable_linears(model)}
         stored: Counter[str] = Counter()
         stored_in_linears: Counter[str] = Counter()
+        scheme, quantization = _declared_quantization(checkpoint)
         for name in checkpoint.tensor_names():
-            parameter = _parameter_name(model, name)
+            if scheme is not None and name.endswith(".qweight"):  # a GPTQ / AWQ layer: its weight, packed
+                parameter, kind = _parameter_name(model, name.removesuffix("qweight") + "weight"), None
+            else:
+                parameter, kind = _parameter_name(model, name), checkpoint.stored_type(name)
             if parameter is None:
                 continue
-            kind, numel = checkpoint.stored_type(name), model.get_parameter(parameter).numel()
+            kind, numel = kind or scheme.stored_type(), model.get_parameter(parameter).numel()
             stored[kind] += numel
             if parameter in linear_weights:
                 stored_in_linears[kind] += numel
@@ -106,7 +113,6 @@ def describe(path: str | Path) -> ModelInfo:
         layers = [m for m in model.modules() if type(m).__name__ in model.no_split_modules]
         layout = model.cache_layout()
         per_token = sum(2 * heads * dim for heads, dim in layout)
-        quant = checkpoint.config.get("quantization_config")
         return ModelInfo(
             source=checkpoint.path,
             architecture=config.architecture,
@@ -116,7 +122,8 @@ def describe(path: str | Path) -> ModelInfo:
             stored_types=dict(stored.most_common()),
             linear_stored_types=dict(stored_in_linears),
             stored_bytes=_stored_bytes(checkpoint),
-            quantization=quant.get("quant_method") if isinstance(quant, dict) else None,
+            quantization=quantization,
+            prequantized_bits=None if scheme is None else scheme.kept_bits(),
             context_length=config.max_position_embeddings,
             kv_bytes_per_token={"float32": per_token * 4, "bfloat16": per_token * 2},
             tokenizer=_tokenizer_kind(checkpoint),
@@ -141,6 +148,21 @@ def _parameter_name(model: nn.Module, name: str) -> str | None:
             continue
         return candidate
     return None
+
+
+def _declared_quantization(checkpoint: Checkpoint) -> tuple[HubScheme | None, str | None]:
+    """(The GPTQ / AWQ scheme Lamina loads, or None; how `lamina info` describes what the config
+    declares, e.g. "gptq 4-bit, group size 128", or "fp8 (Lamina cannot load it)")."""
+    from lamina.errors import CheckpointError
+    from lamina.quant.load import prequantized_scheme
+
+    try:
+        scheme = prequantized_scheme(checkpoint)
+    except CheckpointError:
+        declared = checkpoint.config.get("quantization_config")
+        method = declared.get("quant_method", "?") if isinstance(declared, dict) else "?"
+        return None, f"{method} (Lamina cannot load it)"
+    return scheme, None if scheme is None else scheme.describe()
 
 
 def _stored_bytes(checkpoint: Checkpoint) -> int:

@@ -45,6 +45,7 @@ typedef struct {
     int64_t dense_kind;  /* dense weights: 0 float32, 1 fp16, 2 bfloat16 (dense.c) */
     const float *outlier_scales; /* LLM.int8 (llm_int8.c): 8-bit codes' float32 row scales, or NULL */
     float threshold;             /* LLM.int8: |x| from which an input column is an outlier */
+    const int64_t *order;        /* input k of the weight is column order[k] of x (GPTQ act-order), or NULL */
 } Weight;
 
 /* A projection: up to 3 weights reading the same input, outputs side by side. */
@@ -66,18 +67,28 @@ static int matmul(const Projection *p, const float *x, int64_t rows, float *y) {
     for (int64_t i = 0; i < p->count; i++) width += p->parts[i].out_features;
     for (int64_t i = 0; i < p->count; i++) {
         const Weight *w = &p->parts[i];
-        if (w->outlier_scales) {
-            if (lamina_llm_int8_matmul(x, rows, w->in_features, w->codes, w->d, w->outlier_scales,
-                                       w->out_features, w->threshold, y + column, width))
-                return -1;
-        } else if (w->codes) {
-            if (lamina_blockq_matmul(x, rows, w->in_features, w->codes, w->d, w->m, w->out_features, w->bits,
-                                     w->offset, w->lut, (int)w->scale_block, y + column, width))
-                return -1;
-        } else {
-            lamina_dense_linear(x, rows, w->in_features, w->dense, w->out_features, NULL, y + column, width,
-                                (int)w->dense_kind);
+        const int64_t k = w->in_features;
+        const float *in = x;
+        float *gathered = NULL;
+        if (w->order) { /* x's columns in the weight's input order */
+            gathered = malloc(rows * k * sizeof(float));
+            if (!gathered) return -1;
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < k; j++) gathered[r * k + j] = x[r * k + w->order[j]];
+            in = gathered;
         }
+        int status = 0;
+        if (w->outlier_scales)
+            status = lamina_llm_int8_matmul(in, rows, k, w->codes, w->d, w->outlier_scales, w->out_features,
+                                            w->threshold, y + column, width);
+        else if (w->codes)
+            status = lamina_blockq_matmul(in, rows, k, w->codes, w->d, w->m, w->out_features, w->bits, w->offset,
+                                          w->lut, (int)w->scale_block, y + column, width);
+        else
+            lamina_dense_linear(in, rows, k, w->dense, w->out_features, NULL, y + column, width,
+                                (int)w->dense_kind);
+        free(gathered);
+        if (status) return -1;
         column += w->out_features;
     }
     return 0;

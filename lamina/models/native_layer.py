@@ -40,6 +40,7 @@ class _Weight(ctypes.Structure):
         ("dense_kind", ctypes.c_int64),
         ("outlier_scales", ctypes.c_void_p),
         ("threshold", ctypes.c_float),
+        ("order", ctypes.c_void_p),
     ]
 
 
@@ -77,12 +78,20 @@ def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
     return codes, d, m, None, scales
 
 
+def _input_order(module: nn.Module) -> torch.Tensor | None:
+    """The int64 [K] gather a projection applies to its input first (`native_order()`: a GPTQ
+    act-order layer), or None."""
+    return module.native_order() if hasattr(module, "native_order") else None
+
+
 def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
     projection.count = len(modules)
     for part, module in zip(projection.parts, modules, strict=False):
         part.codes, part.d, part.m, part.dense, part.outlier_scales = (
             None if t is None else t.data_ptr() for t in _weight_tensors(module)
         )
+        order = _input_order(module)
+        part.order = None if order is None else order.data_ptr()
         part.out_features, part.in_features = module.out_features, module.in_features
         dense = _weight_tensors(module)[3]
         if dense is not None:
@@ -147,7 +156,10 @@ def _slots(layer: nn.Module, projections: tuple[tuple[nn.Module, ...], ...]) -> 
                 slots.append((module._buffers, "weight16"))
                 continue
             tiles = [t for t in _weight_tensors(module) if t is not None]
-            slots += [(module._buffers, n) for t in tiles for n, b in module._buffers.items() if b is t]
+            holder = getattr(module, "inner", module)  # a reordered layer's tiles are its inner layer's
+            slots += [(holder._buffers, n) for t in tiles for n, b in holder._buffers.items() if b is t]
+            if _input_order(module) is not None:
+                slots.append((module._buffers, "order"))
     return slots
 
 
@@ -203,7 +215,7 @@ class NativeLlamaLayer:
             return True
         layer = self.layer
         norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        dense_weights, blocks, float32_vectors = [], [], list(norms)
+        dense_weights, blocks, float32_vectors, orders = [], [], list(norms), []
         for parts in self.projections:
             for module in parts:
                 codes, d, m, dense, scales = (
@@ -214,7 +226,11 @@ class NativeLlamaLayer:
                 dense_weights += [] if dense is None else [dense]
                 blocks += [t for t in (codes, d, m) if t is not None]
                 float32_vectors += [] if scales is None else [scales]
-        if any(t.device.type != "cpu" for t in float32_vectors + dense_weights + blocks):
+                order = _input_order(module)
+                orders += [] if order is None else [order]
+        if any(t.device.type != "cpu" for t in float32_vectors + dense_weights + blocks + orders):
+            return False
+        if any(t.dtype != torch.int64 or not t.is_contiguous() for t in orders):
             return False
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in float32_vectors):
             return False

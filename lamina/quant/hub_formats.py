@@ -35,7 +35,7 @@ from torch import nn
 from lamina.errors import CheckpointError
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantLinear
-from lamina.quant.blocks import BLOCK, fits
+from lamina.quant.blocks import BLOCK, Blocks, fits
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear, make_scales_and_zeros
 
 #: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
@@ -47,6 +47,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stored every zero point minus one
 #: Tensor name suffixes of one quantized linear (GPTQ adds g_idx; either may add bias).
 PACKED_PARTS = ("qweight", "qzeros", "scales")
+#: `HubScheme.stored_type()` values, as `lamina info` counts them.
+HUB_STORED_TYPES = frozenset(f"{method.upper()} {BITS}-bit" for method in SUPPORTED)
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
 
 
@@ -57,10 +59,20 @@ class HubScheme:
     method: str  # "gptq" or "awq"
     checkpoint_format: str  # "gptq" (v1), "gptq_v2", or AWQ's "gemm"
     group_size: int  # -1: one group over all inputs
+    symmetric: bool = True  # declared: every zero point 8 (GPTQ's `sym`; AWQ without `zero_point`)
 
     def describe(self) -> str:
         group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
-        return f"{self.method} {BITS}-bit, {group}"
+        return f"{self.method} {BITS}-bit, {group}{'' if self.symmetric else ', asymmetric'}"
+
+    def stored_type(self) -> str:
+        """How `lamina info` names the packed layers' storage."""
+        return f"{self.method.upper()} {BITS}-bit"
+
+    def kept_bits(self) -> float:
+        """Bits a weight takes as loaded on the native kernel: codes plus an fp16 scale per 32 weights
+        (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1)."""
+        return BITS + 16 * (1 if self.symmetric else 2) / BLOCK
 
 
 def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubScheme | None:
@@ -101,7 +113,8 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
         raise CheckpointError(
             f"the checkpoint is {method} with {problem} ({source}); use a checkpoint of a supported kind"
         )
-    return HubScheme(method, fmt, group_size)
+    symmetric = bool(raw.get("sym", True)) if method == "gptq" else not raw.get("zero_point", True)
+    return HubScheme(method, fmt, group_size, symmetric)
 
 
 def _read_quantize_config(path: Path) -> Any:
@@ -267,6 +280,16 @@ class ReorderedInputLinear(QuantizedLinear):
 
     def weight_bytes(self) -> int:
         return self.inner.weight_bytes() + self.order.numel() * self.order.element_size()
+
+    def native_blocks(self) -> Blocks | None:
+        """The inner layer's native blocks, for the native decoder layer, which gathers x by
+        `native_order` first (None with a bias: that layer takes bias-free projections)."""
+        blocks = getattr(self.inner, "native_blocks", None)
+        return None if blocks is None or self.inner.bias is not None else blocks()
+
+    def native_order(self) -> torch.Tensor:
+        """The gather the native decoder layer applies to x before the blocks: int64 [K]."""
+        return self.order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.index_select(-1, self.order))

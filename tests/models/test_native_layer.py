@@ -14,6 +14,7 @@ from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.models.native_layer import attach_native_layers
 from lamina.quant.apply import quantize_model, set_submodule
 from lamina.quant.blockq import blockq_linear_from_gguf
+from lamina.quant.hub_formats import ReorderedInputLinear
 from lamina.quant.llm_int8 import LLMInt8Linear
 from tests.quant.conftest import TINY as QUANT_TINY
 
@@ -203,3 +204,33 @@ def test_rebound_weights_are_followed_and_replaced_projections_declined() -> Non
         cache = KVCache.for_model(model, batch=1, max_len=16, dtype=torch.float32)
         _, rope = model.embed(prompt[:, :1], 0)
         assert layer.native.run(torch.randn(1, 1, 64), rope, cache, 0) is None
+
+
+def act_order_model() -> LlamaForCausalLM:
+    """A tiny random Llama whose projections are Q4_0 blocks over inputs in a random order each, as a
+    GPTQ act-order checkpoint loads (`ReorderedInputLinear`), on native layers."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1) if p.dim() == 2 else p.data.uniform_(0.5, 1.5)
+    generator = torch.Generator().manual_seed(2)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            order = torch.randperm(module.in_features, generator=generator)
+            data = quants.quantize(module.weight[:, order].contiguous().numpy(), GGMLQuantizationType.Q4_0)
+            inner = blockq_linear_from_gguf(data, "Q4_0", tuple(module.weight.shape))
+            set_submodule(model, name, ReorderedInputLinear(inner, order))
+    fuse_projections(model)
+    assert attach_native(model)[1] == 2
+    return model
+
+
+def test_act_order_layers_gather_their_inputs_on_native_layers() -> None:
+    model = act_order_model()
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    steps = [[5], [17, 200, 3], [42]]
+    with torch.inference_mode():
+        got, _ = decode(model, prompt, steps, native_layers=True)
+        want, _ = decode(model, prompt, steps, native_layers=False)
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() <= 5e-4 * b.abs().max()

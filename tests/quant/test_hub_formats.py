@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from lamina import LLM
 from lamina.cli import main as cli_main
+from lamina.cli.info import render
 from lamina.errors import CheckpointError, InvalidArgumentError
+from lamina.model_info import describe
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.hub_formats import HubScheme, ReorderedInputLinear, build_linear, hub_scheme, unpack_layer
 from lamina.quant.int4 import Int4Linear
@@ -263,3 +265,28 @@ def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, c
     )
     err = capsys.readouterr().err
     assert "down_proj.qzeros" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("method", "sym"), [("gptq", True), ("awq", False)])
+def test_info_describes_the_scheme_and_its_loaded_size(
+    tiny_models, tmp_path, method, sym, native_lib
+) -> None:
+    _, src = tiny_models["llama"]
+    write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=False)
+    info = describe(tmp_path / "q")
+    assert info.quantization == f"{method} 4-bit, group size 32" + ("" if sym else ", asymmetric")
+    linear_weights = sum(info.linear_stored_types.values())
+    assert info.stored_types[f"{method.upper()} 4-bit"] == linear_weights == info.linear_parameters
+    assert info.kept_bytes() == sum(LLM.load(tmp_path / "q", fuse=False).memory_footprint().values())
+    assert "float32" not in render(info, 64)  # it runs as stored only
+
+
+def test_info_names_a_scheme_lamina_cannot_load(tiny_models, tmp_path) -> None:
+    _, src = tiny_models["llama"]
+    shutil.copytree(src, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert describe(tmp_path / "m").quantization == "fp8 (Lamina cannot load it)"
+    with pytest.raises(CheckpointError, match="'fp8'"):
+        LLM.load(tmp_path / "m")

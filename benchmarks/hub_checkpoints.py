@@ -1,0 +1,158 @@
+"""GPTQ and AWQ checkpoints as the Hub holds them, loaded by Lamina: weights, perplexity, decode speed.
+
+    python benchmarks/hub_checkpoints.py [--model PATH.gguf] [--group-size 128] [--max-tokens 1024]
+                                         [--decode-tokens 32] [--threads 1] [--work DIR]
+
+No GPTQ tool runs on this machine (GPTQModel needs a CUDA torch), so the checkpoints are written here
+with the reference packers (`tests/quant/hub_packers.py`, GPTQModel's and AutoAWQ's layouts) from the
+default model's weights, round-to-nearest: GPTQ v1 symmetric, GPTQ v1 symmetric with an act-order
+g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)), and AWQ GEMM
+asymmetric, all at --group-size. Each quantized directory has a float32 twin holding s (q - z), the
+weights those tools themselves dequantize to. Rows: the twin (float32, what a dequantizing loader
+computes), then the packed checkpoint as Lamina loads it. Same perplexity text and windows as
+`benchmarks/quant.py`. Perplexity shows the load is exact (against the twin), not GPTQ's quality:
+round-to-nearest of SmolLM2's already-4-bit weights at group size 128 loses ~40% (NOTES finding 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.quant
+
+from lamina import LLM
+from lamina.default_model import default_model_path
+from lamina.engine.perplexity import default_text, perplexity
+from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
+
+PROMPT = "The Python language reference describes"
+
+
+def float_checkpoint(gguf: Path, out: Path) -> None:
+    """The GGUF dequantized to a float32 HF directory, by transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    del model.config.quantization_config  # the weights are float now
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)  # a GGUF load won't save
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+def norm_rank(w: torch.Tensor) -> torch.Tensor:
+    """Each input's place [K] when w [N, K]'s columns are sorted by decreasing norm (act-order's
+    order, with the column norm standing in for diag(H))."""
+    k = w.shape[1]
+    rank = torch.empty(k, dtype=torch.long)
+    rank[w.norm(dim=0).argsort(descending=True)] = torch.arange(k)
+    return rank
+
+
+def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: int) -> None:
+    """`quantized`: src's decoder projections packed as `kind` (gptq, gptq-act-order, awq);
+    `twin`: the same model in float32 with those layers set to s (q - z)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(src / "model.safetensors"))
+    packed, twin_state = {}, dict(state)
+    for name, w in state.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
+            packed[name] = w
+            continue
+        k = w.shape[1]
+        rank = norm_rank(w) if kind == "gptq-act-order" else torch.arange(k)
+        order = rank.argsort()  # the inputs in group order
+        q, s, z = quantize(w[:, order], group_size, sym=kind != "awq")
+        q = q[:, rank]  # back to the stored input order
+        g_idx = rank // group_size
+        twin_state[name] = dequantized(q, s, z, g_idx)
+        parts = pack_awq(q, s, z) if kind == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
+        packed.update({f"{module}.{part}": t for part, t in parts.items()})
+    for directory, tensors in ((quantized, packed), (twin, twin_state)):
+        shutil.copytree(src, directory)
+        save_file(tensors, str(directory / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm", "zero_point": True}
+        if kind == "awq"
+        else {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group_size,
+            "desc_act": kind == "gptq-act-order",
+            "sym": True,
+            "checkpoint_format": "gptq",
+        }
+    )
+    (quantized / "config.json").write_text(json.dumps(config))
+
+
+def measure(label: str, path: Path, ids: list[int], decode_tokens: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    llm = LLM.load(path)
+    load_s = time.perf_counter() - started
+    ppl = perplexity(llm.model, ids, context=512, stride=256)
+    llm.generate(PROMPT, max_new_tokens=decode_tokens, temperature=0)
+    return {
+        "label": label,
+        "weight_bytes": sum(llm.memory_footprint().values()),
+        "perplexity": ppl.perplexity,
+        "tokens": ppl.tokens,
+        "decode_tok_s": llm.last_stats.decode_tokens_per_s,
+        "load_s": load_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="a .gguf (default: bundled SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, help="where the checkpoints are written (default: a temp dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="lamina-hub-"))
+    src = work / "float"
+    if not src.exists():
+        float_checkpoint(args.model or default_model_path(), src)
+
+    ids = LLM.load(src).tokenizer.encode(default_text(), add_special_tokens=False)[: args.max_tokens]
+    rows = []
+    for kind in ("gptq", "gptq-act-order", "awq"):
+        quantized, twin = work / kind, work / f"{kind}-dequantized"
+        if not quantized.exists():
+            write_pair(src, quantized, twin, kind, args.group_size)
+        twin_row = measure(f"{kind} as float32", twin, ids, args.decode_tokens)
+        row = measure(f"{kind} g{args.group_size}", quantized, ids, args.decode_tokens)
+        row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
+        twin_row["ppl_vs_twin_pct"] = 0.0
+        rows += [twin_row, row]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"perplexity over {rows[0]['tokens']} tokens, decode {args.decode_tokens} tokens, {args.threads} thread(s)")
+    print(f"{'checkpoint':<26}{'weights MB':>11}{'perplexity':>12}{'vs float':>10}{'decode tok/s':>14}{'load s':>8}")
+    for r in rows:
+        print(
+            f"{r['label']:<26}{r['weight_bytes'] / 1e6:>11.1f}{r['perplexity']:>12.3f}"
+            f"{r['ppl_vs_twin_pct']:>+9.3f}%{r['decode_tok_s']:>14.1f}{r['load_s']:>8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
