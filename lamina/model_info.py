@@ -16,6 +16,7 @@ from torch import nn
 from lamina.loading.checkpoint import Checkpoint, open_checkpoint
 from lamina.loading.loader import build_empty
 from lamina.quant.apply import quantizable_linears
+from lamina.quant.bnb_format import bnb_parts
 from lamina.quant.hub_formats import HubScheme
 
 # Bytes per weight of the formats a model can run in; int8/int4 quantize the layers'
@@ -98,9 +99,14 @@ def describe(path: str | Path) -> ModelInfo:
         stored: Counter[str] = Counter()
         stored_in_linears: Counter[str] = Counter()
         scheme, quantization = _declared_quantization(checkpoint)
-        for name in checkpoint.tensor_names():
+        names = set(checkpoint.tensor_names())
+        for name in names:
             if scheme is not None and name.endswith(".qweight"):  # a GPTQ / AWQ layer: its weight, packed
                 parameter, kind = _parameter_name(model, name.removesuffix("qweight") + "weight"), None
+            elif (
+                scheme is not None and name.endswith(".weight") and bnb_parts(name[: -len(".weight")], names)
+            ):
+                parameter, kind = _parameter_name(model, name), None  # a bitsandbytes layer's codes
             else:
                 parameter, kind = _parameter_name(model, name), checkpoint.stored_type(name)
             if parameter is None:

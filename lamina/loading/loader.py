@@ -163,17 +163,18 @@ def _release(checkpoint: Checkpoint) -> None:
 
 
 def _owner_module(model: nn.Module, name: str, prefix: str) -> str | None:
-    """The module a tensor that is not a parameter would belong to by its name (`x.q_proj` for
-    `x.q_proj.qweight`, with or without the base model's prefix), or None when there is none."""
-    module_name = name.rpartition(".")[0]
-    if not module_name:
-        return None
-    for candidate in (module_name, f"{prefix}.{module_name}" if prefix else module_name):
-        try:
-            model.get_submodule(candidate)
-        except AttributeError:
-            continue
-        return candidate
+    """The innermost module a tensor that is not a parameter belongs to by its name (`x.q_proj` for
+    `x.q_proj.qweight` or `x.q_proj.weight.absmax`, with or without the base model's prefix), or
+    None when there is none below the model itself."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:end])
+        for candidate in (module_name, f"{prefix}.{module_name}" if prefix else module_name):
+            try:
+                model.get_submodule(candidate)
+            except AttributeError:
+                continue
+            return candidate
     return None
 
 

@@ -1,5 +1,6 @@
 """Checkpoints quantized by other tools, loaded as stored: 4-bit GPTQ (AutoGPTQ, GPTQModel, optimum)
-and AWQ (AutoAWQ's GEMM layout), the two formats most quantized Hub models come in.
+and AWQ (AutoAWQ's GEMM layout), the formats most quantized Hub models come in; `hub_scheme` also
+recognizes transformers' bitsandbytes checkpoints, which `bnb_format.py` reads.
 
 Such a directory's config.json names the scheme in `quantization_config` (older AutoGPTQ folders in
 `quantize_config.json`). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
@@ -40,6 +41,7 @@ from lamina.quant.int4 import GROUP_SIZES, Int4Linear, make_scales_and_zeros
 
 #: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
 SUPPORTED = {"gptq": ("gptq", "gptq_v2"), "awq": ("gemm",)}
+BITSANDBYTES = "bitsandbytes"  # read by `bnb_format.py`: formats nf4, fp4 and llm.int8
 BITS = 4
 PACK = 32 // BITS  # codes a packed int32 word holds
 #: AWQ GEMM packs outputs 8j..8j+7 of a word in this order: the code at bits 4i is output AWQ_ORDER[i].
@@ -48,7 +50,9 @@ V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stored every zero point m
 #: Tensor name suffixes of one quantized linear (GPTQ adds g_idx; either may add bias).
 PACKED_PARTS = ("qweight", "qzeros", "scales")
 #: `HubScheme.stored_type()` values, as `lamina info` counts them.
-HUB_STORED_TYPES = frozenset(f"{method.upper()} {BITS}-bit" for method in SUPPORTED)
+HUB_STORED_TYPES = frozenset(
+    [*(f"{method.upper()} {BITS}-bit" for method in SUPPORTED), "BNB NF4", "BNB FP4", "BNB INT8"]
+)
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
 
 
@@ -56,22 +60,38 @@ QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the sch
 class HubScheme:
     """A checkpoint's `quantization_config`, checked: what the per-layer tensors mean."""
 
-    method: str  # "gptq" or "awq"
-    checkpoint_format: str  # "gptq" (v1), "gptq_v2", or AWQ's "gemm"
-    group_size: int  # -1: one group over all inputs
+    method: str  # "gptq", "awq" or "bitsandbytes"
+    checkpoint_format: str  # "gptq" (v1), "gptq_v2", AWQ's "gemm"; bitsandbytes "nf4", "fp4", "llm.int8"
+    group_size: int  # -1: one group over all inputs (bitsandbytes: each layer's state has its own)
     symmetric: bool = True  # declared: every zero point 8 (GPTQ's `sym`; AWQ without `zero_point`)
+    double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
+    threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
 
     def describe(self) -> str:
+        if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
+            return f"bitsandbytes LLM.int8 (8-bit, outlier threshold {self.threshold:g})"
+        if self.method == BITSANDBYTES:
+            dq = ", double-quantized" if self.double_quant else ""
+            return f"bitsandbytes {self.checkpoint_format} (4-bit{dq})"
         group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
         return f"{self.method} {BITS}-bit, {group}{'' if self.symmetric else ', asymmetric'}"
 
     def stored_type(self) -> str:
-        """How `lamina info` names the packed layers' storage."""
+        """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
+        if self.method == BITSANDBYTES:
+            return (
+                "BNB INT8"
+                if self.checkpoint_format == "llm.int8"
+                else f"BNB {self.checkpoint_format.upper()}"
+            )
         return f"{self.method.upper()} {BITS}-bit"
 
     def kept_bits(self) -> float:
         """Bits a weight takes as loaded on the native kernel: codes plus an fp16 scale per 32 weights
-        (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1)."""
+        (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1); bitsandbytes 4-bit keeps its
+        float32 absmax per 64 next to them (`NF4Linear`), 8-bit one float32 scale per row (ignored)."""
+        if self.method == BITSANDBYTES:
+            return 8 + 16 / BLOCK if self.checkpoint_format == "llm.int8" else BITS + 16 / BLOCK + 32 / 64
         return BITS + 16 * (1 if self.symmetric else 2) / BLOCK
 
 
@@ -87,10 +107,12 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source} is not a JSON object; the checkpoint's config is damaged")
     method = str(raw.get("quant_method", "gptq")).lower()  # AutoGPTQ's own file has no quant_method
+    if method == BITSANDBYTES:
+        return _bitsandbytes_scheme(raw, source)
     if method not in SUPPORTED:
         raise CheckpointError(
             f"the checkpoint is quantized with {method!r} ({source}), which Lamina cannot load; it loads "
-            "4-bit gptq and awq checkpoints: use one of those, or the unquantized model"
+            "4-bit gptq and awq, and bitsandbytes checkpoints: use one of those, or the unquantized model"
         )
     fmt_key = "version" if method == "awq" else "checkpoint_format"
     default = "gemm" if method == "awq" else "gptq"
@@ -115,6 +137,32 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
         )
     symmetric = bool(raw.get("sym", True)) if method == "gptq" else not raw.get("zero_point", True)
     return HubScheme(method, fmt, group_size, symmetric)
+
+
+def _bitsandbytes_scheme(raw: dict[str, Any], source: str) -> HubScheme:
+    """transformers' BitsAndBytesConfig as saved: `load_in_4bit` (bnb_4bit_quant_type nf4 / fp4,
+    bnb_4bit_use_double_quant) or `load_in_8bit` (llm_int8_threshold)."""
+    four, eight = bool(raw.get("load_in_4bit")), bool(raw.get("load_in_8bit"))
+    quant_type = str(raw.get("bnb_4bit_quant_type", "fp4")).lower()
+    threshold = raw.get("llm_int8_threshold", 6.0)
+    problem = (
+        "neither or both of load_in_4bit and load_in_8bit"
+        if four == eight
+        else f"bnb_4bit_quant_type {quant_type!r}, Lamina reads 'nf4' and 'fp4'"
+        if four and quant_type not in ("nf4", "fp4")
+        else f"llm_int8_threshold {threshold!r}, not a number >= 0"
+        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold >= 0)
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(
+            f"the checkpoint is bitsandbytes with {problem} ({source}); its config is damaged"
+        )
+    if four:
+        return HubScheme(
+            BITSANDBYTES, quant_type, 64, double_quant=bool(raw.get("bnb_4bit_use_double_quant"))
+        )
+    return HubScheme(BITSANDBYTES, "llm.int8", -1, threshold=float(threshold))
 
 
 def _read_quantize_config(path: Path) -> Any:

@@ -46,10 +46,18 @@ from lamina.quant.blockq import (
     blockq_linear_from_gguf,
     runs_natively,
 )
+from lamina.quant.bnb_format import bnb_linear, bnb_parts
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 from lamina.quant.half import GGML_HALF_DTYPES, half_linear_from_gguf
-from lamina.quant.hub_formats import PACKED_PARTS, HubScheme, build_linear, hub_scheme, unpack_layer
+from lamina.quant.hub_formats import (
+    BITSANDBYTES,
+    PACKED_PARTS,
+    HubScheme,
+    build_linear,
+    hub_scheme,
+    unpack_layer,
+)
 
 if TYPE_CHECKING:
     from lamina.placement.plan import Placement
@@ -143,24 +151,27 @@ def check_prequantized(scheme: HubScheme, quantize: str | None, max_memory: obje
 def _hub_claim(
     model: nn.Module, checkpoint: Checkpoint, scheme: HubScheme, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
-    """Build each linear stored as GPTQ / AWQ codes (`NAME.qweight`, ...) from them; others load as usual."""
+    """Build each linear stored as GPTQ / AWQ codes (`NAME.qweight`, ...) or by bitsandbytes
+    (`NAME.weight` with `NAME.weight.absmax` or `NAME.SCB`) from them; others load as usual."""
     stored = set(checkpoint.tensor_names())
 
     def build(name: str, module: nn.Module) -> bool:
-        if f"{name}.qweight" not in stored:
+        bnb = bnb_parts(name, stored) if scheme.method == BITSANDBYTES else None
+        if f"{name}.qweight" not in stored and bnb is None:
             return False
         if type(module) is not nn.Linear:
             raise CheckpointError(
                 f"{checkpoint.path.name} stores {name} {scheme.method}-quantized, but the model's "
                 f"{name} is a {type(module).__name__}, not a linear layer; is it the architecture its config names?"
             )
-        missing = [part for part in PACKED_PARTS if f"{name}.{part}" not in stored]
+        parts = bnb if bnb is not None else [*PACKED_PARTS, "g_idx"]
+        required = bnb if bnb is not None else PACKED_PARTS
+        missing = [part for part in required if f"{name}.{part}" not in stored]
         if missing:
             raise CheckpointError(
                 f"{checkpoint.path.name} lacks {', '.join(f'{name}.{part}' for part in missing)} of a "
                 f"{scheme.method} layer; the checkpoint is incomplete, download it again"
             )
-        parts = (*PACKED_PARTS, "g_idx")
         tensors = {part: checkpoint.read(f"{name}.{part}") for part in parts if f"{name}.{part}" in stored}
         bias = checkpoint.read(f"{name}.bias").to(dtype) if f"{name}.bias" in stored else None
         if (bias is None) != (module.bias is None):
@@ -169,9 +180,14 @@ def _hub_claim(
                 f"{checkpoint.path.name} {having} {name}.bias but the model built from its config "
                 f"{'has' if module.bias is not None else 'has none'}; the config and the weights disagree"
             )
-        layer = unpack_layer(scheme, tensors, tuple(module.weight.shape), name)
-        native_here = runs_natively(device, tuple(module.weight.shape))
-        set_submodule(model, name, build_linear(layer, bias, native_here).to(device))
+        shape = tuple(module.weight.shape)
+        if bnb is not None:
+            built = bnb_linear(tensors, shape, name, bias, scheme.threshold)
+        else:
+            built = build_linear(
+                unpack_layer(scheme, tensors, shape, name), bias, runs_natively(device, shape)
+            )
+        set_submodule(model, name, built.to(device))
         return True
 
     return build

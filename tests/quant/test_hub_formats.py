@@ -213,7 +213,7 @@ def test_hub_checkpoint_logits_match_transformers(tiny_models, tmp_path, method,
 def test_unsupported_schemes_are_one_line_errors() -> None:
     base = {"bits": 4, "group_size": 128}
     cases = {
-        "bitsandbytes": ({"quant_method": "bitsandbytes"}, "'bitsandbytes'"),
+        "compressed-tensors": ({"quant_method": "compressed-tensors"}, "'compressed-tensors'"),
         "fp8": ({"quant_method": "fp8"}, "gptq and awq"),
         "8 bits": ({**base, "quant_method": "gptq", "bits": 8}, "8 bits"),
         "gemv": ({**base, "quant_method": "awq", "version": "gemv"}, "'gemv'"),
