@@ -12,6 +12,10 @@ weights those tools themselves dequantize to. Rows: the twin (float32, what a de
 computes), then the packed checkpoint as Lamina loads it. Same perplexity text and windows as
 `benchmarks/quant.py`. Perplexity shows the load is exact (against the twin), not GPTQ's quality:
 round-to-nearest of SmolLM2's already-4-bit weights at group size 128 loses ~40% (NOTES finding 17).
+
+Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize the float
+model on the CPU (NF4 double-quantized, and LLM.int8) and `save_pretrained` it; each is run by
+transformers + bitsandbytes (the reference, "vs ref" is against it) and by Lamina.
 """
 
 from __future__ import annotations
@@ -99,6 +103,62 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
     (quantized / "config.json").write_text(json.dumps(config))
 
 
+def bitsandbytes_checkpoint(src: Path, out: Path, variant: str) -> None:
+    """src quantized by transformers + bitsandbytes on the CPU (`variant`: nf4, nf4-dq, int8), saved."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    options = (
+        {"load_in_8bit": True}
+        if variant == "int8"
+        else {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": variant == "nf4-dq",
+        }
+    )
+    config = BitsAndBytesConfig(**options, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
+    model.save_pretrained(out)
+    for tokenizer_file in src.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, out)
+
+
+class _Logits(torch.nn.Module):
+    """A transformers model as `perplexity` takes it: ids [1, T] -> logits [1, T, V]."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+def measure_transformers(label: str, path: Path, ids: list[int], decode_tokens: int) -> dict[str, Any]:
+    """The same numbers for transformers (+ bitsandbytes where the checkpoint says so) on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu").eval()
+    load_s = time.perf_counter() - started
+    with torch.no_grad():
+        ppl = perplexity(_Logits(model), ids, context=512, stride=256)
+        prompt = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt").input_ids
+        times = []
+        for new_tokens in (1, decode_tokens + 1):  # decode rate: the difference, without the prefill
+            started = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times.append(time.perf_counter() - started)
+    return {
+        "label": label,
+        "weight_bytes": model.get_memory_footprint(),
+        "perplexity": ppl.perplexity,
+        "tokens": ppl.tokens,
+        "decode_tok_s": decode_tokens / (times[1] - times[0]),
+        "load_s": load_s,
+    }
+
+
 def measure(label: str, path: Path, ids: list[int], decode_tokens: int) -> dict[str, Any]:
     started = time.perf_counter()
     llm = LLM.load(path)
@@ -116,7 +176,9 @@ def measure(label: str, path: Path, ids: list[int], decode_tokens: int) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, help="a .gguf (default: bundled SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=1024, help="perplexity tokens")
@@ -142,14 +204,27 @@ def main() -> None:
         row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
         twin_row["ppl_vs_twin_pct"] = 0.0
         rows += [twin_row, row]
+    for variant in ("nf4-dq", "int8"):
+        saved = work / f"bnb-{variant}"
+        if not saved.exists():
+            bitsandbytes_checkpoint(src, saved, variant)
+        reference = measure_transformers(f"bnb {variant}, transformers", saved, ids, args.decode_tokens)
+        row = measure(f"bnb {variant}, Lamina", saved, ids, args.decode_tokens)
+        reference["ppl_vs_twin_pct"] = 0.0
+        row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / reference["perplexity"] - 1)
+        rows += [reference, row]
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"perplexity over {rows[0]['tokens']} tokens, decode {args.decode_tokens} tokens, {args.threads} thread(s)")
-    print(f"{'checkpoint':<26}{'weights MB':>11}{'perplexity':>12}{'vs float':>10}{'decode tok/s':>14}{'load s':>8}")
+    print(
+        f"perplexity over {rows[0]['tokens']} tokens, decode {args.decode_tokens} tokens, {args.threads} thread(s)"
+    )
+    print(
+        f"{'checkpoint':<30}{'weights MB':>11}{'perplexity':>12}{'vs ref':>10}{'decode tok/s':>14}{'load s':>8}"
+    )
     for r in rows:
         print(
-            f"{r['label']:<26}{r['weight_bytes'] / 1e6:>11.1f}{r['perplexity']:>12.3f}"
+            f"{r['label']:<30}{r['weight_bytes'] / 1e6:>11.1f}{r['perplexity']:>12.3f}"
             f"{r['ppl_vs_twin_pct']:>+9.3f}%{r['decode_tok_s']:>14.1f}{r['load_s']:>8.1f}"
         )
 
