@@ -17,7 +17,7 @@ from lamina.loading.checkpoint import Checkpoint, open_checkpoint
 from lamina.loading.loader import build_empty
 from lamina.quant.apply import quantizable_linears
 from lamina.quant.bnb_format import bnb_parts
-from lamina.quant.hub_formats import HubScheme
+from lamina.quant.hub_scheme import HubScheme
 
 # Bytes per weight of the formats a model can run in; int8/int4 quantize the layers'
 # nn.Linear weights (one scale per output row / per group of 128), everything else stays 16-bit.
@@ -53,7 +53,7 @@ class ModelInfo:
         """Estimated bytes of all weights as loading them on a CPU in float32 keeps them by default: a
         GGUF's quantized matrices as stored (native kernel), linear weights stored in 16 bits as 16-bit
         (`quant/half.py`), everything else float32; None when all of it would be float32."""
-        from lamina.quant.hub_formats import HUB_STORED_TYPES
+        from lamina.quant.hub_scheme import HUB_STORED_TYPES
         from lamina.quant.load import HALF_STORED
 
         total, narrow = 0.0, False
@@ -101,8 +101,9 @@ def describe(path: str | Path) -> ModelInfo:
         scheme, quantization = _declared_quantization(checkpoint)
         names = set(checkpoint.tensor_names())
         for name in names:
-            if scheme is not None and name.endswith(".qweight"):  # a GPTQ / AWQ layer: its weight, packed
-                parameter, kind = _parameter_name(model, name.removesuffix("qweight") + "weight"), None
+            if scheme is not None and name.endswith((".qweight", ".weight_packed")):  # a layer's codes
+                parameter = _parameter_name(model, name.rpartition(".")[0] + ".weight")
+                kind = None
             elif (
                 scheme is not None and name.endswith(".weight") and bnb_parts(name[: -len(".weight")], names)
             ):

@@ -1,9 +1,6 @@
 """Checkpoints quantized by other tools, loaded as stored: 4-bit GPTQ (AutoGPTQ, GPTQModel, optimum)
-and AWQ (AutoAWQ's GEMM layout), the formats most quantized Hub models come in; `hub_scheme` also
-recognizes transformers' bitsandbytes checkpoints, which `bnb_format.py` reads.
-
-Such a directory's config.json names the scheme in `quantization_config` (older AutoGPTQ folders in
-`quantize_config.json`). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
+and AWQ (AutoAWQ's GEMM layout), the formats most quantized Hub models come in (`hub_scheme.py`
+reads which one a checkpoint declares). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
 eight 4-bit codes), `NAME.qzeros` (int32 words of eight 4-bit zero points, one row per group),
 `NAME.scales` (fp16 [K/G, N]) and, for GPTQ, `NAME.g_idx` (int32 [K], each input's group). The
 weight is w[n, k] = s (q - z) with the group's scale s and zero point z:
@@ -25,9 +22,7 @@ gathers x's columns in that order per call).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,139 +32,22 @@ from lamina.errors import CheckpointError
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.blocks import BLOCK, Blocks, fits
+from lamina.quant.hub_scheme import BITS, COMPRESSED_TENSORS, HubScheme
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear, make_scales_and_zeros
 
-#: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
-SUPPORTED = {"gptq": ("gptq", "gptq_v2"), "awq": ("gemm",)}
-BITSANDBYTES = "bitsandbytes"  # read by `bnb_format.py`: formats nf4, fp4 and llm.int8
-BITS = 4
 PACK = 32 // BITS  # codes a packed int32 word holds
 #: AWQ GEMM packs outputs 8j..8j+7 of a word in this order: the code at bits 4i is output AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stored every zero point minus one
-#: Tensor name suffixes of one quantized linear (GPTQ adds g_idx; either may add bias).
-PACKED_PARTS = ("qweight", "qzeros", "scales")
-#: `HubScheme.stored_type()` values, as `lamina info` counts them.
-HUB_STORED_TYPES = frozenset(
-    [*(f"{method.upper()} {BITS}-bit" for method in SUPPORTED), "BNB NF4", "BNB FP4", "BNB INT8"]
-)
-QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
+#: Tensor name suffixes of one quantized linear, (required, optional), the first naming its layers;
+#: any may add a bias.
+GPTQ_PARTS = (("qweight", "qzeros", "scales"), ("g_idx",))
+CT_PARTS = (("weight_packed", "weight_scale"), ("weight_zero_point", "weight_shape", "weight_g_idx"))
 
 
-@dataclass(frozen=True)
-class HubScheme:
-    """A checkpoint's `quantization_config`, checked: what the per-layer tensors mean."""
-
-    method: str  # "gptq", "awq" or "bitsandbytes"
-    checkpoint_format: str  # "gptq" (v1), "gptq_v2", AWQ's "gemm"; bitsandbytes "nf4", "fp4", "llm.int8"
-    group_size: int  # -1: one group over all inputs (bitsandbytes: each layer's state has its own)
-    symmetric: bool = True  # declared: every zero point 8 (GPTQ's `sym`; AWQ without `zero_point`)
-    double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
-    threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
-
-    def describe(self) -> str:
-        if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
-            return f"bitsandbytes LLM.int8 (8-bit, outlier threshold {self.threshold:g})"
-        if self.method == BITSANDBYTES:
-            dq = ", double-quantized" if self.double_quant else ""
-            return f"bitsandbytes {self.checkpoint_format} (4-bit{dq})"
-        group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
-        return f"{self.method} {BITS}-bit, {group}{'' if self.symmetric else ', asymmetric'}"
-
-    def stored_type(self) -> str:
-        """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
-        if self.method == BITSANDBYTES:
-            return (
-                "BNB INT8"
-                if self.checkpoint_format == "llm.int8"
-                else f"BNB {self.checkpoint_format.upper()}"
-            )
-        return f"{self.method.upper()} {BITS}-bit"
-
-    def kept_bits(self) -> float:
-        """Bits a weight takes as loaded on the native kernel: codes plus an fp16 scale per 32 weights
-        (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1); bitsandbytes 4-bit keeps its
-        float32 absmax per 64 next to them (`NF4Linear`), 8-bit one float32 scale per row (ignored)."""
-        if self.method == BITSANDBYTES:
-            return 8 + 16 / BLOCK if self.checkpoint_format == "llm.int8" else BITS + 16 / BLOCK + 32 / 64
-        return BITS + 16 * (1 if self.symmetric else 2) / BLOCK
-
-
-def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubScheme | None:
-    """The quantization scheme an HF checkpoint was saved with, or None for a float checkpoint. Raises
-    CheckpointError for a scheme Lamina cannot load, naming what it supports."""
-    raw = config.get("quantization_config")
-    source = "quantization_config in config.json"
-    if raw is None and directory is not None and (directory / QUANTIZE_CONFIG_FILE).is_file():
-        raw, source = _read_quantize_config(directory / QUANTIZE_CONFIG_FILE), QUANTIZE_CONFIG_FILE
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{source} is not a JSON object; the checkpoint's config is damaged")
-    method = str(raw.get("quant_method", "gptq")).lower()  # AutoGPTQ's own file has no quant_method
-    if method == BITSANDBYTES:
-        return _bitsandbytes_scheme(raw, source)
-    if method not in SUPPORTED:
-        raise CheckpointError(
-            f"the checkpoint is quantized with {method!r} ({source}), which Lamina cannot load; it loads "
-            "4-bit gptq and awq, and bitsandbytes checkpoints: use one of those, or the unquantized model"
-        )
-    fmt_key = "version" if method == "awq" else "checkpoint_format"
-    default = "gemm" if method == "awq" else "gptq"
-    fmt = str(raw.get(fmt_key, raw.get("format", default))).lower()
-    if method == "gptq" and raw.get("is_marlin_format"):
-        fmt = "marlin"
-    bits, group_size = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
-    problem = (
-        f"{fmt_key} {fmt!r}, Lamina reads {' and '.join(map(repr, SUPPORTED[method]))}"
-        if fmt not in SUPPORTED[method]
-        else f"{bits} bits, Lamina reads {BITS}-bit checkpoints"
-        if bits != BITS
-        else f"group size {group_size!r}, Lamina reads -1 or a multiple of {BLOCK}"
-        if not (
-            isinstance(group_size, int) and (group_size == -1 or (group_size > 0 and group_size % BLOCK == 0))
-        )
-        else None
-    )
-    if problem is not None:
-        raise CheckpointError(
-            f"the checkpoint is {method} with {problem} ({source}); use a checkpoint of a supported kind"
-        )
-    symmetric = bool(raw.get("sym", True)) if method == "gptq" else not raw.get("zero_point", True)
-    return HubScheme(method, fmt, group_size, symmetric)
-
-
-def _bitsandbytes_scheme(raw: dict[str, Any], source: str) -> HubScheme:
-    """transformers' BitsAndBytesConfig as saved: `load_in_4bit` (bnb_4bit_quant_type nf4 / fp4,
-    bnb_4bit_use_double_quant) or `load_in_8bit` (llm_int8_threshold)."""
-    four, eight = bool(raw.get("load_in_4bit")), bool(raw.get("load_in_8bit"))
-    quant_type = str(raw.get("bnb_4bit_quant_type", "fp4")).lower()
-    threshold = raw.get("llm_int8_threshold", 6.0)
-    problem = (
-        "neither or both of load_in_4bit and load_in_8bit"
-        if four == eight
-        else f"bnb_4bit_quant_type {quant_type!r}, Lamina reads 'nf4' and 'fp4'"
-        if four and quant_type not in ("nf4", "fp4")
-        else f"llm_int8_threshold {threshold!r}, not a number >= 0"
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold >= 0)
-        else None
-    )
-    if problem is not None:
-        raise CheckpointError(
-            f"the checkpoint is bitsandbytes with {problem} ({source}); its config is damaged"
-        )
-    if four:
-        return HubScheme(
-            BITSANDBYTES, quant_type, 64, double_quant=bool(raw.get("bnb_4bit_use_double_quant"))
-        )
-    return HubScheme(BITSANDBYTES, "llm.int8", -1, threshold=float(threshold))
-
-
-def _read_quantize_config(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}; the checkpoint's config is damaged") from exc
+def packed_parts(scheme: HubScheme) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) tensor name suffixes of a layer the scheme packs."""
+    return CT_PARTS if scheme.method == COMPRESSED_TENSORS else GPTQ_PARTS
 
 
 def unpack_words(words: torch.Tensor, order: tuple[int, ...] = tuple(range(PACK))) -> torch.Tensor:
@@ -208,7 +86,7 @@ class UnpackedLayer:
 def unpack_layer(
     scheme: HubScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, int], name: str
 ) -> UnpackedLayer:
-    """A layer's stored tensors (`PACKED_PARTS`, GPTQ's g_idx) -> `UnpackedLayer`; `shape` is the
+    """A layer's stored tensors (`packed_parts(scheme)`) -> `UnpackedLayer`; `shape` is the
     model's [N, K] for the layer. Wrong shapes or dtypes are a CheckpointError naming the tensor."""
     n, k = shape
     if n % PACK or k % BLOCK:
@@ -218,7 +96,9 @@ def unpack_layer(
         )
     group_size = k if scheme.group_size == -1 else scheme.group_size
     groups = -(-k // group_size)
-    qweight, qzeros, scales = (tensors[part] for part in PACKED_PARTS)
+    if scheme.method == COMPRESSED_TENSORS:
+        return _unpack_compressed_tensors(tensors, (n, k), group_size, name)
+    qweight, qzeros, scales = (tensors[part] for part in GPTQ_PARTS[0])
     gptq = scheme.method == "gptq"
     _check(qweight, (k // PACK, n) if gptq else (k, n // PACK), f"{name}.qweight", torch.int32)
     _check(qzeros, (groups, n // PACK), f"{name}.qzeros", torch.int32)
@@ -236,10 +116,47 @@ def unpack_layer(
         order = _group_order(tensors["g_idx"], k, group_size, name)
         if order is not None:
             codes = codes[:, order]
-    scales = scales.float().t().contiguous()  # [G, N] -> [N, G]
+    return UnpackedLayer(
+        codes, _finite(scales.float().t().contiguous(), f"{name}.scales"), zeros, group_size, order
+    )
+
+
+def _unpack_compressed_tensors(
+    tensors: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int, name: str
+) -> UnpackedLayer:
+    """compressed-tensors' pack-quantized layer: weight_packed int32 [N, K/8] holds inputs 8i..8i+7 of
+    row n at bits 4j as q + 8 (q in -8..7); weight_scale [N, G]; weight_zero_point, asymmetric only,
+    int32 [N/8, G] holding rows 8i..8i+7 at bits 4j as zp + 8; w = s (q - zp), i.e. s (codes - zeros)
+    with both offsets by 8. weight_g_idx as GPTQ's g_idx."""
+    n, k = shape
+    groups = -(-k // group_size)
+    packed, scales = tensors["weight_packed"], tensors["weight_scale"]
+    _check(packed, (n, k // PACK), f"{name}.weight_packed", torch.int32)
+    _check(scales, (n, groups), f"{name}.weight_scale", None)
+    stored_shape = tensors.get("weight_shape")
+    if stored_shape is not None and stored_shape.tolist() != [n, k]:
+        raise CheckpointError(
+            f"{name}.weight_shape is {stored_shape.tolist()} but the model's layer is [{n}, {k}]; "
+            "the config and the weights disagree"
+        )
+    codes = unpack_words(packed)  # [N, K/8] words -> [N, K]
+    zeros = torch.full((n, groups), 8, dtype=torch.uint8)
+    if "weight_zero_point" in tensors:
+        zero_points = tensors["weight_zero_point"]
+        _check(zero_points, (n // PACK, groups), f"{name}.weight_zero_point", torch.int32)
+        zeros = unpack_words(zero_points.t().contiguous()).t().contiguous()  # [G, N/8] -> [G, N] -> [N, G]
+    order = None
+    if "weight_g_idx" in tensors:
+        order = _group_order(tensors["weight_g_idx"], k, group_size, name)
+        if order is not None:
+            codes = codes[:, order]
+    return UnpackedLayer(codes, _finite(scales.float(), f"{name}.weight_scale"), zeros, group_size, order)
+
+
+def _finite(scales: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.isfinite(scales).all():
-        raise CheckpointError(f"{name}.scales holds NaN or infinite values; the checkpoint is damaged")
-    return UnpackedLayer(codes, scales, zeros, group_size, order)
+        raise CheckpointError(f"{name} holds NaN or infinite values; the checkpoint is damaged")
+    return scales
 
 
 def _check(t: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype | None) -> None:

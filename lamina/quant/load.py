@@ -50,14 +50,8 @@ from lamina.quant.bnb_format import bnb_linear, bnb_parts
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 from lamina.quant.half import GGML_HALF_DTYPES, half_linear_from_gguf
-from lamina.quant.hub_formats import (
-    BITSANDBYTES,
-    PACKED_PARTS,
-    HubScheme,
-    build_linear,
-    hub_scheme,
-    unpack_layer,
-)
+from lamina.quant.hub_formats import build_linear, packed_parts, unpack_layer
+from lamina.quant.hub_scheme import BITSANDBYTES, HubScheme, hub_scheme
 
 if TYPE_CHECKING:
     from lamina.placement.plan import Placement
@@ -151,21 +145,23 @@ def check_prequantized(scheme: HubScheme, quantize: str | None, max_memory: obje
 def _hub_claim(
     model: nn.Module, checkpoint: Checkpoint, scheme: HubScheme, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
-    """Build each linear stored as GPTQ / AWQ codes (`NAME.qweight`, ...) or by bitsandbytes
-    (`NAME.weight` with `NAME.weight.absmax` or `NAME.SCB`) from them; others load as usual."""
+    """Build each linear stored as GPTQ / AWQ / compressed-tensors codes (`NAME.qweight`, ...,
+    `NAME.weight_packed`, ...) or by bitsandbytes (`NAME.weight` with `NAME.weight.absmax` or
+    `NAME.SCB`) from them; others load as usual."""
     stored = set(checkpoint.tensor_names())
 
     def build(name: str, module: nn.Module) -> bool:
         bnb = bnb_parts(name, stored) if scheme.method == BITSANDBYTES else None
-        if f"{name}.qweight" not in stored and bnb is None:
+        required, optional = packed_parts(scheme)
+        if f"{name}.{required[0]}" not in stored and bnb is None:
             return False
         if type(module) is not nn.Linear:
             raise CheckpointError(
                 f"{checkpoint.path.name} stores {name} {scheme.method}-quantized, but the model's "
                 f"{name} is a {type(module).__name__}, not a linear layer; is it the architecture its config names?"
             )
-        parts = bnb if bnb is not None else [*PACKED_PARTS, "g_idx"]
-        required = bnb if bnb is not None else PACKED_PARTS
+        parts = bnb if bnb is not None else [*required, *optional]
+        required = bnb if bnb is not None else required
         missing = [part for part in required if f"{name}.{part}" not in stored]
         if missing:
             raise CheckpointError(

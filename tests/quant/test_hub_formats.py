@@ -21,7 +21,8 @@ from lamina.cli.info import render
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.model_info import describe
 from lamina.quant.blockq import BlockQuantLinear
-from lamina.quant.hub_formats import HubScheme, ReorderedInputLinear, build_linear, hub_scheme, unpack_layer
+from lamina.quant.hub_formats import ReorderedInputLinear, build_linear, unpack_layer
+from lamina.quant.hub_scheme import HubScheme, hub_scheme
 from lamina.quant.int4 import Int4Linear
 from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
 
@@ -213,8 +214,8 @@ def test_hub_checkpoint_logits_match_transformers(tiny_models, tmp_path, method,
 def test_unsupported_schemes_are_one_line_errors() -> None:
     base = {"bits": 4, "group_size": 128}
     cases = {
-        "compressed-tensors": ({"quant_method": "compressed-tensors"}, "'compressed-tensors'"),
-        "fp8": ({"quant_method": "fp8"}, "gptq and awq"),
+        "hqq": ({"quant_method": "hqq"}, "'hqq'"),
+        "fp8": ({"quant_method": "fp8"}, "gptq, awq and compressed-tensors"),
         "8 bits": ({**base, "quant_method": "gptq", "bits": 8}, "8 bits"),
         "gemv": ({**base, "quant_method": "awq", "version": "gemv"}, "'gemv'"),
         "marlin": ({**base, "quant_method": "gptq", "checkpoint_format": "marlin"}, "'marlin'"),

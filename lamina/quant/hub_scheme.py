@@ -1,0 +1,198 @@
+"""Which quantization another tool saved an HF checkpoint with: `quantization_config` in config.json
+(or, in older AutoGPTQ folders, `quantize_config.json`), checked once before any tensor is read.
+
+Lamina loads 4-bit GPTQ, AWQ (GEMM) and compressed-tensors pack-quantized checkpoints as int4 codes
+(`hub_formats.py`), and transformers' bitsandbytes saves (`bnb_format.py`); any other scheme is a
+one-line CheckpointError that names what it supports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import CheckpointError
+from lamina.quant.blocks import BLOCK
+
+#: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
+SUPPORTED = {"gptq": ("gptq", "gptq_v2"), "awq": ("gemm",)}
+BITSANDBYTES = "bitsandbytes"  # read by `bnb_format.py`: formats nf4, fp4 and llm.int8
+COMPRESSED_TENSORS = "compressed-tensors"  # llm-compressor's checkpoints; Lamina reads "pack-quantized"
+PACK_QUANTIZED = "pack-quantized"
+BITS = 4  # the code width of the GPTQ / AWQ / compressed-tensors checkpoints Lamina reads
+#: `HubScheme.stored_type()` values, as `lamina info` counts them.
+HUB_STORED_TYPES = frozenset(
+    [
+        *(f"{method.upper()} {BITS}-bit" for method in (*SUPPORTED, COMPRESSED_TENSORS)),
+        "BNB NF4",
+        "BNB FP4",
+        "BNB INT8",
+    ]
+)
+QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
+
+
+@dataclass(frozen=True)
+class HubScheme:
+    """A checkpoint's `quantization_config`, checked: what the per-layer tensors mean."""
+
+    method: str  # "gptq", "awq", "compressed-tensors" or "bitsandbytes"
+    #: "gptq" (v1), "gptq_v2", AWQ's "gemm", "pack-quantized"; bitsandbytes "nf4", "fp4", "llm.int8"
+    checkpoint_format: str
+    group_size: int  # -1: one group over all inputs (bitsandbytes: each layer's state has its own)
+    symmetric: bool = True  # declared: every zero point 8 (GPTQ's `sym`; AWQ without `zero_point`)
+    double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
+    threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
+
+    def describe(self) -> str:
+        if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
+            return f"bitsandbytes LLM.int8 (8-bit, outlier threshold {self.threshold:g})"
+        if self.method == BITSANDBYTES:
+            dq = ", double-quantized" if self.double_quant else ""
+            return f"bitsandbytes {self.checkpoint_format} (4-bit{dq})"
+        group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
+        return f"{self.method} {BITS}-bit, {group}{'' if self.symmetric else ', asymmetric'}"
+
+    def stored_type(self) -> str:
+        """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
+        if self.method == BITSANDBYTES:
+            return (
+                "BNB INT8"
+                if self.checkpoint_format == "llm.int8"
+                else f"BNB {self.checkpoint_format.upper()}"
+            )
+        return f"{self.method.upper()} {BITS}-bit"
+
+    def kept_bits(self) -> float:
+        """Bits a weight takes as loaded on the native kernel: codes plus an fp16 scale per 32 weights
+        (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1); bitsandbytes 4-bit keeps its
+        float32 absmax per 64 next to them (`NF4Linear`), 8-bit one float32 scale per row (ignored)."""
+        if self.method == BITSANDBYTES:
+            return 8 + 16 / BLOCK if self.checkpoint_format == "llm.int8" else BITS + 16 / BLOCK + 32 / 64
+        return BITS + 16 * (1 if self.symmetric else 2) / BLOCK
+
+
+def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubScheme | None:
+    """The quantization scheme an HF checkpoint was saved with, or None for a float checkpoint. Raises
+    CheckpointError for a scheme Lamina cannot load, naming what it supports."""
+    raw = config.get("quantization_config")
+    source = "quantization_config in config.json"
+    if raw is None and directory is not None and (directory / QUANTIZE_CONFIG_FILE).is_file():
+        raw, source = _read_quantize_config(directory / QUANTIZE_CONFIG_FILE), QUANTIZE_CONFIG_FILE
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source} is not a JSON object; the checkpoint's config is damaged")
+    method = str(raw.get("quant_method", "gptq")).lower()  # AutoGPTQ's own file has no quant_method
+    if method == BITSANDBYTES:
+        return _bitsandbytes_scheme(raw, source)
+    if method == COMPRESSED_TENSORS:
+        return _compressed_tensors_scheme(raw, source)
+    if method not in SUPPORTED:
+        raise CheckpointError(
+            f"the checkpoint is quantized with {method!r} ({source}), which Lamina cannot load; it loads "
+            "4-bit gptq, awq and compressed-tensors, and bitsandbytes checkpoints: use one of those, or the "
+            "unquantized model"
+        )
+    fmt_key = "version" if method == "awq" else "checkpoint_format"
+    default = "gemm" if method == "awq" else "gptq"
+    fmt = str(raw.get(fmt_key, raw.get("format", default))).lower()
+    if method == "gptq" and raw.get("is_marlin_format"):
+        fmt = "marlin"
+    bits, group_size = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
+    problem = (
+        f"{fmt_key} {fmt!r}, Lamina reads {' and '.join(map(repr, SUPPORTED[method]))}"
+        if fmt not in SUPPORTED[method]
+        else f"{bits} bits, Lamina reads {BITS}-bit checkpoints"
+        if bits != BITS
+        else f"group size {group_size!r}, Lamina reads -1 or a multiple of {BLOCK}"
+        if not (
+            isinstance(group_size, int) and (group_size == -1 or (group_size > 0 and group_size % BLOCK == 0))
+        )
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(
+            f"the checkpoint is {method} with {problem} ({source}); use a checkpoint of a supported kind"
+        )
+    symmetric = bool(raw.get("sym", True)) if method == "gptq" else not raw.get("zero_point", True)
+    return HubScheme(method, fmt, group_size, symmetric)
+
+
+def _bitsandbytes_scheme(raw: dict[str, Any], source: str) -> HubScheme:
+    """transformers' BitsAndBytesConfig as saved: `load_in_4bit` (bnb_4bit_quant_type nf4 / fp4,
+    bnb_4bit_use_double_quant) or `load_in_8bit` (llm_int8_threshold)."""
+    four, eight = bool(raw.get("load_in_4bit")), bool(raw.get("load_in_8bit"))
+    quant_type = str(raw.get("bnb_4bit_quant_type", "fp4")).lower()
+    threshold = raw.get("llm_int8_threshold", 6.0)
+    problem = (
+        "neither or both of load_in_4bit and load_in_8bit"
+        if four == eight
+        else f"bnb_4bit_quant_type {quant_type!r}, Lamina reads 'nf4' and 'fp4'"
+        if four and quant_type not in ("nf4", "fp4")
+        else f"llm_int8_threshold {threshold!r}, not a number >= 0"
+        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold >= 0)
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(
+            f"the checkpoint is bitsandbytes with {problem} ({source}); its config is damaged"
+        )
+    if four:
+        return HubScheme(
+            BITSANDBYTES, quant_type, 64, double_quant=bool(raw.get("bnb_4bit_use_double_quant"))
+        )
+    return HubScheme(BITSANDBYTES, "llm.int8", -1, threshold=float(threshold))
+
+
+def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
+    """llm-compressor's `compressed-tensors` config: weight-only int4 ("w4a16"), format pack-quantized,
+    strategy group (a multiple of 32) or channel, symmetric or not; one weight scheme for every config
+    group; no activation or KV-cache quantization."""
+    groups = raw.get("config_groups")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        raise CheckpointError(
+            f"the checkpoint is compressed-tensors without config_groups ({source}); its config is damaged"
+        )
+    weights = [g.get("weights") for g in groups.values()]
+    formats = {str(g.get("format") or raw.get("format")) for g in groups.values()}
+    first = weights[0] if isinstance(weights[0], dict) else {}
+    strategy, group_size = first.get("strategy"), first.get("group_size")
+    problem = (
+        f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}"
+        if formats != {PACK_QUANTIZED}
+        else "differing weight schemes across its config groups, Lamina reads one"
+        if any(w != first for w in weights)
+        else f"weights {first.get('type')!r} {first.get('num_bits')}-bit, Lamina reads int {BITS}-bit"
+        if first.get("type") != "int" or first.get("num_bits") != BITS
+        else "quantized activations, Lamina reads weight-only checkpoints (w4a16)"
+        if any(g.get("input_activations") or g.get("output_activations") for g in groups.values())
+        else "a quantized KV cache, which Lamina does not read"
+        if raw.get("kv_cache_scheme")
+        else f"quantization_status {raw.get('quantization_status')!r}, Lamina reads 'compressed'"
+        if raw.get("quantization_status", "compressed") != "compressed"
+        else f"strategy {strategy!r}, Lamina reads 'group' (a multiple of {BLOCK}) and 'channel'"
+        if not (
+            strategy == "channel"
+            or (
+                strategy == "group"
+                and isinstance(group_size, int)
+                and group_size > 0
+                and group_size % BLOCK == 0
+            )
+        )
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(f"the checkpoint is {COMPRESSED_TENSORS} with {problem} ({source})")
+    group = group_size if strategy == "group" else -1
+    return HubScheme(COMPRESSED_TENSORS, PACK_QUANTIZED, group, bool(first.get("symmetric", True)))
+
+
+def _read_quantize_config(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; the checkpoint's config is damaged") from exc

@@ -1,0 +1,164 @@
+"""compressed-tensors (llm-compressor) pack-quantized checkpoints load as stored (`hub_formats.py`).
+
+The codes are packed by compressed-tensors' own `pack_to_int32`; the reference logits are the model
+with each layer decompressed by compressed-tensors' own `PackedQuantizationCompressor.decompress`, and
+transformers loads the same directories (it reads this version's packed asymmetric zero points with
+the wrong shape, so that check is on a symmetric checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from safetensors.torch import load_file, save_file
+
+from lamina import LLM
+from lamina.errors import CheckpointError
+from lamina.model_info import describe
+from lamina.quant.blockq import BlockQuantLinear
+from lamina.quant.hub_scheme import hub_scheme
+from tests.quant.hub_packers import PROJECTIONS
+
+IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool):
+    """compressed-tensors' int4 convention: q in -8..7, w ~ s (q - zp); returns (q, s, zp) int8 / float."""
+    n, k = w.shape
+    wg = w.reshape(n, k // group_size, group_size)  # [N, G, group]
+    if symmetric:
+        s = wg.abs().amax(-1) / 7.5
+        zp = torch.zeros_like(s, dtype=torch.int8)
+    else:
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = (hi - lo) / 15
+        zp = (torch.round(-lo / s) - 8).clamp(-8, 7).to(torch.int8)
+    q = (torch.round(wg / s[..., None]) + zp[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.reshape(n, k), s, zp
+
+
+def write_checkpoint(src: Path, dst: Path, strategy: str, symmetric: bool) -> None:
+    """src's decoder projections as llm-compressor writes a w4a16 model (format pack-quantized)."""
+    shutil.copytree(src, dst)
+    out = {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
+            out[name] = w
+            continue
+        group = 32 if strategy == "group" else w.shape[1]
+        q, s, zp = quantize_int4(w, group, symmetric)
+        out[f"{module}.weight_packed"] = pack_to_int32(q, 4)
+        out[f"{module}.weight_scale"] = s.to(torch.bfloat16)  # llm-compressor keeps the model's dtype
+        out[f"{module}.weight_shape"] = torch.tensor(list(w.shape))
+        if not symmetric:
+            out[f"{module}.weight_zero_point"] = pack_to_int32(zp, 4, packed_dim=0)
+    save_file(out, str(dst / "model.safetensors"))
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": strategy, "dynamic": False}
+    weights |= {"group_size": 32} if strategy == "group" else {}
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def decompressed_logits(hf_model, directory: Path) -> torch.Tensor:
+    """Logits of `hf_model` with each packed layer replaced by compressed-tensors' own decompression."""
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    args = QuantizationArgs(**config["config_groups"]["group_0"]["weights"])
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    stored = load_file(str(directory / "model.safetensors"))
+    model = copy.deepcopy(hf_model)
+    for name in [n.removesuffix(".weight_packed") for n in stored if n.endswith(".weight_packed")]:
+        parts = {k.removeprefix(f"{name}."): v for k, v in stored.items() if k.startswith(f"{name}.weight_")}
+        weight = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        model.get_submodule(name).weight.data = weight.float()
+    with torch.no_grad():
+        return model(IDS).logits[0]
+
+
+@pytest.mark.parametrize(("strategy", "symmetric"), [("group", True), ("group", False), ("channel", True)])
+def test_logits_match_compressed_tensors_decompression(tiny_models, tmp_path, strategy, symmetric) -> None:
+    hf_model, src = tiny_models["llama"]
+    write_checkpoint(src, tmp_path / "ct", strategy, symmetric)
+    expected = decompressed_logits(hf_model, tmp_path / "ct")
+    with torch.no_grad():
+        unquantized = hf_model(IDS).logits[0]
+    llm = LLM.load(tmp_path / "ct", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS)[0]  # [T, vocab]
+    # measured: 1.4e-4 of the largest logit (the native kernel's int8 activations)
+    assert torch.allclose(got, expected, rtol=0, atol=0.005 * expected.abs().max())
+    assert not torch.allclose(got, unquantized, rtol=0, atol=0.02 * unquantized.abs().max())
+    blocks = [m for m in llm.model.modules() if isinstance(m, BlockQuantLinear)]
+    assert len(blocks) == 7 * 2
+    assert {m.ggml_type for m in blocks} == {"Q4_0" if symmetric else "Q4_1"}
+
+
+def test_transformers_reads_the_checkpoints_as_lamina_does(tiny_models, tmp_path) -> None:
+    """The config and tensors written here are what transformers + compressed-tensors load."""
+    from transformers import AutoModelForCausalLM
+
+    write_checkpoint(tiny_models["llama"][1], tmp_path / "ct", "group", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", device_map="cpu")
+    with torch.no_grad():
+        expected = reference(IDS).logits[0]
+        got = LLM.load(tmp_path / "ct").model(IDS)[0]
+    assert torch.allclose(got, expected, rtol=0, atol=0.005 * expected.abs().max())
+
+
+def test_info_names_the_scheme(tiny_models, tmp_path) -> None:
+    write_checkpoint(tiny_models["llama"][1], tmp_path / "ct", "group", True)
+    info = describe(tmp_path / "ct")
+    assert info.quantization == "compressed-tensors 4-bit, group size 32"
+    assert info.stored_types["COMPRESSED-TENSORS 4-bit"] == info.linear_parameters
+
+
+def test_schemes_lamina_cannot_read_are_named() -> None:
+    base = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+    cases = {
+        "float-quantized": ({**base, "format": "float-quantized"}, weights, None),
+        "8 bits": (base, {**weights, "num_bits": 8}, None),
+        "w4a8": (base, weights, {"num_bits": 8, "type": "int"}),
+        "group 16": (base, {**weights, "group_size": 16}, None),
+        "tensor": (base, {**weights, "strategy": "tensor"}, None),
+    }
+    needles = {
+        "float-quantized": "float-quantized",
+        "8 bits": "8-bit",
+        "w4a8": "quantized activations",
+        "group 16": "strategy 'group'",
+        "tensor": "strategy 'tensor'",
+    }
+    for what, (top, w, activations) in cases.items():
+        config = {**top, "config_groups": {"g": {"weights": w, "input_activations": activations}}}
+        with pytest.raises(CheckpointError, match=needles[what]) as err:
+            hub_scheme({"quantization_config": config})
+        assert "\n" not in str(err.value), what
+
+
+def test_wrong_stored_shape_is_named(tiny_models, tmp_path) -> None:
+    write_checkpoint(tiny_models["llama"][1], tmp_path / "ct", "group", True)
+    state = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    state["model.layers.0.mlp.down_proj.weight_shape"] = torch.tensor([64, 64])
+    save_file(state, str(tmp_path / "ct" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight_shape is \[64, 64\]"):
+        LLM.load(tmp_path / "ct")
