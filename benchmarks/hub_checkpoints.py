@@ -6,14 +6,16 @@
 No GPTQ tool runs on this machine (GPTQModel needs a CUDA torch), so the checkpoints are written here
 with the reference packers (`tests/quant/hub_packers.py`, GPTQModel's and AutoAWQ's layouts) from the
 default model's weights, round-to-nearest: GPTQ v1 symmetric, GPTQ v1 symmetric with an act-order
-g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)), and AWQ GEMM
-asymmetric, all at --group-size. Each quantized directory has a float32 twin holding s (q - z), the
+g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)), AWQ GEMM
+asymmetric, all at --group-size, and compressed-tensors pack-quantized symmetric at group size 64
+(packed by compressed-tensors itself, which needs groups that divide 576). Each quantized directory has a float32 twin holding s (q - z), the
 weights those tools themselves dequantize to. Rows: the twin (float32, what a dequantizing loader
 computes), then the packed checkpoint as Lamina loads it. Same perplexity text and windows as
 `benchmarks/quant.py`. Perplexity shows the load is exact (against the twin), not GPTQ's quality:
 round-to-nearest of SmolLM2's already-4-bit weights at group size 128 loses ~40% (NOTES finding 17).
 
-Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize the float
+transformers + compressed-tensors also runs the compressed-tensors checkpoint (it decompresses it to
+float). Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize the float
 model on the CPU (NF4 double-quantized, and LLM.int8) and `save_pretrained` it; each is run by
 transformers + bitsandbytes (the reference, "vs ref" is against it) and by Lamina.
 """
@@ -33,6 +35,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.quant
+
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from lamina import LLM
 from lamina.default_model import default_model_path
@@ -82,15 +86,28 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
         q = q[:, rank]  # back to the stored input order
         g_idx = rank // group_size
         twin_state[name] = dequantized(q, s, z, g_idx)
-        parts = pack_awq(q, s, z) if kind == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
+        if kind == "compressed-tensors":  # q - 8 in -8..7 with llm-compressor's own packer; symmetric
+            parts = {"weight_packed": pack_to_int32((q - 8).to(torch.int8), 4), "weight_scale": s.to(w.dtype)}
+            parts["weight_shape"] = torch.tensor(list(w.shape))
+        else:
+            parts = pack_awq(q, s, z) if kind == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
         packed.update({f"{module}.{part}": t for part, t in parts.items()})
     for directory, tensors in ((quantized, packed), (twin, twin_state)):
         shutil.copytree(src, directory)
         save_file(tensors, str(directory / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
     config["quantization_config"] = (
         {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm", "zero_point": True}
         if kind == "awq"
+        else {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+            "ignore": ["lm_head"],
+        }
+        if kind == "compressed-tensors"
         else {
             "quant_method": "gptq",
             "bits": 4,
@@ -195,15 +212,21 @@ def main() -> None:
 
     ids = LLM.load(src).tokenizer.encode(default_text(), add_special_tokens=False)[: args.max_tokens]
     rows = []
-    for kind in ("gptq", "gptq-act-order", "awq"):
+    for kind in ("gptq", "gptq-act-order", "awq", "compressed-tensors"):
         quantized, twin = work / kind, work / f"{kind}-dequantized"
+        # compressed-tensors needs groups that divide the layer (SmolLM2's 576 does not divide by 128)
+        group_size = 64 if kind == "compressed-tensors" else args.group_size
         if not quantized.exists():
-            write_pair(src, quantized, twin, kind, args.group_size)
+            write_pair(src, quantized, twin, kind, group_size)
         twin_row = measure(f"{kind} as float32", twin, ids, args.decode_tokens)
-        row = measure(f"{kind} g{args.group_size}", quantized, ids, args.decode_tokens)
+        row = measure(f"{kind} g{group_size}", quantized, ids, args.decode_tokens)
         row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
         twin_row["ppl_vs_twin_pct"] = 0.0
         rows += [twin_row, row]
+        if kind == "compressed-tensors":  # transformers reads this format too (decompressed to float)
+            reference = measure_transformers(f"{kind}, transformers", quantized, ids, args.decode_tokens)
+            reference["ppl_vs_twin_pct"] = 100 * (reference["perplexity"] / twin_row["perplexity"] - 1)
+            rows.append(reference)
     for variant in ("nf4-dq", "int8"):
         saved = work / f"bnb-{variant}"
         if not saved.exists():
@@ -220,11 +243,11 @@ def main() -> None:
         f"perplexity over {rows[0]['tokens']} tokens, decode {args.decode_tokens} tokens, {args.threads} thread(s)"
     )
     print(
-        f"{'checkpoint':<30}{'weights MB':>11}{'perplexity':>12}{'vs ref':>10}{'decode tok/s':>14}{'load s':>8}"
+        f"{'checkpoint':<34}{'weights MB':>11}{'perplexity':>12}{'vs ref':>10}{'decode tok/s':>14}{'load s':>8}"
     )
     for r in rows:
         print(
-            f"{r['label']:<30}{r['weight_bytes'] / 1e6:>11.1f}{r['perplexity']:>12.3f}"
+            f"{r['label']:<34}{r['weight_bytes'] / 1e6:>11.1f}{r['perplexity']:>12.3f}"
             f"{r['ppl_vs_twin_pct']:>+9.3f}%{r['decode_tok_s']:>14.1f}{r['load_s']:>8.1f}"
         )
 
