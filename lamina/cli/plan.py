@@ -37,17 +37,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lamina.api import resolve_dtype
     from lamina.default_model import model_path
+    from lamina.errors import InvalidArgumentError
     from lamina.loading.checkpoint import open_checkpoint
     from lamina.loading.loader import build_empty
     from lamina.placement.memory import default_max_memory, measure_bandwidths, parse_max_memory
     from lamina.placement.offload_store import prepare_dir
     from lamina.placement.plan import plan
     from lamina.quant.gguf_stream import streamed_blocks
+    from lamina.quant.load import prequantized_scheme
 
     budget = parse_max_memory(args.max_memory)  # a bad spec fails before anything is opened
     dtype = resolve_dtype(args.dtype)
     scratch = prepare_dir(args.offload_dir) if args.offload_dir is not None else tempfile.gettempdir()
     with open_checkpoint(model_path(args.model)) as checkpoint:
+        scheme = prequantized_scheme(checkpoint)
+        if scheme is not None:  # LLM.load refuses max_memory for it: a plan would promise what cannot run
+            raise InvalidArgumentError(
+                f"the checkpoint is quantized as {scheme.describe()}; placement plans float weights only "
+                "yet and it loads whole, without --max-memory (`lamina info` shows its size)"
+            )
         model, _ = build_empty(checkpoint)
         # a GGUF's blocks, sized as `LLM.load` keeps them (CPU and disk budgets)
         streamed_blocks(model, checkpoint, None, budget or default_max_memory(), dtype)

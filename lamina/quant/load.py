@@ -132,12 +132,12 @@ def check_prequantized(scheme: HubScheme, quantize: str | None, max_memory: obje
     """Options a GPTQ / AWQ checkpoint cannot take: its float weights are gone."""
     if quantize is not None:
         raise InvalidArgumentError(
-            f"the checkpoint is already quantized ({scheme.describe()}); load it without --quantize, "
+            f"the checkpoint is already quantized as {scheme.describe()}; load it without --quantize, "
             "or quantize the float model it was made from"
         )
     if max_memory is not None:
         raise InvalidArgumentError(
-            f"the checkpoint is quantized ({scheme.describe()}) and --max-memory streams float weights "
+            f"the checkpoint is quantized as {scheme.describe()}, and --max-memory streams float weights "
             "only yet; drop --max-memory"
         )
 

@@ -256,6 +256,8 @@ def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, c
         LLM.load(tmp_path / "q", quantize="int8")
     with pytest.raises(InvalidArgumentError, match="max-memory"):
         LLM.load(tmp_path / "q", max_memory={"cpu": "100MB"})
+    assert cli_main(["plan", str(tmp_path / "q"), "--max-memory", "cpu=100MB"]) != 0
+    assert "placement plans float weights only" in capsys.readouterr().err  # not a plan it cannot run
     state = load_file(str(tmp_path / "q" / "model.safetensors"))
     del state["model.layers.1.mlp.down_proj.qzeros"]
     save_file(state, str(tmp_path / "q" / "model.safetensors"))
