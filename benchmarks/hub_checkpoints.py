@@ -29,21 +29,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.quant
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository root: benchmarks.quant, tests.quant
 
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+from benchmarks.quant import PROMPT
+from benchmarks.quant import measure as quant_row
 from lamina import LLM
 from lamina.default_model import default_model_path
 from lamina.engine.perplexity import default_text, perplexity
 from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
-
-PROMPT = "The Python language reference describes"
 
 
 def float_checkpoint(gguf: Path, out: Path) -> None:
@@ -177,19 +180,8 @@ def measure_transformers(label: str, path: Path, ids: list[int], decode_tokens: 
 
 
 def measure(label: str, path: Path, ids: list[int], decode_tokens: int) -> dict[str, Any]:
-    started = time.perf_counter()
-    llm = LLM.load(path)
-    load_s = time.perf_counter() - started
-    ppl = perplexity(llm.model, ids, context=512, stride=256)
-    llm.generate(PROMPT, max_new_tokens=decode_tokens, temperature=0)
-    return {
-        "label": label,
-        "weight_bytes": sum(llm.memory_footprint().values()),
-        "perplexity": ppl.perplexity,
-        "tokens": ppl.tokens,
-        "decode_tok_s": llm.last_stats.decode_tokens_per_s,
-        "load_s": load_s,
-    }
+    """`benchmarks/quant.py`'s row for the checkpoint at `path`, loaded by Lamina as stored."""
+    return quant_row(label, SimpleNamespace(model=path, device="cpu", decode_tokens=decode_tokens), ids)
 
 
 def main() -> None:

@@ -101,31 +101,34 @@ def load_weights(
     rebuilt = 0  # modules a claim or hook replaced, for heap trimming
     prefix = getattr(model, "base_model_prefix", "")
     claimed: set[str] = set()  # modules a claim built, whose remaining tensors are skipped
+
+    def claimed_now(module_name: str) -> bool:
+        """Offer the module to the claim (once); True when the claim built it."""
+        nonlocal rebuilt
+        if module_name in claimed:
+            return True
+        if claim is None or not claim(module_name, model.get_submodule(module_name)):
+            return False
+        claimed.add(module_name)
+        filled.update(n for n in params if n.rpartition(".")[0] == module_name)
+        rebuilt += 1
+        if rebuilt % TRIM_EVERY == 0:
+            _release(checkpoint)
+        return True
+
     for name in checkpoint.tensor_names():
         target = parameter_name(name, params, tied_aliases, prefix)
         if target is None:  # not a parameter: a claimable module's own stored form, or unexpected
             owner = _owner_module(model, name, prefix) if claim is not None else None
-            if owner is not None and (owner in claimed or claim(owner, model.get_submodule(owner))):
-                if owner not in claimed:
-                    claimed.add(owner)
-                    filled.update(n for n in params if n.rpartition(".")[0] == owner)
-                    rebuilt += 1
-                    if rebuilt % TRIM_EVERY == 0:
-                        _release(checkpoint)
-                continue
-            if not any(p.search(name) for p in ignored):
+            claimed_here = owner is not None and claimed_now(owner)
+            if not claimed_here and not any(p.search(name) for p in ignored):
                 unexpected.append(name)
             continue
         if target in filled:  # a tied weight stored under both names: the first copy wins
             continue
         module_name, _, attr = target.rpartition(".")
         module = model.get_submodule(module_name)
-        if claim is not None and claim(module_name, module):
-            claimed.add(module_name)
-            filled.update(n for n in params if n.rpartition(".")[0] == module_name)
-            rebuilt += 1
-            if rebuilt % TRIM_EVERY == 0:
-                _release(checkpoint)
+        if claimed_now(module_name):
             continue
         tensor = sanitize(target, checkpoint.read(name))
         expected = params[target].shape
