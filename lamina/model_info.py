@@ -43,7 +43,7 @@ class ModelInfo:
     layers: int
     layer_parameters: int  # the largest decoder layer: the unit placement streams between tiers
     layer_linear_parameters: int
-    prequantized_bits: float | None = None  # bits a GPTQ / AWQ layer's weight takes as loaded
+    prequantized_bits: float | None = None  # bits a weight another tool quantized takes as loaded
 
     def weight_bytes(self, run_format: str) -> int:
         """Estimated bytes of all weights when run in `run_format` (a key of RUN_FORMATS)."""
@@ -158,8 +158,9 @@ def _parameter_name(model: nn.Module, name: str) -> str | None:
 
 
 def _declared_quantization(checkpoint: Checkpoint) -> tuple[HubScheme | None, str | None]:
-    """(The GPTQ / AWQ scheme Lamina loads, or None; how `lamina info` describes what the config
-    declares, e.g. "gptq 4-bit, group size 128", or "fp8 (Lamina cannot load it)")."""
+    """(The scheme another tool quantized the checkpoint with, when Lamina loads it, else None; how
+    `lamina info` describes what the config declares, e.g. "gptq 4-bit, group size 128", or
+    "fp8 (Lamina cannot load it)")."""
     from lamina.errors import CheckpointError
     from lamina.quant.load import prequantized_scheme
 

@@ -54,7 +54,7 @@ def render(info: ModelInfo, context: int) -> str:
     if kept is not None:  # the default on a CPU with the native kernel; streaming expands to float
         kv = info.kv_bytes_per_token["float32"] * context
         lines.append(f"  {'as stored':<10}{_size(kept):>12}{_size(kv):>12}{_size(kept + kv):>18}{'-':>17}")
-    # a GPTQ / AWQ checkpoint runs as stored only: its float weights are gone
+    # a checkpoint another tool quantized runs as stored only: its float weights are gone
     for run_format in RUN_FORMATS if info.prequantized_bits is None else ():
         kv_dtype = "float32" if run_format == "float32" else "bfloat16"
         weights = info.weight_bytes(run_format)

@@ -14,8 +14,9 @@ Three ways a model ends up quantized at load time:
   no re-quantization.
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
   `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
-- an HF checkpoint another tool quantized (4-bit GPTQ or AWQ, `quantization_config`): its layers are
-  built from their packed codes by the loader's claim (`hub_formats`), never expanded to float.
+- an HF checkpoint another tool quantized (4-bit GPTQ, AWQ or compressed-tensors, or bitsandbytes;
+  `quantization_config`): its layers are built from their stored codes by the loader's claim
+  (`hub_formats`, `bnb_format`), never expanded to float.
 """
 
 from __future__ import annotations
@@ -121,15 +122,15 @@ def loading_claim(
 
 
 def prequantized_scheme(checkpoint: Checkpoint) -> HubScheme | None:
-    """The scheme of an HF checkpoint another tool quantized (GPTQ, AWQ), or None. A scheme Lamina
-    cannot load is a CheckpointError naming what it can."""
+    """The scheme of an HF checkpoint another tool quantized (`hub_scheme.py`), or None. A scheme
+    Lamina cannot load is a CheckpointError naming what it can."""
     if isinstance(checkpoint, GGUFCheckpoint):
         return None
     return hub_scheme(checkpoint.config, checkpoint.path if checkpoint.path.is_dir() else None)
 
 
 def check_prequantized(scheme: HubScheme, quantize: str | None, max_memory: object) -> None:
-    """Options a GPTQ / AWQ checkpoint cannot take: its float weights are gone."""
+    """Options a checkpoint another tool quantized cannot take: its float weights are gone."""
     if quantize is not None:
         raise InvalidArgumentError(
             f"the checkpoint is already quantized as {scheme.describe()}; load it without --quantize, "
@@ -152,16 +153,18 @@ def _hub_claim(
 
     def build(name: str, module: nn.Module) -> bool:
         bnb = bnb_parts(name, stored) if scheme.method == BITSANDBYTES else None
-        required, optional = packed_parts(scheme)
-        if f"{name}.{required[0]}" not in stored and bnb is None:
-            return False
+        if bnb is not None:
+            parts = required = bnb
+        else:
+            required, optional = packed_parts(scheme)
+            if f"{name}.{required[0]}" not in stored:
+                return False  # a float layer
+            parts = [*required, *optional]
         if type(module) is not nn.Linear:
             raise CheckpointError(
                 f"{checkpoint.path.name} stores {name} {scheme.method}-quantized, but the model's "
                 f"{name} is a {type(module).__name__}, not a linear layer; is it the architecture its config names?"
             )
-        parts = bnb if bnb is not None else [*required, *optional]
-        required = bnb if bnb is not None else required
         missing = [part for part in required if f"{name}.{part}" not in stored]
         if missing:
             raise CheckpointError(
@@ -171,10 +174,10 @@ def _hub_claim(
         tensors = {part: checkpoint.read(f"{name}.{part}") for part in parts if f"{name}.{part}" in stored}
         bias = checkpoint.read(f"{name}.bias").to(dtype) if f"{name}.bias" in stored else None
         if (bias is None) != (module.bias is None):
-            having = "has no" if bias is None else "has a"
+            stored_bias, model_bias = ("no", "one") if bias is None else ("a", "none")
             raise CheckpointError(
-                f"{checkpoint.path.name} {having} {name}.bias but the model built from its config "
-                f"{'has' if module.bias is not None else 'has none'}; the config and the weights disagree"
+                f"{checkpoint.path.name} has {stored_bias} {name}.bias but the model built from its config "
+                f"has {model_bias}; the config and the weights disagree"
             )
         shape = tuple(module.weight.shape)
         if bnb is not None:
