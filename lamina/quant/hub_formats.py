@@ -1,6 +1,7 @@
-"""Checkpoints quantized by other tools, loaded as stored: 4-bit GPTQ (AutoGPTQ, GPTQModel, optimum)
-and AWQ (AutoAWQ's GEMM layout), the formats most quantized Hub models come in (`hub_scheme.py`
-reads which one a checkpoint declares). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
+"""Checkpoints quantized to int4 by other tools, loaded as stored: GPTQ (AutoGPTQ, GPTQModel, optimum),
+AWQ (AutoAWQ's GEMM layout) and compressed-tensors' pack-quantized (llm-compressor; see
+`_unpack_compressed_tensors`), the formats most quantized Hub models come in (`hub_scheme.py` reads
+which one a checkpoint declares). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
 eight 4-bit codes), `NAME.qzeros` (int32 words of eight 4-bit zero points, one row per group),
 `NAME.scales` (fp16 [K/G, N]) and, for GPTQ, `NAME.g_idx` (int32 [K], each input's group). The
 weight is w[n, k] = s (q - z) with the group's scale s and zero point z:
