@@ -71,3 +71,23 @@ def test_layers_repacked_for_the_cpu_kernel_still_run_after_moving_to_cuda(metho
     assert all(torch.equal(before[name], after[name]) for name in before)
     q.cpu()
     assert rel_err(q(x), y_cpu) < 0.01
+
+
+@pytest.mark.parametrize(("method", "sym", "act_order"), [("gptq", True, True), ("awq", False, False)])
+def test_hub_checkpoints_load_on_cuda(tiny_models, tmp_path, method, sym, act_order) -> None:
+    """GPTQ / AWQ layers on CUDA become `Int4Linear`s on its kernel (bf16 scale and zero), act-order
+    ones wrapped to gather their inputs; logits as transformers' on the dequantized weights."""
+    from lamina import LLM
+    from lamina.quant.int4 import Int4Linear
+
+    from .test_hub_formats import IDS_FOR_LOGITS, reference_logits, write_hub_checkpoint
+
+    hf_model, src = tiny_models["llama"]
+    state = write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=act_order)
+    expected = reference_logits(hf_model, state, IDS_FOR_LOGITS)
+    llm = LLM.load(tmp_path / "q", device="cuda", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS_FOR_LOGITS.cuda())[0].float().cpu()
+    layers = [m for m in llm.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 14 and all(m.layout == "cuda" for m in layers)
+    assert torch.allclose(got, expected, rtol=0, atol=0.02 * expected.abs().max())

@@ -139,6 +139,9 @@ def test_act_order_layer_gathers_its_inputs(native_lib) -> None:
 # --- whole checkpoints ------------------------------------------------------------------------------
 
 
+IDS_FOR_LOGITS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
+
+
 def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_order: bool) -> dict:
     """A tiny model's checkpoint with its decoder projections packed as `method` writes them (group 32),
     plus config.json's quantization_config; returns the reference state dict (s (q - z) weights)."""
@@ -196,7 +199,7 @@ def reference_logits(hf_model, state: dict, ids: torch.Tensor) -> torch.Tensor:
 def test_hub_checkpoint_logits_match_transformers(tiny_models, tmp_path, method, sym, act_order) -> None:
     hf_model, src = tiny_models["llama"]
     state = write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=act_order)
-    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
+    ids = IDS_FOR_LOGITS
     expected = reference_logits(hf_model, state, ids)
     llm = LLM.load(tmp_path / "q")
     with torch.no_grad():
