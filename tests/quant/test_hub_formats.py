@@ -262,10 +262,10 @@ def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, c
     assert cli_main(["plan", str(tmp_path / "q"), "--max-memory", "cpu=100MB"]) != 0
     assert "placement plans float weights only" in capsys.readouterr().err  # not a plan it cannot run
     state = load_file(str(tmp_path / "q" / "model.safetensors"))
-    save_file(
-        {**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
-        str(tmp_path / "q" / "model.safetensors"),
-    )
+    weights = str(tmp_path / "q" / "model.safetensors")
+    save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, weights)
+    LLM.load(tmp_path / "q")  # older AutoGPTQ stored zeros for a layer without a bias: fine
+    save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.full((64,), 0.5)}, weights)
     with pytest.raises(
         CheckpointError, match=r"has a model\.layers\.0\.self_attn\.q_proj\.bias but .* has none"
     ):
