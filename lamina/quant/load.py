@@ -174,7 +174,7 @@ def _hub_claim(
         tensors = {part: checkpoint.read(f"{name}.{part}") for part in parts if f"{name}.{part}" in stored}
         bias = checkpoint.read(f"{name}.bias").to(dtype) if f"{name}.bias" in stored else None
         if bias is not None and module.bias is None and not bias.any():
-            bias = None  # older AutoGPTQ gave every quantized layer a bias, zeros where it had none
+            bias = None  # AutoGPTQ gives every quantized layer a bias buffer: zeros where it had none
         if (bias is None) != (module.bias is None):
             stored_bias, model_bias = ("no", "one") if bias is None else ("a", "none")
             raise CheckpointError(

@@ -160,6 +160,8 @@ def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_or
         q = q[:, order.argsort()]
         reference[name] = dequantized(q, s, z, g_idx)
         parts = pack_awq(q, s, z) if method == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
+        if method == "gptq":  # AutoGPTQ's QuantLinear always has a bias buffer: zeros here
+            parts["bias"] = torch.zeros(n, dtype=torch.float16)
         out.update({f"{module}.{part}": t for part, t in parts.items()})
     save_file(out, str(dst / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
@@ -264,7 +266,7 @@ def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, c
     state = load_file(str(tmp_path / "q" / "model.safetensors"))
     weights = str(tmp_path / "q" / "model.safetensors")
     save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, weights)
-    LLM.load(tmp_path / "q")  # older AutoGPTQ stored zeros for a layer without a bias: fine
+    LLM.load(tmp_path / "q")  # AutoGPTQ stores zeros for a layer without a bias: fine
     save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.full((64,), 0.5)}, weights)
     with pytest.raises(
         CheckpointError, match=r"has a model\.layers\.0\.self_attn\.q_proj\.bias but .* has none"
