@@ -71,9 +71,22 @@ def open_weights_file(file: Path) -> Any:
 def _remedy(file: Path) -> str:
     """How to replace a damaged weights file: one `lamina quantize` wrote (its directory has the
     scheme file) is written again, any other is downloaded again."""
-    if (file.parent / "quant_config.json").is_file():
+    scheme = file.parent / "quant_config.json"
+    if scheme.is_file() and not is_autoawq_config(scheme):
         return "re-run `lamina quantize` to write it again"
     return "re-download it"
+
+
+def is_autoawq_config(path: Path) -> bool:
+    """Whether `path` is AutoAWQ's quant_config.json ({"w_bit": 4, "q_group_size": 128, ...}), not the
+    scheme file `lamina quantize` writes under the same name."""
+    if not path.is_file():
+        return False
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # damaged: whoever reads it as Lamina's says so
+    return isinstance(raw, dict) and "w_bit" in raw and "format" not in raw
 
 
 def read_tensor(handle: Any, file: Path, name: str) -> torch.Tensor:

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lamina.errors import CheckpointError, InvalidArgumentError, LaminaError
-from lamina.loading.weight_files import open_weights_file
+from lamina.loading.weight_files import is_autoawq_config, open_weights_file
 from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
 from lamina.quant.base import field_problem
 from lamina.quant.blockq import FORMATS, BlockQuantEmbedding, BlockQuantLinear
@@ -249,8 +249,9 @@ def _discard(stage: Path | None, made: list[Path]) -> None:
 
 
 def is_quantized_dir(path: str | Path) -> bool:
-    """Whether `path` is a directory written by `save_quantized` (it has the scheme file)."""
-    return (Path(path) / SCHEME_FILE).is_file()
+    """Whether `path` is a directory written by `save_quantized` (it has the scheme file, and the file
+    is not AutoAWQ's of the same name)."""
+    return (Path(path) / SCHEME_FILE).is_file() and not is_autoawq_config(Path(path) / SCHEME_FILE)
 
 
 def read_scheme(directory: str | Path) -> dict[str, Any]:

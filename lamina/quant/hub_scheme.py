@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.errors import CheckpointError
+from lamina.loading.weight_files import is_autoawq_config
 from lamina.quant.blocks import BLOCK
 
 #: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
@@ -32,6 +33,7 @@ HUB_STORED_TYPES = frozenset(
     ]
 )
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
+AWQ_CONFIG_FILE = "quant_config.json"  # older AutoAWQ folders (the name of Lamina's own scheme file too)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,11 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
     source = "quantization_config in config.json"
     if raw is None and directory is not None and (directory / QUANTIZE_CONFIG_FILE).is_file():
         raw, source = _read_quantize_config(directory / QUANTIZE_CONFIG_FILE), QUANTIZE_CONFIG_FILE
+    if raw is None and directory is not None and is_autoawq_config(directory / AWQ_CONFIG_FILE):
+        raw, source = (
+            {"quant_method": "awq", **_read_quantize_config(directory / AWQ_CONFIG_FILE)},
+            AWQ_CONFIG_FILE,
+        )
     if raw is None:
         return None
     if not isinstance(raw, dict):

@@ -306,3 +306,22 @@ def test_info_names_a_scheme_lamina_cannot_load(tiny_models, tmp_path) -> None:
     assert describe(tmp_path / "m").quantization == "fp8 (Lamina cannot load it)"
     with pytest.raises(CheckpointError, match="'fp8'"):
         LLM.load(tmp_path / "m")
+
+
+def test_old_autoawq_folder_with_its_quant_config_json(tiny_models, tmp_path) -> None:
+    """AutoAWQ once wrote its scheme to quant_config.json, the name of Lamina's own scheme file: such a
+    folder loads as AWQ, not as a damaged `lamina quantize` directory."""
+    from lamina.quant.checkpoint import is_quantized_dir
+
+    hf_model, src = tiny_models["llama"]
+    state = write_hub_checkpoint(src, tmp_path / "q", "awq", sym=False, act_order=False)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    awq = {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}
+    (tmp_path / "q" / "quant_config.json").write_text(json.dumps(awq))
+    assert not is_quantized_dir(tmp_path / "q")
+    expected = reference_logits(hf_model, state, IDS_FOR_LOGITS)
+    with torch.no_grad():
+        got = LLM.load(tmp_path / "q").model(IDS_FOR_LOGITS)[0]
+    assert torch.allclose(got, expected, rtol=0, atol=0.01 * expected.abs().max())
