@@ -97,3 +97,22 @@ class HalfLinear(QuantizedLinear):
             return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight16.to(x.dtype), bias)
+
+
+class HalfEmbedding(nn.Module):
+    """A token embedding whose table stays in bfloat16 or float16: looked-up rows are widened to the
+    model's activation dtype (exact). A tied output head is a `HalfLinear` over the same tensor."""
+
+    def __init__(self, weight16: torch.Tensor) -> None:
+        """`weight16`: [num_embeddings, embedding_dim], bfloat16 or float16."""
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight16.shape
+        self.register_buffer("weight16", weight16.contiguous())
+        self.output_dtype = torch.float32  # the model's activation dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight16).to(self.output_dtype)  # [..., embedding_dim]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 table [num_embeddings, embedding_dim]."""
+        return self.weight16.float()

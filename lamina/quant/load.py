@@ -50,7 +50,7 @@ from lamina.quant.blockq import (
 from lamina.quant.bnb_format import bnb_linear, bnb_parts
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
-from lamina.quant.half import GGML_HALF_DTYPES, half_linear_from_gguf
+from lamina.quant.half import GGML_HALF_DTYPES, HALF_DTYPES, HalfEmbedding, HalfLinear, half_linear_from_gguf
 from lamina.quant.hub_formats import build_linear, packed_parts, unpack_layer
 from lamina.quant.hub_scheme import BITSANDBYTES, HubScheme, hub_scheme
 
@@ -116,9 +116,63 @@ def loading_claim(
     if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
         return _gguf_claim(model, checkpoint, device, dtype)
     scheme = prequantized_scheme(checkpoint)
-    if scheme is not None:
-        return _hub_claim(model, checkpoint, scheme, device, dtype)
-    return None
+    claims = [
+        _hub_claim(model, checkpoint, scheme, device, dtype) if scheme is not None else None,
+        _half_embedding_claim(model, checkpoint)
+        if _keeps_16_bits(checkpoint, quantize, device, dtype)
+        else None,
+    ]
+    claims = [claim for claim in claims if claim is not None]
+    if not claims:
+        return None
+    return lambda name, module: any(claim(name, module) for claim in claims)
+
+
+def _keeps_16_bits(
+    checkpoint: Checkpoint, quantize: str | None, device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Whether a 16-bit token embedding and output head stay 16-bit: HF checkpoints loaded on a CPU
+    in float32 without a `--quantize` method other than the 16-bit ones `default_quantize` picks."""
+    return (
+        not isinstance(checkpoint, GGUFCheckpoint)
+        and device.type == "cpu"
+        and dtype == torch.float32
+        and quantize in (None, *HALF_DTYPES)
+    )
+
+
+def _half_embedding_claim(model: nn.Module, checkpoint: Checkpoint) -> ModuleClaim | None:
+    """A token embedding stored in bfloat16 / float16 as a `HalfEmbedding` (rows widened per lookup:
+    exact, half the memory of widening the table), and the output head with it: a tied head as a
+    `HalfLinear` over the same tensor, an untied bias-free one stored in 16 bits as its own. Decode
+    reads the head every token, so it also halves those bytes. Not for encoder-decoder models (their
+    generation loop reads the embedding's weight)."""
+    embed = model.input_embeddings() if hasattr(model, "input_embeddings") else None
+    head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
+    if type(embed) is not nn.Embedding or type(head) is not nn.Linear or hasattr(model, "encode"):
+        return None
+    tied = head.weight is embed.weight
+    head_name = _module_name(model, head)
+    stored = set(checkpoint.tensor_names())
+
+    def stored_16_bit(name: str) -> torch.dtype | None:
+        weight = f"{name}.weight"
+        method = HALF_STORED.get(checkpoint.stored_type(weight)) if weight in stored else None
+        return None if method is None else HALF_DTYPES[method]
+
+    def build(name: str, module: nn.Module) -> bool:
+        if module is embed and stored_16_bit(name) is not None:
+            new_embed = HalfEmbedding(checkpoint.read(f"{name}.weight").to(stored_16_bit(name)))
+            set_submodule(model, name, new_embed)
+            if tied:  # one 16-bit table for both
+                set_submodule(model, head_name, HalfLinear(new_embed.weight16))
+            return True
+        if module is head and not tied and head.bias is None and stored_16_bit(name) is not None:
+            set_submodule(model, name, HalfLinear(checkpoint.read(f"{name}.weight").to(stored_16_bit(name))))
+            return True
+        return False
+
+    return build
 
 
 def prequantized_scheme(checkpoint: Checkpoint) -> HubScheme | None:

@@ -12,7 +12,7 @@ from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.kernels import native
 from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.quant.apply import quantize_model
-from lamina.quant.half import HALF_DTYPES, HalfLinear
+from lamina.quant.half import HALF_DTYPES, HalfEmbedding, HalfLinear
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.models.gguf_writer import write_gguf
 from tests.models.test_native_layer import TINY, decode
@@ -90,6 +90,32 @@ def test_a_16_bit_checkpoint_stays_16_bit_by_default_and_computes_the_same(
         assert torch.equal(kept.model(ids), widened.model(ids))
     greedy = {"max_new_tokens": 8, "temperature": 0}
     assert kept.generate("Once upon", **greedy) == widened.generate("Once upon", **greedy)
+    # the tied embedding and head: one 16-bit table, all weights at 2 bytes
+    embed, head = kept.model.input_embeddings(), kept.model.output_embeddings()
+    assert isinstance(embed, HalfEmbedding) and isinstance(head, HalfLinear)
+    assert embed.weight16.dtype == dtype and head.weight16.data_ptr() == embed.weight16.data_ptr()
+    expected = sum((2 if p.dim() == 2 else 4) * p.numel() for p in model.parameters())  # norms: float32
+    assert sum(kept.memory_footprint().values()) == expected
+
+
+def test_an_untied_16_bit_head_stays_16_bit(native_lib, tmp_path) -> None:
+    model = tiny_hf_model("qwen2").to(torch.bfloat16)  # qwen2's tiny config: an untied head
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    kept, widened = LLM.load(tmp_path), LLM.load(tmp_path, quantize="none")
+    embed, head = kept.model.input_embeddings(), kept.model.output_embeddings()
+    assert isinstance(embed, HalfEmbedding) and isinstance(head, HalfLinear)
+    assert head.weight16.data_ptr() != embed.weight16.data_ptr()
+    assert type(widened.model.output_embeddings()) is not HalfLinear  # "none" widens everything
+    ids = torch.tensor([kept.tokenizer.encode("The quick brown fox jumps")])
+    with torch.inference_mode():
+        assert torch.equal(kept.model(ids), widened.model(ids))
+
+
+def test_a_float32_checkpoint_keeps_a_float32_embedding(tiny_llama_dir) -> None:
+    llm = LLM.load(tiny_llama_dir)
+    assert type(llm.model.input_embeddings()) is nn.Embedding
 
 
 def test_a_gguf_s_f16_matrices_stay_16_bit_and_compute_the_same(native_lib, tmp_path) -> None:
