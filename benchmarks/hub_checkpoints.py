@@ -1,23 +1,24 @@
-"""GPTQ and AWQ checkpoints as the Hub holds them, loaded by Lamina: weights, perplexity, decode speed.
+"""Checkpoints other tools quantized, loaded by Lamina: weights, perplexity, decode speed.
 
     python benchmarks/hub_checkpoints.py [--model PATH.gguf] [--group-size 128] [--max-tokens 1024]
                                          [--decode-tokens 32] [--threads 1] [--work DIR]
 
-No GPTQ tool runs on this machine (GPTQModel needs a CUDA torch), so the checkpoints are written here
-with the reference packers (`tests/quant/hub_packers.py`, GPTQModel's and AutoAWQ's layouts) from the
-default model's weights, round-to-nearest: GPTQ v1 symmetric, GPTQ v1 symmetric with an act-order
-g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)), AWQ GEMM
-asymmetric, all at --group-size, and compressed-tensors pack-quantized symmetric at group size 64
-(packed by compressed-tensors itself, which needs groups that divide 576). Each quantized directory has a float32 twin holding s (q - z), the
-weights those tools themselves dequantize to. Rows: the twin (float32, what a dequantizing loader
-computes), then the packed checkpoint as Lamina loads it. Same perplexity text and windows as
-`benchmarks/quant.py`. Perplexity shows the load is exact (against the twin), not GPTQ's quality:
-round-to-nearest of SmolLM2's already-4-bit weights at group size 128 loses ~40% (NOTES finding 17).
+No GPTQ or AWQ tool runs on this machine (GPTQModel needs a CUDA torch), so those checkpoints are
+written here with the reference packers (`tests/quant/hub_packers.py`, GPTQModel's and AutoAWQ's
+layouts) from the default model's weights, round-to-nearest: GPTQ v1 symmetric, GPTQ v1 symmetric
+with an act-order g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)),
+AWQ GEMM asymmetric, all at --group-size, and compressed-tensors pack-quantized symmetric at group
+size 64 (packed by compressed-tensors itself, which needs groups that divide 576). Their other
+tensors are fp16, as those tools save them. Each has a twin with the projections in float32 holding
+s (q - z), the weights the tools themselves dequantize to: what a dequantizing loader computes.
+Same perplexity text and windows as `benchmarks/quant.py`. Perplexity shows the load is exact
+(against the twin), not GPTQ's quality: round-to-nearest of SmolLM2's already-4-bit weights at group
+size 128 loses ~40% (NOTES finding 17).
 
 transformers + compressed-tensors also runs the compressed-tensors checkpoint (it decompresses it to
-float). Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize the float
-model on the CPU (NF4 double-quantized, and LLM.int8) and `save_pretrained` it; each is run by
-transformers + bitsandbytes (the reference, "vs ref" is against it) and by Lamina.
+float). Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize
+the float model on the CPU (NF4 double-quantized, and LLM.int8) and `save_pretrained` it; each is run
+by transformers + bitsandbytes (the reference, "vs ref" is against it) and by Lamina.
 """
 
 from __future__ import annotations
@@ -71,16 +72,17 @@ def norm_rank(w: torch.Tensor) -> torch.Tensor:
 
 
 def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: int) -> None:
-    """`quantized`: src's decoder projections packed as `kind` (gptq, gptq-act-order, awq);
-    `twin`: the same model in float32 with those layers set to s (q - z)."""
+    """`quantized`: src's decoder projections packed as `kind` (gptq, gptq-act-order, awq,
+    compressed-tensors) and its other tensors in fp16, as those tools save them; `twin`: the same
+    with the projections in float32, set to s (q - z)."""
     from safetensors.torch import load_file
 
     state = load_file(str(src / "model.safetensors"))
-    packed, twin_state = {}, dict(state)
+    packed, twin_state = {}, {}
     for name, w in state.items():
         module, _, leaf = name.rpartition(".")
         if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
-            packed[name] = w
+            packed[name] = twin_state[name] = w.half()
             continue
         k = w.shape[1]
         rank = norm_rank(w) if kind == "gptq-act-order" else torch.arange(k)
