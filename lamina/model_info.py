@@ -33,7 +33,9 @@ class ModelInfo:
     parameters: int
     linear_parameters: int  # in the layers' nn.Linear weights: what quantization shrinks
     stored_types: dict[str, int]  # storage type -> number of parameters stored that way
-    linear_stored_types: dict[str, int]  # the same, counting only the weights of quantizable linears
+    #: the same, counting only the weights a CPU load keeps 16-bit when stored so: the quantizable
+    #: linears', and an HF checkpoint's token embedding and output head
+    linear_stored_types: dict[str, int]
     stored_bytes: int
     quantization: str | None  # the quantization the HF config declares
     context_length: int
@@ -93,9 +95,18 @@ def _bytes(linear: int, other: int, run_format: str) -> int:
 
 def describe(path: str | Path) -> ModelInfo:
     """A ModelInfo for an HF directory or GGUF file, read from metadata and headers only."""
+    from lamina.loading.gguf import GGUFCheckpoint
+    from lamina.quant.load import embeddings_can_stay_16_bit
+
     with open_checkpoint(path) as checkpoint:
         model, config = build_empty(checkpoint)
         linear_weights = {f"{name}.weight" for name in quantizable_linears(model)}
+        if not isinstance(checkpoint, GGUFCheckpoint) and embeddings_can_stay_16_bit(model):
+            # an HF checkpoint's 16-bit embedding and head stay 16-bit as the linears do
+            linear_weights |= {
+                _parameter_of(model, model.input_embeddings()),
+                _parameter_of(model, model.output_embeddings()),
+            }
         stored: Counter[str] = Counter()
         stored_in_linears: Counter[str] = Counter()
         scheme, quantization = _declared_quantization(checkpoint)
@@ -155,6 +166,11 @@ def _parameter_name(model: nn.Module, name: str) -> str | None:
             continue
         return candidate
     return None
+
+
+def _parameter_of(model: nn.Module, module: nn.Module) -> str:
+    """The name `named_parameters` gives a module's weight (a tied one's first name)."""
+    return next(name for name, p in model.named_parameters() if p is module.weight)
 
 
 def _declared_quantization(checkpoint: Checkpoint) -> tuple[HubScheme | None, str | None]:

@@ -141,16 +141,23 @@ def _keeps_16_bits(
     )
 
 
+def embeddings_can_stay_16_bit(model: nn.Module) -> bool:
+    """Whether `_half_embedding_claim` can keep this model's token embedding and output head 16-bit:
+    a plain `nn.Embedding` and `nn.Linear`, in a decoder-only model."""
+    embed = model.input_embeddings() if hasattr(model, "input_embeddings") else None
+    head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
+    return type(embed) is nn.Embedding and type(head) is nn.Linear and not hasattr(model, "encode")
+
+
 def _half_embedding_claim(model: nn.Module, checkpoint: Checkpoint) -> ModuleClaim | None:
     """A token embedding stored in bfloat16 / float16 as a `HalfEmbedding` (rows widened per lookup:
     exact, half the memory of widening the table), and the output head with it: a tied head as a
     `HalfLinear` over the same tensor, an untied bias-free one stored in 16 bits as its own. Decode
     reads the head every token, so it also halves those bytes. Not for encoder-decoder models (their
     generation loop reads the embedding's weight)."""
-    embed = model.input_embeddings() if hasattr(model, "input_embeddings") else None
-    head = model.output_embeddings() if hasattr(model, "output_embeddings") else None
-    if type(embed) is not nn.Embedding or type(head) is not nn.Linear or hasattr(model, "encode"):
+    if not embeddings_can_stay_16_bit(model):
         return None
+    embed, head = model.input_embeddings(), model.output_embeddings()
     tied = head.weight is embed.weight
     head_name = _module_name(model, head)
     stored = set(checkpoint.tensor_names())

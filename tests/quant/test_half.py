@@ -10,6 +10,7 @@ from torch import nn
 from lamina.api import LLM
 from lamina.engine.fusion import attach_native, fuse_projections
 from lamina.kernels import native
+from lamina.model_info import describe
 from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.quant.apply import quantize_model
 from lamina.quant.half import HALF_DTYPES, HalfEmbedding, HalfLinear
@@ -95,7 +96,7 @@ def test_a_16_bit_checkpoint_stays_16_bit_by_default_and_computes_the_same(
     assert isinstance(embed, HalfEmbedding) and isinstance(head, HalfLinear)
     assert embed.weight16.dtype == dtype and head.weight16.data_ptr() == embed.weight16.data_ptr()
     expected = sum((2 if p.dim() == 2 else 4) * p.numel() for p in model.parameters())  # norms: float32
-    assert sum(kept.memory_footprint().values()) == expected
+    assert sum(kept.memory_footprint().values()) == expected == describe(tmp_path).kept_bytes()
 
 
 def test_an_untied_16_bit_head_stays_16_bit(native_lib, tmp_path) -> None:
@@ -108,6 +109,7 @@ def test_an_untied_16_bit_head_stays_16_bit(native_lib, tmp_path) -> None:
     assert isinstance(embed, HalfEmbedding) and isinstance(head, HalfLinear)
     assert head.weight16.data_ptr() != embed.weight16.data_ptr()
     assert type(widened.model.output_embeddings()) is not HalfLinear  # "none" widens everything
+    assert sum(kept.memory_footprint().values()) == describe(tmp_path).kept_bytes()
     ids = torch.tensor([kept.tokenizer.encode("The quick brown fox jumps")])
     with torch.inference_mode():
         assert torch.equal(kept.model(ids), widened.model(ids))

@@ -291,8 +291,8 @@ def test_info_describes_the_scheme_and_its_loaded_size(
     write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=False)
     info = describe(tmp_path / "q")
     assert info.quantization == f"{method} 4-bit, group size 32" + ("" if sym else ", asymmetric")
-    linear_weights = sum(info.linear_stored_types.values())
-    assert info.stored_types[f"{method.upper()} 4-bit"] == linear_weights == info.linear_parameters
+    stored = f"{method.upper()} 4-bit"
+    assert info.stored_types[stored] == info.linear_stored_types[stored] == info.linear_parameters
     assert info.kept_bytes() == sum(LLM.load(tmp_path / "q", fuse=False).memory_footprint().values())
     assert "float32" not in render(info, 64)  # it runs as stored only
 
