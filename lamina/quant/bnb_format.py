@@ -76,11 +76,13 @@ def _four_bit(
     quant_type, block = state.get("quant_type"), state.get("blocksize")
     problem = (
         f"quant_type {quant_type!r}, not nf4 or fp4"
-        if quant_type not in CODE_BOOKS
+        if not isinstance(quant_type, str) or quant_type not in CODE_BOOKS
         else f"block size {block!r}, not a multiple of {BLOCK_SIZE}"
         if not (isinstance(block, int) and block > 0 and block % BLOCK_SIZE == 0)
         else f"shape {state.get('shape')}, the model's layer is [{n}, {k}]"
         if state.get("shape") != [n, k]
+        else f"block size {block}, which does not divide the layer's {n * k} weights"
+        if (n * k) % block
         else None
     )
     if problem is not None:
@@ -92,9 +94,8 @@ def _four_bit(
         raise CheckpointError(
             f"{name}.weight.quant_map is not bitsandbytes' {quant_type} code book; Lamina reads the standard ones only"
         )
-    packed = (
-        tensors["weight"].contiguous().view(torch.uint8).flatten()
-    )  # other storage dtypes: the same bytes
+    # stored as uint8, or as the same bytes in another dtype (bnb_4bit_quant_storage)
+    packed = tensors["weight"].contiguous().view(torch.uint8).flatten()
     _expect(packed, (n * k // 2,), f"{name}.weight")
     codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(n, k)  # high nibble first
     absmax = _absmax(tensors, state, n * k // block, name)
@@ -109,7 +110,7 @@ def _quant_state(tensors: dict[str, torch.Tensor], name: str) -> dict:
         )
     try:
         state = json.loads(bytes(tensors[states[0]].flatten().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (TypeError, ValueError) as exc:  # not bytes, not UTF-8, not JSON (all ValueErrors but the first)
         raise CheckpointError(f"{name}.{states[0]} is not JSON ({exc}); the checkpoint is damaged") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{name}.{states[0]} is not a JSON object; the checkpoint is damaged")
@@ -151,10 +152,10 @@ def _eight_bit(
     _expect(weight, (n, k), f"{name}.weight", torch.int8)
     _expect(row_absmax, (n,), f"{name}.{SCB}")
     layout = tensors.get("weight_format")
-    if layout is not None and int(layout) != ROW_MAJOR:
+    if layout is not None and layout.flatten().tolist() != [ROW_MAJOR]:
         raise CheckpointError(
-            f"{name}.weight_format is {int(layout)}, a GPU tile layout of old bitsandbytes; save the model "
-            "again with a current bitsandbytes (row-major)"
+            f"{name}.weight_format is {layout.flatten().tolist()}, not row-major ({ROW_MAJOR}): a GPU tile "
+            "layout of old bitsandbytes; save the model again with a current bitsandbytes"
         )
     scales = row_absmax.float() / 127  # [N]: w = q * scale
     if threshold > 0:
@@ -164,7 +165,8 @@ def _eight_bit(
 
 def _expect(t: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype | None = None) -> None:
     if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+        needs = f"{dtype} {shape}" if dtype is not None else f"shape {shape}"
         raise CheckpointError(
-            f"tensor {name} is {t.dtype} {tuple(t.shape)} but the layer needs {dtype or 'it'} {shape}; "
+            f"tensor {name} is {t.dtype} {tuple(t.shape)} but the layer needs {needs}; "
             "the config and the weights disagree"
         )

@@ -109,7 +109,7 @@ def test_eight_bit_values_and_a_zero_threshold() -> None:
     layer = bnb_linear(tensors, (32, 64), "layer", None, threshold=0.0)
     assert type(layer) is Int8Linear  # no outlier split: plain int8
     assert torch.allclose(layer.dequantize(), q.float() * scb[:, None] / 127, rtol=1e-6, atol=0)
-    with pytest.raises(CheckpointError, match="weight_format is 2"):
+    with pytest.raises(CheckpointError, match=r"weight_format is \[2\]"):
         bnb_linear(
             {**tensors, "weight_format": torch.tensor(2, dtype=torch.uint8)}, (32, 64), "layer", None, 6.0
         )
@@ -142,7 +142,15 @@ def test_damaged_bitsandbytes_layers_are_clear_errors(bnb_checkpoints, tmp_path)
             f"{name}.quant_state.bitsandbytes__nf4", torch.tensor(list(b"{not json"), dtype=torch.uint8)
         ),
     }
-    needles = {"quant_map": "code book", "absmax": "up_proj.weight.absmax", "state": "not JSON"}
+    cases["state bytes"] = lambda s: s.__setitem__(
+        f"{name}.quant_state.bitsandbytes__nf4", torch.tensor([300, 1])
+    )
+    needles = {
+        "quant_map": "code book",
+        "absmax": "up_proj.weight.absmax",
+        "state": "not JSON",
+        "state bytes": "not JSON",
+    }
     for case, damage in cases.items():
         directory = tmp_path / case
         shutil.copytree(source, directory)
