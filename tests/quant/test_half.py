@@ -18,7 +18,9 @@ from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.models.gguf_writer import write_gguf
 from tests.models.test_native_layer import TINY, decode
 from tests.models.test_parity import load_lamina
+from tests.models.tiny import TINY as TINY_FAMILIES
 from tests.models.tiny import VOCAB
+from tests.models.tiny import tiny_hf_model as tiny_family_model
 from tests.quant.test_gguf_convert import load_kept
 
 DTYPES = list(HALF_DTYPES.values())
@@ -135,3 +137,17 @@ def test_a_gguf_s_f16_matrices_stay_16_bit_and_compute_the_same(native_lib, tmp_
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():  # rows permuted as llama.cpp stores q/k, values exact
         assert torch.equal(kept(ids), widened(ids))
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))  # the decoder-only families
+def test_every_family_keeps_a_16_bit_embedding_and_computes_the_same(native_lib, tmp_path, family) -> None:
+    """A bfloat16 checkpoint of each decoder-only family: a 16-bit embedding and the logits of the
+    widened model (bit for bit but BLOOM's, 1e-6 apart with or without the 16-bit embedding)."""
+    tiny_family_model(family).to(torch.bfloat16).save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    kept, widened = LLM.load(tmp_path), LLM.load(tmp_path, quantize="none")
+    assert isinstance(kept.model.input_embeddings(), HalfEmbedding)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7]])
+    with torch.inference_mode():
+        got, expected = kept.model(ids), widened.model(ids)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
