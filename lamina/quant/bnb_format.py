@@ -13,8 +13,9 @@ into Lamina's `NF4Linear` and `LLMInt8Linear` (`Int8Linear` with a threshold of 
 - NAME.weight.quant_state.bitsandbytes__nf4 (or __fp4): uint8 bytes of a JSON object with quant_type,
   blocksize, shape, nested_blocksize, nested_offset.
 w = quant_map[code] * absmax, exactly the values bitsandbytes dequantizes to before casting them to
-the checkpoint's dtype. A double-quantized absmax is expanded to float32 once, at load (Lamina's own
-"-dq" format quantizes it differently). Block sizes that are multiples of 64 are read as blocks of 64.
+the checkpoint's dtype. A double-quantized absmax keeps its 8-bit codes where it is in `NF4Linear`'s
+own form (blocks of 64, 256 per scale, bitsandbytes' dynamic map: the usual case), else it is expanded
+to float32 once, at load. Block sizes that are multiples of 64 are read as blocks of 64.
 
 8-bit: NAME.weight int8 [N, K], NAME.SCB float32 [N] (each row's absmax: w = q SCB / 127) and
 NAME.weight_format (0: row-major, the only layout bitsandbytes saves now).
@@ -30,7 +31,7 @@ from lamina.errors import CheckpointError
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.int8 import Int8Linear
 from lamina.quant.llm_int8 import LLMInt8Linear
-from lamina.quant.nf4 import BLOCK_SIZE, CODE_BOOKS, NF4Linear
+from lamina.quant.nf4 import BLOCK_SIZE, CODE_BOOKS, DQ_BLOCK_SIZE, NF4Linear, dynamic_map
 
 #: The companions that mark a linear as stored by bitsandbytes, 4-bit and 8-bit.
 ABSMAX, SCB = "weight.absmax", "SCB"
@@ -99,7 +100,23 @@ def _four_bit(
     _expect(packed, (n * k // 2,), f"{name}.weight")
     codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(n, k)  # high nibble first
     absmax = _absmax(tensors, state, n * k // block, name)
-    return NF4Linear(codes, absmax.repeat_interleave(block // BLOCK_SIZE), quant_type, False, bias)
+    layer = NF4Linear(codes, absmax.repeat_interleave(block // BLOCK_SIZE), quant_type, False, bias)
+    if _double_quant_as_lamina_stores_it(tensors, state, block):  # keep the 8-bit absmax as stored
+        layer._set_double_quant(
+            tensors[ABSMAX], tensors["weight.nested_absmax"].float(), torch.tensor([state["nested_offset"]])
+        )
+    return layer
+
+
+def _double_quant_as_lamina_stores_it(tensors: dict[str, torch.Tensor], state: dict, block: int) -> bool:
+    """Whether the double-quantized absmax is in `NF4Linear`'s own form (blocks of 64, 256 absmax per
+    scale, bitsandbytes' dynamic map), so its codes can be kept rather than expanded to float32."""
+    return (
+        "weight.nested_absmax" in tensors
+        and block == BLOCK_SIZE
+        and state.get("nested_blocksize") == DQ_BLOCK_SIZE
+        and torch.equal(tensors["weight.nested_quant_map"].float(), dynamic_map())
+    )
 
 
 def _quant_state(tensors: dict[str, torch.Tensor], name: str) -> dict:

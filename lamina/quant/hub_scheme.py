@@ -70,9 +70,13 @@ class HubScheme:
     def kept_bits(self) -> float:
         """Bits a weight takes as loaded on the native kernel: codes plus an fp16 scale per 32 weights
         (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1); bitsandbytes 4-bit keeps its
-        float32 absmax per 64 next to them (`NF4Linear`), 8-bit one float32 scale per row (ignored)."""
+        float32 absmax per 64 next to them (`NF4Linear`; double-quantized: an 8-bit code per 64 and a
+        float32 scale per 256 of those), 8-bit one float32 scale per row (left out, as a layer's offset)."""
+        if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
+            return 8 + 16 / BLOCK
         if self.method == BITSANDBYTES:
-            return 8 + 16 / BLOCK if self.checkpoint_format == "llm.int8" else BITS + 16 / BLOCK + 32 / 64
+            absmax_bits = 8 / 64 + 32 / (64 * 256) if self.double_quant else 32 / 64
+            return BITS + 16 / BLOCK + absmax_bits
         return BITS + 16 * (1 if self.symmetric else 2) / BLOCK
 
 

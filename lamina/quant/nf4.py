@@ -5,10 +5,13 @@ one float32 absmax; a weight is stored as the 4-bit index of the nearest code bo
 w / absmax, so w ~= CODE[q] * absmax. The code books below are bitsandbytes' values
 (`bitsandbytes.functional.get_4bit_type`), indices included, so codes are interchangeable.
 
-Double quantization ("-dq") stores the absmax values themselves as int8: subtract their mean, then
-symmetric int8 with one float32 scale per 256 absmax values (bitsandbytes uses an 8-bit dynamic map
-here instead of linear int8, so the absmax bits differ from bitsandbytes'; the 4-bit codes do not).
-That cuts scale overhead from 0.5 to ~0.127 bits per weight.
+Double quantization ("-dq") stores the absmax values themselves in 8 bits, as bitsandbytes does:
+subtract their mean, then per 256 absmax values one float32 scale (their largest magnitude) and an
+8-bit code each into bitsandbytes' dynamic map (`dynamic_map`: signed, exponent bits up to 7), the
+nearest by the map's midpoints. absmax = map[code] * scale + mean, the same bits as bitsandbytes'
+`quantize_4bit(..., compress_statistics=True)` (tested against it). That cuts scale overhead from 0.5
+to ~0.127 bits per weight. Checkpoints saved before stored linear int8 codes (int8 `absmax_q`, a step
+of scale / 127); they still load.
 
 Kernels: there is no packed NF4/FP4 kernel in torch.
 - CPU: `use_native_blocks` repacks the codes into the tiles of Lamina's native block kernel
@@ -85,20 +88,40 @@ def kernel_table(quant_type: str) -> torch.Tensor:
     return torch.cat([whole + 128, ((scaled - whole) * 128).round() + 64]).to(torch.uint8)
 
 
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map (`create_dynamic_map(signed=True, max_exponent_bits=7,
+    total_bits=8)`), built the same way: float32 [256], sorted, from -1 to 1."""
+    data: list[float] = []
+    for i in range(7):  # exponents 10^-6 .. 10^0, 2^i fractions each, both signs
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))  # bitsandbytes pads to 256 with zeros
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """absmax float32 [M] -> (int8 [M], float32 scales [ceil(M / 256)], float32 offset [1])."""
-    offset = absmax.mean().reshape(1)
-    centered = absmax - offset
+    """absmax float32 [M] -> (uint8 codes into `dynamic_map` [M], float32 scales [ceil(M / 256)],
+    float32 offset [1]), as bitsandbytes' `quantize_blockwise(absmax - mean, blocksize=256)`."""
+    offset = absmax.float().mean().reshape(1)
+    centered = absmax.float() - offset
     pad = (-centered.numel()) % DQ_BLOCK_SIZE
     blocks = torch.nn.functional.pad(centered, (0, pad)).reshape(-1, DQ_BLOCK_SIZE)  # [M/256, 256]
-    scales = blocks.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(blocks / scales[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: absmax.numel()]
-    return q, scales, offset
+    scales = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / scales.clamp(min=1e-38))[:, None], -1, 1)  # [M/256, 256]
+    code = dynamic_map()
+    q = torch.bucketize(scaled.reshape(-1), (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    return q[: absmax.numel()], scales, offset
 
 
 def double_dequantize(q: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Inverse of `double_quantize` (up to its rounding): float32 absmax [M]."""
-    return q.float() * scales.repeat_interleave(DQ_BLOCK_SIZE)[: q.numel()] + offset
+    """float32 absmax [M] from `double_quantize`'s codes (uint8: dynamic map, as bitsandbytes), or from
+    the linear int8 codes checkpoints saved before held (code * scale)."""
+    values = q.float() if q.dtype == torch.int8 else dynamic_map()[q.long()]
+    return values * scales.repeat_interleave(DQ_BLOCK_SIZE)[: q.numel()] + offset
 
 
 #: Looked up once: `find_spec` in a forward would break a compiled decode step's graph.
@@ -206,7 +229,9 @@ class NF4Linear(QuantizedLinear):
     def _set_double_quant(self, q: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> None:
         del self.absmax
         self.double_quant, self.method = True, f"{self.quant_type}-dq"
-        self.register_buffer("absmax_q", q.to(torch.int8))
+        self.register_buffer(
+            "absmax_q", q if q.dtype == torch.int8 else q.to(torch.uint8)
+        )  # int8: older saves
         self.register_buffer("absmax_scales", scales.float())
         self.register_buffer("absmax_offset", offset.float())
 

@@ -9,7 +9,15 @@ from lamina.quant.apply import quantize_linear
 from lamina.quant.int4 import Int4Linear, pack_nibbles, unpack_nibbles
 from lamina.quant.int8 import Int8Linear
 from lamina.quant.llm_int8 import LLMInt8Linear
-from lamina.quant.nf4 import BLOCK_SIZE, FP4_CODE, NF4_CODE, NF4Linear, double_dequantize, double_quantize
+from lamina.quant.nf4 import (
+    BLOCK_SIZE,
+    FP4_CODE,
+    NF4_CODE,
+    NF4Linear,
+    double_dequantize,
+    double_quantize,
+    dynamic_map,
+)
 
 from .conftest import random_linear
 
@@ -57,11 +65,24 @@ def test_nf4_and_fp4_round_trip_nearest_code() -> None:
         assert (err <= absmax * gaps / 2 + 1e-7).all(), quant_type
 
 
-def test_double_quantized_absmax_within_int8_step() -> None:
+def test_double_quantized_absmax_takes_the_nearest_dynamic_map_code() -> None:
     absmax = torch.rand(1000) + 0.5
     q, scales, offset = double_quantize(absmax)
-    err = (double_dequantize(q, scales, offset) - absmax).abs()
-    assert (err <= scales.repeat_interleave(256)[:1000] / 2 + 1e-7).all()
+    assert q.dtype == torch.uint8 and scales.shape == (4,)
+    centered = (absmax - offset).reshape(-1)
+    per_value = scales.repeat_interleave(256)[:1000]
+    assert torch.equal(scales, torch.nn.functional.pad(centered, (0, 24)).reshape(4, 256).abs().amax(dim=1))
+    scaled = centered * (1.0 / per_value)
+    nearest = (scaled[:, None] - dynamic_map()).abs().min(dim=1).values
+    assert torch.equal((scaled - dynamic_map()[q.long()]).abs(), nearest)  # no code is closer
+    assert torch.equal(double_dequantize(q, scales, offset), dynamic_map()[q.long()] * per_value + offset)
+
+
+def test_double_quantized_checkpoints_saved_with_linear_int8_codes_still_load() -> None:
+    """Saves from before the dynamic map hold int8 codes with a step of scale / 127."""
+    q = torch.tensor([-127, 0, 64, 127], dtype=torch.int8)
+    scales, offset = torch.tensor([0.5]), torch.tensor([1.0])
+    assert torch.equal(double_dequantize(q, scales, offset), q.float() * 0.5 + 1.0)
 
 
 @pytest.mark.parametrize(
