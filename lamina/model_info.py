@@ -115,10 +115,8 @@ def describe(path: str | Path) -> ModelInfo:
             if scheme is not None and name.endswith((".qweight", ".weight_packed")):  # a layer's codes
                 parameter = _parameter_name(model, name.rpartition(".")[0] + ".weight")
                 kind = None
-            elif (
-                scheme is not None and name.endswith(".weight") and bnb_parts(name[: -len(".weight")], names)
-            ):
-                parameter, kind = _parameter_name(model, name), None  # a bitsandbytes layer's codes
+            elif scheme is not None and name.endswith(".weight") and _stored_by(scheme, name, names):
+                parameter, kind = _parameter_name(model, name), None  # bitsandbytes' or fp8 codes
             else:
                 parameter, kind = _parameter_name(model, name), checkpoint.stored_type(name)
             if parameter is None:
@@ -166,6 +164,17 @@ def _parameter_name(model: nn.Module, name: str) -> str | None:
             continue
         return candidate
     return None
+
+
+def _stored_by(scheme: HubScheme, weight: str, names: set[str]) -> bool:
+    """Whether checkpoint tensor `weight` (a `.weight`) is a layer's codes in the scheme's own form:
+    bitsandbytes' packed bytes, or FP8 values beside their scale."""
+    from lamina.quant.fp8_format import fp8_parts
+
+    layer = weight.removesuffix(".weight")
+    if scheme.is_fp8:
+        return f"{layer}.{fp8_parts(scheme)[0][0]}" in names
+    return bnb_parts(layer, names) is not None
 
 
 def _parameter_of(model: nn.Module, module: nn.Module) -> str:

@@ -15,13 +15,16 @@ from typing import Any
 
 from lamina.errors import CheckpointError
 from lamina.loading.weight_files import is_autoawq_config
+from lamina.quant.base import is_positive_int
 from lamina.quant.blocks import BLOCK
 
 #: quant_method -> the checkpoint formats (GPTQ's `checkpoint_format`, AWQ's `version`) Lamina reads.
 SUPPORTED = {"gptq": ("gptq", "gptq_v2"), "awq": ("gemm",)}
 BITSANDBYTES = "bitsandbytes"  # read by `bnb_format.py`: formats nf4, fp4 and llm.int8
-COMPRESSED_TENSORS = "compressed-tensors"  # llm-compressor's checkpoints; Lamina reads "pack-quantized"
+COMPRESSED_TENSORS = "compressed-tensors"  # llm-compressor's checkpoints; "pack-quantized" and FP8
 PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"  # compressed-tensors' FP8 weights, read by `fp8_format.py`
+FP8 = "fp8"  # transformers' FineGrainedFP8 checkpoints (e4m3 weights, a scale per block), the same
 BITS = 4  # the code width of the GPTQ / AWQ / compressed-tensors checkpoints Lamina reads
 #: `HubScheme.stored_type()` values, as `lamina info` counts them.
 HUB_STORED_TYPES = frozenset(
@@ -30,6 +33,7 @@ HUB_STORED_TYPES = frozenset(
         "BNB NF4",
         "BNB FP4",
         "BNB INT8",
+        "FP8",
     ]
 )
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # older AutoGPTQ folders: the scheme beside config.json
@@ -47,8 +51,20 @@ class HubScheme:
     symmetric: bool = True  # declared: every zero point 8 (GPTQ's `sym`; AWQ without `zero_point`)
     double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
     threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
+    #: FP8: (rows, columns) of weights per scale; None: per output channel or per tensor (the scale's
+    #: shape says which)
+    weight_block: tuple[int, int] | None = None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.method == FP8 or self.checkpoint_format == FLOAT_QUANTIZED
 
     def describe(self) -> str:
+        if self.is_fp8:
+            block = self.weight_block
+            scales = "per channel or tensor" if block is None else f"per {block[0]}x{block[1]} block"
+            maker = "" if self.method == FP8 else f"{self.method} "
+            return f"{maker}fp8 (e4m3 weights, a scale {scales})"
         if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
             return f"bitsandbytes LLM.int8 (8-bit, outlier threshold {self.threshold:g})"
         if self.method == BITSANDBYTES:
@@ -59,6 +75,8 @@ class HubScheme:
 
     def stored_type(self) -> str:
         """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
+        if self.is_fp8:
+            return "FP8"
         if self.method == BITSANDBYTES:
             return (
                 "BNB INT8"
@@ -72,6 +90,8 @@ class HubScheme:
         (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1); bitsandbytes 4-bit keeps its
         float32 absmax per 64 next to them (`NF4Linear`; double-quantized: an 8-bit code per 64 and a
         float32 scale per 256 of those), 8-bit one float32 scale per row (left out, as a layer's offset)."""
+        if self.is_fp8:  # loaded as 16-bit weights (`fp8_format.py`)
+            return 16.0
         if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
             return 8 + 16 / BLOCK
         if self.method == BITSANDBYTES:
@@ -101,11 +121,13 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
         return _bitsandbytes_scheme(raw, source)
     if method == COMPRESSED_TENSORS:
         return _compressed_tensors_scheme(raw, source)
+    if method == FP8:
+        return _fp8_scheme(raw, source)
     if method not in SUPPORTED:
         raise CheckpointError(
             f"the checkpoint is quantized with {method!r} ({source}), which Lamina cannot load; it loads "
-            "4-bit gptq, awq and compressed-tensors, and bitsandbytes checkpoints: use one of those, or the "
-            "unquantized model"
+            "4-bit gptq, awq and compressed-tensors, fp8, and bitsandbytes checkpoints: use one of those, or "
+            "the unquantized model"
         )
     fmt_key = "version" if method == "awq" else "checkpoint_format"
     default = "gemm" if method == "awq" else "gptq"
@@ -158,10 +180,50 @@ def _bitsandbytes_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     return HubScheme(BITSANDBYTES, "llm.int8", -1, threshold=float(threshold))
 
 
+def _fp8_scheme(raw: dict[str, Any], source: str) -> HubScheme:
+    """transformers' FineGrainedFP8Config as saved: e4m3 weights with `weight_scale_inv` per
+    `weight_block_size` block (activations, quantized to FP8 per token at run time there, stay float32)."""
+    block = raw.get("weight_block_size")
+    if block is not None and not (
+        isinstance(block, list) and len(block) == 2 and all(is_positive_int(v) for v in block)
+    ):
+        raise CheckpointError(
+            f"the checkpoint is fp8 with weight_block_size {block!r}, not two positive sizes ({source}); "
+            "its config is damaged"
+        )
+    return HubScheme(FP8, FP8, -1, weight_block=None if block is None else (block[0], block[1]))
+
+
+def _compressed_tensors_fp8(first: dict[str, Any], groups: dict[str, Any], source: str) -> HubScheme:
+    """compressed-tensors float-quantized: e4m3 weights with a scale per channel, per tensor or per
+    block; FP8 activations (dynamic or static) are not applied: they stay float32, as vLLM runs such a
+    checkpoint on GPUs without FP8 arithmetic."""
+    strategy, block = first.get("strategy"), first.get("block_structure")
+    activations = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
+    problem = (
+        f"weights {first.get('type')!r} {first.get('num_bits')}-bit, Lamina reads float 8-bit (e4m3)"
+        if first.get("type") != "float" or first.get("num_bits") != 8
+        else f"strategy {strategy!r}, Lamina reads 'channel', 'tensor' and 'block'"
+        if strategy not in ("channel", "tensor", "block")
+        else f"block_structure {block!r}, not two positive sizes"
+        if strategy == "block"
+        and not (isinstance(block, list) and len(block) == 2 and all(is_positive_int(v) for v in block))
+        else "activations quantized other than to FP8"
+        if any(
+            not isinstance(a, dict) or a.get("type") != "float" or a.get("num_bits") != 8 for a in activations
+        )
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(f"the checkpoint is {COMPRESSED_TENSORS} with {problem} ({source})")
+    weight_block = (block[0], block[1]) if strategy == "block" else None
+    return HubScheme(COMPRESSED_TENSORS, FLOAT_QUANTIZED, -1, weight_block=weight_block)
+
+
 def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     """llm-compressor's `compressed-tensors` config: weight-only int4 ("w4a16"), format pack-quantized,
-    strategy group (a multiple of 32) or channel, symmetric or not; one weight scheme for every config
-    group; no activation or KV-cache quantization."""
+    strategy group (a multiple of 32) or channel, symmetric or not; or FP8 weights (float-quantized,
+    `_compressed_tensors_fp8`); one weight scheme for every config group; no KV-cache quantization."""
     groups = raw.get("config_groups")
     if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
         raise CheckpointError(
@@ -171,19 +233,26 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     formats = {str(g.get("format") or raw.get("format")) for g in groups.values()}
     first = weights[0] if isinstance(weights[0], dict) else {}
     strategy, group_size = first.get("strategy"), first.get("group_size")
-    problem = (
-        f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}"
-        if formats != {PACK_QUANTIZED}
-        else "differing weight schemes across its config groups, Lamina reads one"
+    common = (
+        "differing weight schemes across its config groups, Lamina reads one"
         if any(w != first for w in weights)
-        else f"weights {first.get('type')!r} {first.get('num_bits')}-bit, Lamina reads int {BITS}-bit"
-        if first.get("type") != "int" or first.get("num_bits") != BITS
-        else "quantized activations, Lamina reads weight-only checkpoints (w4a16)"
-        if any(g.get("input_activations") or g.get("output_activations") for g in groups.values())
         else "a quantized KV cache, which Lamina does not read"
         if raw.get("kv_cache_scheme")
         else f"quantization_status {raw.get('quantization_status')!r}, Lamina reads 'compressed'"
         if raw.get("quantization_status", "compressed") != "compressed"
+        else None
+    )
+    if common is None and formats == {FLOAT_QUANTIZED}:
+        return _compressed_tensors_fp8(first, groups, source)
+    problem = (
+        common
+        if common is not None
+        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r} and {FLOAT_QUANTIZED!r}"
+        if formats != {PACK_QUANTIZED}
+        else f"weights {first.get('type')!r} {first.get('num_bits')}-bit, Lamina reads int {BITS}-bit"
+        if first.get("type") != "int" or first.get("num_bits") != BITS
+        else "quantized activations, Lamina reads weight-only int4 checkpoints (w4a16)"
+        if any(g.get("input_activations") or g.get("output_activations") for g in groups.values())
         else f"strategy {strategy!r}, Lamina reads 'group' (a multiple of {BLOCK}) and 'channel'"
         if not (
             strategy == "channel"

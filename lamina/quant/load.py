@@ -49,6 +49,7 @@ from lamina.quant.blockq import (
 )
 from lamina.quant.bnb_format import bnb_linear, bnb_parts
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
+from lamina.quant.fp8_format import fp8_linear, fp8_parts
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 from lamina.quant.half import GGML_HALF_DTYPES, HALF_DTYPES, HalfEmbedding, HalfLinear, half_linear_from_gguf
 from lamina.quant.hub_formats import build_linear, packed_parts, unpack_layer
@@ -217,7 +218,7 @@ def _hub_claim(
         if bnb is not None:
             parts = required = bnb
         else:
-            required, optional = packed_parts(scheme)
+            required, optional = fp8_parts(scheme) if scheme.is_fp8 else packed_parts(scheme)
             if f"{name}.{required[0]}" not in stored:
                 return False  # a float layer
             parts = [*required, *optional]
@@ -245,6 +246,8 @@ def _hub_claim(
         shape = tuple(module.weight.shape)
         if bnb is not None:
             built = bnb_linear(tensors, shape, name, bias, scheme.threshold)
+        elif scheme.is_fp8:
+            built = fp8_linear(scheme, tensors, shape, name, bias)
         else:
             built = build_linear(
                 unpack_layer(scheme, tensors, shape, name), bias, runs_natively(device, shape)

@@ -135,14 +135,14 @@ def test_schemes_lamina_cannot_read_are_named() -> None:
     base = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
     cases = {
-        "float-quantized": ({**base, "format": "float-quantized"}, weights, None),
+        "nvfp4": ({**base, "format": "nvfp4-pack-quantized"}, weights, None),
         "8 bits": (base, {**weights, "num_bits": 8}, None),
         "w4a8": (base, weights, {"num_bits": 8, "type": "int"}),
         "group 16": (base, {**weights, "group_size": 16}, None),
         "tensor": (base, {**weights, "strategy": "tensor"}, None),
     }
     needles = {
-        "float-quantized": "float-quantized",
+        "nvfp4": "nvfp4-pack-quantized",
         "8 bits": "8-bit",
         "w4a8": "quantized activations",
         "group 16": "strategy 'group'",

@@ -220,7 +220,7 @@ def test_unsupported_schemes_are_one_line_errors() -> None:
     base = {"bits": 4, "group_size": 128}
     cases = {
         "hqq": ({"quant_method": "hqq"}, "'hqq'"),
-        "fp8": ({"quant_method": "fp8"}, "gptq, awq and compressed-tensors"),
+        "torchao": ({"quant_method": "torchao"}, "gptq, awq and compressed-tensors, fp8"),
         "8 bits": ({**base, "quant_method": "gptq", "bits": 8}, "8 bits"),
         "gemv": ({**base, "quant_method": "awq", "version": "gemv"}, "'gemv'"),
         "marlin": ({**base, "quant_method": "gptq", "checkpoint_format": "marlin"}, "'marlin'"),
@@ -301,10 +301,10 @@ def test_info_names_a_scheme_lamina_cannot_load(tiny_models, tmp_path) -> None:
     _, src = tiny_models["llama"]
     shutil.copytree(src, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8"}
+    config["quantization_config"] = {"quant_method": "torchao"}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    assert describe(tmp_path / "m").quantization == "fp8 (Lamina cannot load it)"
-    with pytest.raises(CheckpointError, match="'fp8'"):
+    assert describe(tmp_path / "m").quantization == "torchao (Lamina cannot load it)"
+    with pytest.raises(CheckpointError, match="'torchao'"):
         LLM.load(tmp_path / "m")
 
 

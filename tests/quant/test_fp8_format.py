@@ -1,0 +1,161 @@
+"""FP8 checkpoints (`lamina/quant/fp8_format.py`): transformers' FineGrainedFP8 layout, written here as
+its loader reads it (e4m3 `weight`, float32 `weight_scale_inv` per block, w = weight * scale_inv), and
+compressed-tensors' float-quantized, written and decompressed by compressed-tensors itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from safetensors.torch import load_file, save_file
+
+from lamina import LLM
+from lamina.errors import CheckpointError
+from lamina.model_info import describe
+from lamina.quant.half import HalfLinear
+from lamina.quant.hub_scheme import hub_scheme
+from tests.quant.hub_packers import PROJECTIONS
+
+IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
+E4M3_MAX = 448.0
+
+
+def block_scales(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """float32 [ceil(N/rows), ceil(K/cols)]: each block's absmax / 448, as FP8 quantizers pick them."""
+    n, k = w.shape
+    padded = torch.nn.functional.pad(w.abs(), (0, -k % cols, 0, -n % rows))
+    blocks = padded.reshape(
+        padded.shape[0] // rows, rows, padded.shape[1] // cols, cols
+    )  # [R, rows, C, cols]
+    return blocks.amax(dim=(1, 3)) / E4M3_MAX
+
+
+def write_transformers_fp8(src: Path, dst: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """src's projections as FineGrainedFP8 saves them; returns the float32 weights they stand for."""
+    shutil.copytree(src, dst)
+    out, reference = {}, {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
+            out[name] = w
+            continue
+        scale = block_scales(w, *block)  # [R, C]
+        expanded = scale.repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[
+            :, : w.shape[1]
+        ]
+        q = (w / expanded).to(torch.float8_e4m3fn)
+        out[name], out[f"{module}.weight_scale_inv"] = q, scale
+        reference[name] = q.float() * expanded
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+    return reference
+
+
+def write_compressed_tensors_fp8(src: Path, dst: Path, strategy: str) -> dict[str, torch.Tensor]:
+    """src's projections compressed by compressed-tensors (float-quantized, FP8-dynamic-like config);
+    returns its own decompression of each."""
+    shutil.copytree(src, dst)
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+    weights |= {"block_structure": [32, 32]} if strategy == "block" else {}
+    activations = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    out, reference = {}, {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
+            out[name] = w
+            continue
+        scale = (
+            block_scales(w, 32, 32)
+            if strategy == "block"
+            else w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
+            if strategy == "channel"
+            else w.abs().amax().reshape(1) / E4M3_MAX
+        )
+        compressed = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+        out |= {f"{module}.{k}": v for k, v in compressed.items()}
+        reference[name] = FloatQuantizationCompressor.decompress(compressed, scheme)["weight"].float()
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+        },
+        "ignore": ["lm_head"],
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+    return reference
+
+
+def reference_logits(hf_model, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    model = copy.deepcopy(hf_model)
+    model.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        return model(IDS).logits[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [
+        ("transformers", (32, 32)),
+        ("transformers", (48, 40)),
+        ("ct", "channel"),
+        ("ct", "tensor"),
+        ("ct", "block"),
+    ],
+)
+def test_fp8_checkpoints_load_as_16_bit_weights(tiny_models, tmp_path, kind, option) -> None:
+    hf_model, src = tiny_models["llama"]
+    if kind == "transformers":  # (48, 40): blocks that do not divide the 64 / 128-wide layers
+        reference = write_transformers_fp8(src, tmp_path / "m", option)
+    else:
+        reference = write_compressed_tensors_fp8(src, tmp_path / "m", option)
+    llm = LLM.load(tmp_path / "m", fuse=False)
+    layers = {name: m for name, m in llm.model.named_modules() if isinstance(m, HalfLinear)}
+    for name, w in reference.items():  # each weight rounded once to float16
+        got = layers[name.removesuffix(".weight")].dequantize()
+        assert torch.allclose(got, w, rtol=2**-11, atol=2**-25)  # float16 subnormals: steps of 2^-24
+    expected = reference_logits(hf_model, reference)
+    with torch.no_grad():
+        got = llm.model(IDS)[0]  # [T, vocab]
+    assert torch.allclose(got, expected, rtol=0, atol=1e-3 * expected.abs().max())
+    with torch.no_grad():
+        unquantized = hf_model(IDS).logits[0]
+    assert not torch.allclose(got, unquantized, rtol=0, atol=1e-3 * unquantized.abs().max())
+
+
+def test_info_names_fp8(tiny_models, tmp_path) -> None:
+    write_transformers_fp8(tiny_models["llama"][1], tmp_path / "m", (32, 32))
+    info = describe(tmp_path / "m")
+    assert info.quantization == "fp8 (e4m3 weights, a scale per 32x32 block)"
+    assert info.stored_types["FP8"] == info.linear_parameters
+
+
+def test_fp8_problems_are_named(tiny_models, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="weight_block_size"):
+        hub_scheme({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}})
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    weights = {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128}
+    with pytest.raises(CheckpointError, match="strategy 'group'"):
+        hub_scheme({"quantization_config": {**ct, "config_groups": {"g": {"weights": weights}}}})
+    write_transformers_fp8(tiny_models["llama"][1], tmp_path / "m", (32, 32))
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(3, 3)
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight_scale_inv is \(3, 3\)"):
+        LLM.load(tmp_path / "m")
