@@ -8,7 +8,8 @@ written here with the reference packers (`tests/quant/hub_packers.py`, GPTQModel
 layouts) from the default model's weights, round-to-nearest: GPTQ v1 symmetric, GPTQ v1 symmetric
 with an act-order g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)),
 AWQ GEMM asymmetric, all at --group-size, and compressed-tensors pack-quantized symmetric at group
-size 64 (packed by compressed-tensors itself, which needs groups that divide 576). Their other
+size 64 (packed by compressed-tensors itself, which needs groups that divide 576); and FP8 in
+transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block). Their other
 tensors are fp16, as those tools save them. Each has a twin with the projections in float32 holding
 s (q - z), the weights the tools themselves dequantize to: what a dequantizing loader computes.
 Same perplexity text and windows as `benchmarks/quant.py`. Perplexity shows the load is exact
@@ -47,7 +48,14 @@ from benchmarks.quant import measure as quant_row
 from lamina import LLM
 from lamina.default_model import default_model_path
 from lamina.engine.perplexity import default_text, perplexity
-from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
+from tests.quant.hub_packers import (
+    PROJECTIONS,
+    dequantized,
+    pack_awq,
+    pack_fp8_blocks,
+    pack_gptq,
+    quantize,
+)
 
 
 def float_checkpoint(gguf: Path, out: Path) -> None:
@@ -84,6 +92,11 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
         if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
             packed[name] = twin_state[name] = w.half()
             continue
+        if kind == "fp8":  # transformers' FineGrainedFP8 layout, 128 x 128 blocks
+            packed[name], packed[f"{module}.weight_scale_inv"], twin_state[name] = pack_fp8_blocks(
+                w, 128, 128
+            )
+            continue
         k = w.shape[1]
         rank = norm_rank(w) if kind == "gptq-act-order" else torch.arange(k)
         order = rank.argsort()  # the inputs in group order
@@ -103,7 +116,15 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
     config = json.loads((src / "config.json").read_text())
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
     config["quantization_config"] = (
-        {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm", "zero_point": True}
+        {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+        if kind == "fp8"
+        else {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "version": "gemm",
+            "zero_point": True,
+        }
         if kind == "awq"
         else {
             "quant_method": "compressed-tensors",
@@ -206,14 +227,15 @@ def main() -> None:
 
     ids = LLM.load(src).tokenizer.encode(default_text(), add_special_tokens=False)[: args.max_tokens]
     rows = []
-    for kind in ("gptq", "gptq-act-order", "awq", "compressed-tensors"):
+    for kind in ("gptq", "gptq-act-order", "awq", "compressed-tensors", "fp8"):
         quantized, twin = work / kind, work / f"{kind}-dequantized"
         # compressed-tensors needs groups that divide the layer (SmolLM2's 576 does not divide by 128)
         group_size = 64 if kind == "compressed-tensors" else args.group_size
         if not quantized.exists():
             write_pair(src, quantized, twin, kind, group_size)
         twin_row = measure(f"{kind} as float32", twin, ids, args.decode_tokens)
-        row = measure(f"{kind} g{group_size}", quantized, ids, args.decode_tokens)
+        label = f"{kind} 128x128 blocks" if kind == "fp8" else f"{kind} g{group_size}"
+        row = measure(label, quantized, ids, args.decode_tokens)
         row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
         twin_row["ppl_vs_twin_pct"] = 0.0
         rows += [twin_row, row]

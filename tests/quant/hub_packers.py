@@ -1,4 +1,4 @@
-"""Reference packers for GPTQ and AWQ checkpoints, for the tests and `benchmarks/hub_checkpoints.py`.
+"""Reference packers for GPTQ, AWQ and FP8 checkpoints, for the tests and `benchmarks/hub_checkpoints.py`.
 
 They follow the writers line for line: GPTQModel's `pack_original` (gptqmodel/nn_modules/qlinear/
 __init__.py: inputs 8i..8i+7 into qweight row i at bits 4j, outputs into qzeros words) and its v2 -> v1
@@ -79,3 +79,25 @@ def pack_awq(q, s, z) -> dict[str, torch.Tensor]:
         "qzeros": torch.from_numpy(qzeros.view(np.int32)),
         "scales": s.t().contiguous().half(),
     }
+
+
+E4M3_MAX = 448.0
+
+
+def block_scales(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """float32 [ceil(N/rows), ceil(K/cols)]: each block's absmax / 448, as FP8 quantizers pick them."""
+    n, k = w.shape
+    padded = torch.nn.functional.pad(w.abs(), (0, -k % cols, 0, -n % rows))
+    blocks = padded.reshape(
+        padded.shape[0] // rows, rows, padded.shape[1] // cols, cols
+    )  # [R, rows, C, cols]
+    return blocks.amax(dim=(1, 3)) / E4M3_MAX
+
+
+def pack_fp8_blocks(w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' FineGrainedFP8 layout: (e4m3 weight [N, K], weight_scale_inv [R, C], the float32
+    weight they stand for, weight * scale_inv)."""
+    scale = block_scales(w, rows, cols)
+    expanded = scale.repeat_interleave(rows, 0)[: w.shape[0]].repeat_interleave(cols, 1)[:, : w.shape[1]]
+    q = (w / expanded).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * expanded

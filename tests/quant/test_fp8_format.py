@@ -20,20 +20,9 @@ from lamina.errors import CheckpointError
 from lamina.model_info import describe
 from lamina.quant.half import HalfLinear
 from lamina.quant.hub_scheme import hub_scheme
-from tests.quant.hub_packers import PROJECTIONS
+from tests.quant.hub_packers import E4M3_MAX, PROJECTIONS, block_scales, pack_fp8_blocks
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
-E4M3_MAX = 448.0
-
-
-def block_scales(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """float32 [ceil(N/rows), ceil(K/cols)]: each block's absmax / 448, as FP8 quantizers pick them."""
-    n, k = w.shape
-    padded = torch.nn.functional.pad(w.abs(), (0, -k % cols, 0, -n % rows))
-    blocks = padded.reshape(
-        padded.shape[0] // rows, rows, padded.shape[1] // cols, cols
-    )  # [R, rows, C, cols]
-    return blocks.amax(dim=(1, 3)) / E4M3_MAX
 
 
 def write_transformers_fp8(src: Path, dst: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -45,13 +34,7 @@ def write_transformers_fp8(src: Path, dst: Path, block: tuple[int, int]) -> dict
         if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
             out[name] = w
             continue
-        scale = block_scales(w, *block)  # [R, C]
-        expanded = scale.repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[
-            :, : w.shape[1]
-        ]
-        q = (w / expanded).to(torch.float8_e4m3fn)
-        out[name], out[f"{module}.weight_scale_inv"] = q, scale
-        reference[name] = q.float() * expanded
+        out[name], out[f"{module}.weight_scale_inv"], reference[name] = pack_fp8_blocks(w, *block)
     save_file(out, str(dst / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {
