@@ -1,8 +1,10 @@
 """Which quantization another tool saved an HF checkpoint with: `quantization_config` in config.json
-(or, in older AutoGPTQ folders, `quantize_config.json`), checked once before any tensor is read.
+(or, in older folders, AutoGPTQ's `quantize_config.json` or AutoAWQ's `quant_config.json`), checked
+once before any tensor is read.
 
 Lamina loads 4-bit GPTQ, AWQ (GEMM) and compressed-tensors pack-quantized checkpoints as int4 codes
-(`hub_formats.py`), and transformers' bitsandbytes saves (`bnb_format.py`); any other scheme is a
+(`hub_formats.py`), FP8 ones (transformers' fp8, compressed-tensors float-quantized) as 16-bit weights
+(`fp8_format.py`), and transformers' bitsandbytes saves (`bnb_format.py`); any other scheme is a
 one-line CheckpointError that names what it supports.
 """
 
