@@ -70,12 +70,30 @@ def float_checkpoint(gguf: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
-def norm_rank(w: torch.Tensor) -> torch.Tensor:
-    """Each input's place [K] when w [N, K]'s columns are sorted by decreasing norm (act-order's
-    order, with the column norm standing in for diag(H))."""
-    k = w.shape[1]
-    rank = torch.empty(k, dtype=torch.long)
-    rank[w.norm(dim=0).argsort(descending=True)] = torch.arange(k)
+#: Projections that read the same input, so GPTQ's act-order (from that input's Hessian) orders alike.
+SHARED_INPUT = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+}
+
+
+def norm_rank(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Each input's place [K] when the columns of `name`'s weight, and those of the projections reading
+    the same input, are sorted by decreasing norm: act-order's order, with the column norm standing
+    in for diag(H), shared as the Hessian is."""
+    module, _, _ = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    group = SHARED_INPUT.get(leaf)
+    siblings = [
+        n for n in state if group and SHARED_INPUT.get(n.rpartition(".")[0].rpartition(".")[2]) == group
+    ]
+    siblings = [n for n in siblings if n.startswith(f"{parent}.") and n.endswith(".weight")] or [name]
+    norms = torch.stack([state[n].norm(dim=0) for n in siblings]).norm(dim=0)  # [K]
+    rank = torch.empty(norms.numel(), dtype=torch.long)
+    rank[norms.argsort(descending=True)] = torch.arange(norms.numel())
     return rank
 
 
@@ -98,7 +116,7 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
             )
             continue
         k = w.shape[1]
-        rank = norm_rank(w) if kind == "gptq-act-order" else torch.arange(k)
+        rank = norm_rank(state, name) if kind == "gptq-act-order" else torch.arange(k)
         order = rank.argsort()  # the inputs in group order
         q, s, z = quantize(w[:, order], group_size, sym=kind != "awq")
         q = q[:, rank]  # back to the stored input order
