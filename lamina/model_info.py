@@ -34,7 +34,7 @@ class ModelInfo:
     linear_parameters: int  # in the layers' nn.Linear weights: what quantization shrinks
     stored_types: dict[str, int]  # storage type -> number of parameters stored that way
     #: the same, counting only the weights a CPU load keeps 16-bit when stored so: the quantizable
-    #: linears', and an HF checkpoint's token embedding and output head
+    #: linears', and the token embedding's and output head's
     linear_stored_types: dict[str, int]
     stored_bytes: int
     quantization: str | None  # the quantization the HF config declares
@@ -95,14 +95,13 @@ def _bytes(linear: int, other: int, run_format: str) -> int:
 
 def describe(path: str | Path) -> ModelInfo:
     """A ModelInfo for an HF directory or GGUF file, read from metadata and headers only."""
-    from lamina.loading.gguf import GGUFCheckpoint
     from lamina.quant.load import embeddings_can_stay_16_bit
 
     with open_checkpoint(path) as checkpoint:
         model, config = build_empty(checkpoint)
         linear_weights = {f"{name}.weight" for name in quantizable_linears(model)}
-        if not isinstance(checkpoint, GGUFCheckpoint) and embeddings_can_stay_16_bit(model):
-            # an HF checkpoint's 16-bit embedding and head stay 16-bit as the linears do
+        if embeddings_can_stay_16_bit(model):
+            # a 16-bit embedding and head stay 16-bit as the linears do
             linear_weights |= {
                 _parameter_of(model, model.input_embeddings()),
                 _parameter_of(model, model.output_embeddings()),

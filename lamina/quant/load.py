@@ -1,6 +1,6 @@
 """Quantization while loading: the hooks `LLM.load` hands to the loader, one layer at a time.
 
-Three ways a model ends up quantized at load time:
+The ways a model ends up quantized at load time:
 - `quantize=METHOD` (int8, int4, nf4, ...): each float linear is quantized as soon as the loader has
   filled its parameters, so at most one float layer exists at a time (peak ~ quantized size + one
   layer). gptq needs calibration activations of the whole model, so it quantizes after loading,
@@ -9,14 +9,16 @@ Three ways a model ends up quantized at load time:
   embedding stored in a `KEPT_TYPES` type (Q4_0/Q4_1/Q8_0, Q5_x, K-quants, IQ types) become blocks
   (`blockq`, `gguf_convert`); elsewhere Q4_0/Q4_1/Q8_0 linears are rebuilt in the int4/int8 layouts
   (`gguf_formats`) and a Q8_0 token embedding becomes an int8 embedding shared with a tied output
-  head. Other GGML types stay float. `quantize="none"` expands everything to float.
+  head. On a CPU in float32, F16 / BF16 matrices and token embeddings stay 16-bit (`half`). Other
+  GGML types stay float. `quantize="none"` expands everything to float.
 - a directory written by `lamina quantize` (it has a quant_config.json): `load_saved_quantized`,
   no re-quantization.
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
-  `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
-- an HF checkpoint another tool quantized (4-bit GPTQ, AWQ or compressed-tensors, or bitsandbytes;
-  `quantization_config`): its layers are built from their stored codes by the loader's claim
-  (`hub_formats`, `bnb_format`), never expanded to float.
+  `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them),
+  and a 16-bit token embedding and output head stay 16-bit with them (`_half_embedding_claim`).
+- an HF checkpoint another tool quantized (4-bit GPTQ, AWQ or compressed-tensors, FP8, or
+  bitsandbytes; `quantization_config`): its layers are built from their stored codes by the loader's
+  claim (`hub_formats`, `fp8_format`, `bnb_format`), never expanded to float.
 """
 
 from __future__ import annotations
@@ -129,6 +131,16 @@ def loading_claim(
     return lambda name, module: any(claim(name, module) for claim in claims)
 
 
+def _half_embedding(model: nn.Module, name: str, tied_head_name: str | None, weight16: torch.Tensor) -> bool:
+    """Make module `name` a `HalfEmbedding` over `weight16`, and the tied head (when named) a
+    `HalfLinear` over the same table."""
+    new_embed = HalfEmbedding(weight16)
+    set_submodule(model, name, new_embed)
+    if tied_head_name is not None:  # one 16-bit table for both
+        set_submodule(model, tied_head_name, HalfLinear(new_embed.weight16))
+    return True
+
+
 def _keeps_16_bits(
     checkpoint: Checkpoint, quantize: str | None, device: torch.device, dtype: torch.dtype
 ) -> bool:
@@ -170,11 +182,8 @@ def _half_embedding_claim(model: nn.Module, checkpoint: Checkpoint) -> ModuleCla
 
     def build(name: str, module: nn.Module) -> bool:
         if module is embed and stored_16_bit(name) is not None:
-            new_embed = HalfEmbedding(checkpoint.read(f"{name}.weight").to(stored_16_bit(name)))
-            set_submodule(model, name, new_embed)
-            if tied:  # one 16-bit table for both
-                set_submodule(model, head_name, HalfLinear(new_embed.weight16))
-            return True
+            weight16 = checkpoint.read(f"{name}.weight").to(stored_16_bit(name))
+            return _half_embedding(model, name, head_name if tied else None, weight16)
         if module is head and not tied and head.bias is None and stored_16_bit(name) is not None:
             set_submodule(model, name, HalfLinear(checkpoint.read(f"{name}.weight").to(stored_16_bit(name))))
             return True
@@ -293,20 +302,28 @@ def _gguf_claim(
     model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype
 ) -> ModuleClaim:
     """Build linears from their blocks: on the native kernel every `KEPT_TYPES` type, elsewhere
-    Q4_0/Q4_1/Q8_0; F16 / BF16 matrices as `HalfLinear`s on a CPU in float32 (other types load as
-    float). Linears whose stored layout differs from the
+    Q4_0/Q4_1/Q8_0; F16 / BF16 matrices as `HalfLinear`s on a CPU in float32, an F16 / BF16 token
+    embedding as a `HalfEmbedding` (other types load as float). Linears whose stored layout differs from the
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding: an embedding of a `KEPT_TYPES` type and its tied head become blocks here on the
     native kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
     `_gguf_embedding`."""
     spec, config = checkpoint.spec, checkpoint.config
     source = StoredWeights(model, checkpoint)
+    sixteen_bit = device.type == "cpu" and dtype == torch.float32  # 16-bit weights stay so
 
     def keep_blocks(name: str, module: nn.Module) -> bool:
         raw = source.raw(name, module)
         if raw is None:
             return False
         if module is source.embed:
+            if raw.ggml_type in GGML_HALF_DTYPES and sixteen_bit and embeddings_can_stay_16_bit(model):
+                return _half_embedding(
+                    model,
+                    name,
+                    source.tied_head_name(),
+                    half_linear_from_gguf(raw.data, raw.ggml_type, raw.shape).weight16,
+                )
             if raw.ggml_type not in KEPT_TYPES or not runs_natively(device, raw.shape):
                 return False
             return _embedding_blocks(model, name, source.tied_head_name(), raw, dtype)
@@ -314,7 +331,7 @@ def _gguf_claim(
             build = blockq_linear_from_gguf
         elif raw.ggml_type in BLOCK_BYTES:
             build = linear_from_gguf
-        elif raw.ggml_type in GGML_HALF_DTYPES and device.type == "cpu" and dtype == torch.float32:
+        elif raw.ggml_type in GGML_HALF_DTYPES and sixteen_bit:
             build = half_linear_from_gguf  # 16 bits as stored, float32 arithmetic (as for HF checkpoints)
         else:
             return False

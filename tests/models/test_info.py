@@ -79,11 +79,11 @@ def test_info_estimates_16_bit_linears_kept_16_bit(tmp_path):
 
 
 def test_info_estimates_a_gguf_with_16_bit_matrices(tmp_path):
-    """F16 matrices stay 16-bit; the F16 embedding and F32 norms load as float32."""
+    """F16 matrices and the F16 embedding (with its tied head) stay 16-bit; F32 norms load as float32."""
     reference = tiny_hf_model("gemma")
     path = write_gguf(reference, "gemma", tmp_path / "m.gguf", VOCAB)
-    linear = _linear_weight_numel(reference)
-    assert describe(path).kept_bytes() == linear * 2 + (reference.num_parameters() - linear) * 4
+    matrices = sum(p.numel() for p in reference.parameters() if p.dim() == 2)
+    assert describe(path).kept_bytes() == matrices * 2 + (reference.num_parameters() - matrices) * 4
 
 
 def test_info_has_no_kept_estimate_for_float32_checkpoints(tmp_path):

@@ -133,10 +133,14 @@ def test_a_gguf_s_f16_matrices_stay_16_bit_and_compute_the_same(native_lib, tmp_
     layers = [m for m in kept.modules() if isinstance(m, HalfLinear)]
     assert len(layers) == 2 * 7 + 1  # every projection and the (untied) output head
     assert all(layer.weight16.dtype == torch.float16 for layer in layers)
+    assert isinstance(kept.input_embeddings(), HalfEmbedding)  # the F16 token embedding too
+    assert kept.input_embeddings().weight16.dtype == torch.float16
     attach_native(kept), attach_native(widened)
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():  # rows permuted as llama.cpp stores q/k, values exact
         assert torch.equal(kept(ids), widened(ids))
+    footprint = sum(t.numel() * t.element_size() for t in [*kept.parameters(), *kept.buffers()])
+    assert describe(path).kept_bytes() == footprint
 
 
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))  # the decoder-only families
