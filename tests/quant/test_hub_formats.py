@@ -160,7 +160,7 @@ def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_or
         q = q[:, order.argsort()]
         reference[name] = dequantized(q, s, z, g_idx)
         parts = pack_awq(q, s, z) if method == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
-        if method == "gptq":  # AutoGPTQ's QuantLinear always has a bias buffer: zeros here
+        if method == "gptq" and f"{module}.bias" not in state:  # AutoGPTQ's QuantLinear always has one
             parts["bias"] = torch.zeros(n, dtype=torch.float16)
         out.update({f"{module}.{part}": t for part, t in parts.items()})
     save_file(out, str(dst / "model.safetensors"))
@@ -321,6 +321,39 @@ def test_old_autoawq_folder_with_its_quant_config_json(tiny_models, tmp_path) ->
     awq = {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}
     (tmp_path / "q" / "quant_config.json").write_text(json.dumps(awq))
     assert not is_quantized_dir(tmp_path / "q")
+    expected = reference_logits(hf_model, state, IDS_FOR_LOGITS)
+    with torch.no_grad():
+        got = LLM.load(tmp_path / "q").model(IDS_FOR_LOGITS)[0]
+    assert torch.allclose(got, expected, rtol=0, atol=0.01 * expected.abs().max())
+
+
+def test_sharded_qwen2_gptq_checkpoint_with_biases(tiny_models, tmp_path) -> None:
+    """Qwen2's q/k/v biases beside their packed weights, the tensors spread over two shards (each
+    layer's qweight in one, its scales and bias in the other), as large GPTQ uploads are."""
+    hf_model, src = tiny_models["qwen2"]
+    shutil.copytree(src, tmp_path / "src")
+    float_state = load_file(str(src / "model.safetensors"))
+    torch.manual_seed(1)
+    biased = {n: torch.randn_like(t) * 0.1 if n.endswith("_proj.bias") else t for n, t in float_state.items()}
+    assert len(biased) - sum(t is float_state[n] for n, t in biased.items()) == 2 * 3  # q/k/v, two layers
+    save_file(biased, str(tmp_path / "src" / "model.safetensors"))
+    state = write_hub_checkpoint(tmp_path / "src", tmp_path / "q", "gptq", sym=True, act_order=False)
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert torch.equal(
+        stored["model.layers.0.self_attn.q_proj.bias"], biased["model.layers.0.self_attn.q_proj.bias"]
+    )
+    second = [n for n in stored if n.endswith((".scales", ".bias"))]  # apart from their qweight
+    halves = {
+        "model-00001-of-00002.safetensors": [n for n in stored if n not in second],
+        "model-00002-of-00002.safetensors": second,
+    }
+    for file, part in halves.items():
+        save_file({n: stored[n] for n in part}, str(tmp_path / "q" / file))
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (tmp_path / "q" / "model.safetensors").unlink()
+    (tmp_path / "q" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    layer = "model.layers.0.self_attn.q_proj"
+    assert weight_map[f"{layer}.qweight"] != weight_map[f"{layer}.scales"]
     expected = reference_logits(hf_model, state, IDS_FOR_LOGITS)
     with torch.no_grad():
         got = LLM.load(tmp_path / "q").model(IDS_FOR_LOGITS)[0]
