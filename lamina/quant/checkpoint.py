@@ -45,6 +45,7 @@ from lamina.loading.weight_files import is_autoawq_config, open_weights_file
 from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
 from lamina.quant.base import field_problem
 from lamina.quant.blockq import FORMATS, BlockQuantEmbedding, BlockQuantLinear
+from lamina.quant.hub_formats import ReorderedInputLinear
 from lamina.quant.int8 import Int8Embedding
 
 SCHEME_FILE = "quant_config.json"
@@ -61,6 +62,11 @@ def save_quantized(
         raise InvalidArgumentError(
             "this model keeps a GGUF's blocks quantized, which cannot be saved as a Lamina quantized checkpoint; "
             "load it with quantize='none' and quantize that"
+        )
+    if any(isinstance(m, ReorderedInputLinear) for m in model.modules()):
+        raise InvalidArgumentError(
+            "this model holds GPTQ act-order layers, whose input order a Lamina quantized checkpoint "
+            "cannot record; keep using the GPTQ checkpoint it was loaded from"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

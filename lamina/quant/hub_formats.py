@@ -24,7 +24,6 @@ gathers x's columns in that order per call).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +105,7 @@ def unpack_layer(
     _check(qzeros, (groups, n // PACK), f"{name}.qzeros", torch.int32)
     _check(scales, (groups, n), f"{name}.scales", None)
     if gptq:
-        codes = unpack_words(qweight.t().contiguous()).contiguous()  # [N, K/8] words -> [N, K]
+        codes = unpack_words(qweight.t().contiguous())  # [N, K/8] words -> [N, K]
         if scheme.checkpoint_format == "gptq":  # undo v1's "zero point minus one", word-wise
             qzeros = qzeros.long() + V1_ZERO_OFFSET  # a borrow the writer made is carried back
         zeros = unpack_words(qzeros).t().contiguous()  # [G, N] -> [N, G]
@@ -204,30 +203,19 @@ def build_linear(layer: UnpackedLayer, bias: torch.Tensor | None, native: bool) 
     return built if layer.order is None else ReorderedInputLinear(built, layer.order)
 
 
-class ReorderedInputLinear(QuantizedLinear):
+class ReorderedInputLinear(nn.Module):
     """A quantized linear whose inputs were reordered so each group's are adjacent (GPTQ act-order):
-    x's columns are gathered into that order, then the inner layer runs. Loaded only, not saved."""
-
-    method = "reordered"
+    x's columns are gathered into that order, then the inner layer runs. Loaded only: it is not a
+    `QuantizedLinear` of its own, and `save_quantized` refuses a model holding one."""
 
     def __init__(self, inner: QuantizedLinear, order: torch.Tensor) -> None:
-        super().__init__(inner.in_features, inner.out_features, None)
+        super().__init__()
+        self.in_features, self.out_features = inner.in_features, inner.out_features
         self.inner = inner
         self.register_buffer("order", order)
-        self.compiles = inner.compiles
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, **opts: Any) -> QuantizedLinear:
-        raise NotImplementedError("a reordered layer comes from a GPTQ act-order checkpoint only")
-
-    @classmethod
-    def from_tensors(
-        cls, in_features: int, out_features: int, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> QuantizedLinear:
-        raise NotImplementedError("a reordered layer comes from a GPTQ act-order checkpoint only")
-
-    @classmethod
-    def concatenate(cls, layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+    def concatenate(cls, layers: list[nn.Module]) -> ReorderedInputLinear | None:
         """Layers with one input order (q/k/v of one act-order layer share their Hessian, so their
         order) merge through their inner layers' `concatenate`."""
         first = layers[0]
@@ -236,17 +224,8 @@ class ReorderedInputLinear(QuantizedLinear):
         inner = type(first.inner).concatenate([layer.inner for layer in layers])
         return None if inner is None else cls(inner, first.order)
 
-    def scheme_config(self) -> dict[str, Any]:
-        return self.inner.scheme_config()
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("a layer loaded from a GPTQ act-order checkpoint cannot be saved again")
-
     def dequantize(self) -> torch.Tensor:
         return self.inner.dequantize()[:, self.order.argsort().to(self.order.device)]
-
-    def weight_bytes(self) -> int:
-        return self.inner.weight_bytes() + self.order.numel() * self.order.element_size()
 
     def native_blocks(self) -> Blocks | None:
         """The inner layer's native blocks, for the native decoder layer, which gathers x by

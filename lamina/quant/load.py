@@ -181,13 +181,16 @@ def _half_embedding_claim(model: nn.Module, checkpoint: Checkpoint) -> ModuleCla
         return None if method is None else HALF_DTYPES[method]
 
     def build(name: str, module: nn.Module) -> bool:
-        if module is embed and stored_16_bit(name) is not None:
-            weight16 = checkpoint.read(f"{name}.weight").to(stored_16_bit(name))
+        if module is not embed and (module is not head or tied or head.bias is not None):
+            return False
+        dtype16 = stored_16_bit(name)
+        if dtype16 is None:
+            return False
+        weight16 = checkpoint.read(f"{name}.weight").to(dtype16)
+        if module is embed:
             return _half_embedding(model, name, head_name if tied else None, weight16)
-        if module is head and not tied and head.bias is None and stored_16_bit(name) is not None:
-            set_submodule(model, name, HalfLinear(checkpoint.read(f"{name}.weight").to(stored_16_bit(name))))
-            return True
-        return False
+        set_submodule(model, name, HalfLinear(weight16))  # an untied, bias-free head
+        return True
 
     return build
 

@@ -21,6 +21,7 @@ from lamina.cli.info import render
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.model_info import describe
 from lamina.quant.blockq import BlockQuantLinear
+from lamina.quant.checkpoint import save_quantized
 from lamina.quant.hub_formats import ReorderedInputLinear, build_linear, unpack_layer
 from lamina.quant.hub_scheme import HubScheme, hub_scheme
 from lamina.quant.int4 import Int4Linear
@@ -214,6 +215,10 @@ def test_hub_checkpoint_logits_match_transformers(tiny_models, tmp_path, method,
     assert float_linears == ["lm_head"]  # every decoder projection was built from its codes
     kinds = {type(m).__name__ for m in llm.model.modules()}
     assert ("ReorderedInputLinear" in kinds) == act_order
+    if act_order:  # the inner layers alone would save without their input order
+        with pytest.raises(InvalidArgumentError, match="act-order"):
+            save_quantized(llm.model, tmp_path / "saved", "gptq")
+        assert not (tmp_path / "saved" / "model.safetensors").exists()
 
 
 def test_unsupported_schemes_are_one_line_errors() -> None:
