@@ -10,7 +10,9 @@ The ways a model ends up quantized at load time:
   (`blockq`, `gguf_convert`); elsewhere Q4_0/Q4_1/Q8_0 linears are rebuilt in the int4/int8 layouts
   (`gguf_formats`) and a Q8_0 token embedding becomes an int8 embedding shared with a tied output
   head. On a CPU in float32, F16 / BF16 matrices and token embeddings stay 16-bit (`half`). Other
-  GGML types stay float. `quantize="none"` expands everything to float.
+  GGML types stay float. `quantize="none"` expands everything to float; a method re-quantizes the
+  linears from float but leaves the token embedding and output head as stored (a Q8_0 table is
+  30 MB of the default model where float32 is 113 MB).
 - a directory written by `lamina quantize` (it has a quant_config.json): `load_saved_quantized`,
   no re-quantization.
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
@@ -116,8 +118,9 @@ def loading_claim(
     """The `claim` for `load_weights`: a GGUF's quantized linears (and, on the native kernel, its
     embedding) built straight from their blocks, never expanded to float, unless `quantize` asks for
     something else. `dtype` is the model's activation dtype."""
-    if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
-        return _gguf_claim(model, checkpoint, device, dtype)
+    if isinstance(checkpoint, GGUFCheckpoint) and quantize != NO_QUANTIZATION:
+        # with a method, the linears it quantizes load as float; the embedding and head stay as stored
+        return _gguf_claim(model, checkpoint, device, dtype, linears=quantize is None)
     scheme = prequantized_scheme(checkpoint)
     claims = [
         _hub_claim(model, checkpoint, scheme, device, dtype) if scheme is not None else None,
@@ -278,9 +281,9 @@ def finish_loading(
     group_size: int,
 ) -> None:
     """What can only happen once every weight is in: GGUF embeddings/tied head, or gptq."""
-    if quantize is None and isinstance(checkpoint, GGUFCheckpoint):
+    if isinstance(checkpoint, GGUFCheckpoint) and quantize != NO_QUANTIZATION:
         _gguf_embedding(model, checkpoint)
-    elif quantize == "gptq":
+    if quantize == "gptq":
         device = next(model.parameters()).device
         ids = calibration_ids(tokenizer_encode(default_text()), GPTQ_CALIBRATION_TOKENS)
         batches = [chunk[None].to(device) for chunk in ids.split(CALIBRATION_WINDOW)]  # [1, <=512] each
@@ -302,7 +305,11 @@ def _module_name(model: nn.Module, target: nn.Module) -> str | None:
 
 
 def _gguf_claim(
-    model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    checkpoint: GGUFCheckpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    linears: bool = True,
 ) -> ModuleClaim:
     """Build linears from their blocks: on the native kernel every `KEPT_TYPES` type, elsewhere
     Q4_0/Q4_1/Q8_0; F16 / BF16 matrices as `HalfLinear`s on a CPU in float32, an F16 / BF16 token
@@ -310,7 +317,8 @@ def _gguf_claim(
     module's (transposed, renamed, another shape) stay float, as does an output head tied to the
     embedding: an embedding of a `KEPT_TYPES` type and its tied head become blocks here on the
     native kernel (never loaded as float: 113 MB less peak for the default model), else (Q8_0) in
-    `_gguf_embedding`."""
+    `_gguf_embedding`. `linears=False` (a `--quantize` method re-quantizes them) builds only what the
+    method leaves alone: the embedding and an untied output head."""
     spec, config = checkpoint.spec, checkpoint.config
     source = StoredWeights(model, checkpoint)
     sixteen_bit = device.type == "cpu" and dtype == torch.float32  # 16-bit weights stay so
@@ -330,6 +338,8 @@ def _gguf_claim(
             if raw.ggml_type not in KEPT_TYPES or not runs_natively(device, raw.shape):
                 return False
             return _embedding_blocks(model, name, source.tied_head_name(), raw, dtype)
+        if not linears and module is not source.head:
+            return False
         if runs_natively(device, raw.shape) and raw.ggml_type in KEPT_TYPES:
             build = blockq_linear_from_gguf
         elif raw.ggml_type in BLOCK_BYTES:
