@@ -167,12 +167,17 @@ def _parameter_name(model: nn.Module, name: str) -> str | None:
 
 def _stored_by(scheme: HubScheme, weight: str, names: set[str]) -> bool:
     """Whether checkpoint tensor `weight` (a `.weight`) is a layer's codes in the scheme's own form:
-    bitsandbytes' packed bytes, or FP8 values beside their scale."""
+    bitsandbytes' packed bytes, or FP8 or int8 (compressed-tensors int-quantized) values beside their
+    scale."""
     from lamina.quant.fp8_format import fp8_parts
+    from lamina.quant.hub_formats import packed_parts
+    from lamina.quant.hub_scheme import INT_QUANTIZED
 
     layer = weight.removesuffix(".weight")
     if scheme.is_fp8:
         return f"{layer}.{fp8_parts(scheme)[0][0]}" in names
+    if scheme.checkpoint_format == INT_QUANTIZED:
+        return f"{layer}.{packed_parts(scheme)[0][0]}" in names
     return bnb_parts(layer, names) is not None
 
 

@@ -48,6 +48,8 @@ FORMATS: dict[str, tuple[int, int, bool, int]] = {
     "Q4_0": (4, 8, False, 32),
     "Q4_1": (4, 0, True, 32),
     "Q8_0": (8, 128, False, 32),
+    # Q8_0 with a bias m per block (no GGML type: asymmetric int8 checkpoints, `hub_formats`)
+    "Q8_M": (8, 128, True, 32),
     "Q5_0": (5, 16, False, 32),
     "Q5_1": (5, 0, True, 32),
     "Q6_K": (6, 32, False, 16),

@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 
 from lamina.errors import CheckpointError
-from lamina.quant.half import HalfLinear
+from lamina.quant.half import HalfLinear, half_linear
 from lamina.quant.hub_scheme import FP8, HubScheme
 
 E4M3 = torch.float8_e4m3fn
-FP16_MAX = torch.finfo(torch.float16).max
 
 
 def fp8_parts(scheme: HubScheme) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -49,7 +48,7 @@ def fp8_linear(
         raise CheckpointError(
             f"{name}'s fp8 weights or scales hold NaN or infinite values; the checkpoint is damaged"
         )
-    return HalfLinear(w.to(torch.float16 if w.abs().max() <= FP16_MAX else torch.bfloat16), bias)
+    return half_linear(w, bias)
 
 
 def _per_weight(scale: torch.Tensor, scheme: HubScheme, shape: tuple[int, int], name: str) -> torch.Tensor:

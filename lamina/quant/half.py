@@ -33,6 +33,13 @@ HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GGML_HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def half_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> HalfLinear:
+    """A float weight [N, K] rounded once to float16 (11 significant bits), or to bfloat16 where float16
+    would overflow: for checkpoints whose stored layout no quantized layer here holds."""
+    fits_fp16 = weight.abs().max() <= torch.finfo(torch.float16).max
+    return HalfLinear(weight.to(torch.float16 if fits_fp16 else torch.bfloat16), bias)
+
+
 def half_linear_from_gguf(
     data: np.ndarray, ggml_type: str, shape: tuple[int, int], permute_rows: RowOrder | None = None
 ) -> HalfLinear:

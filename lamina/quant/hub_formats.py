@@ -1,24 +1,28 @@
-"""Checkpoints quantized to int4 by other tools, loaded as stored: GPTQ (AutoGPTQ, GPTQModel, optimum),
-AWQ (AutoAWQ's GEMM layout) and compressed-tensors' pack-quantized (llm-compressor; see
-`_unpack_compressed_tensors`), the formats most quantized Hub models come in (`hub_scheme.py` reads
-which one a checkpoint declares). Each quantized linear `NAME` is stored as `NAME.qweight` (int32 words of
-eight 4-bit codes), `NAME.qzeros` (int32 words of eight 4-bit zero points, one row per group),
-`NAME.scales` (fp16 [K/G, N]) and, for GPTQ, `NAME.g_idx` (int32 [K], each input's group). The
-weight is w[n, k] = s (q - z) with the group's scale s and zero point z:
+"""Checkpoints quantized to int4 or int8 by other tools, loaded as stored: GPTQ (AutoGPTQ, GPTQModel,
+optimum; 4 or 8 bits), AWQ (AutoAWQ's GEMM layout; 4 bits) and compressed-tensors' pack-quantized and
+int-quantized (llm-compressor; see `_unpack_compressed_tensors`), the formats most quantized Hub models
+come in (`hub_scheme.py` reads which one a checkpoint declares). Each quantized linear `NAME` is stored
+as `NAME.qweight` (int32 words of P = 32 / bits codes), `NAME.qzeros` (int32 words of P zero points,
+one row per group), `NAME.scales` (fp16 [K/G, N]) and, for GPTQ, `NAME.g_idx` (int32 [K], each
+input's group). The weight is w[n, k] = s (q - z) with the group's scale s and zero point z:
 
-- GPTQ: qweight [K/8, N] holds inputs 8i..8i+7 of output n at bits 4j; qzeros [K/G, N/8] holds outputs
-  8i..8i+7 at bits 4j. The original ("gptq", v1) checkpoint format stores z - 1 for every zero point,
-  subtracted from the whole word (AutoGPTQ's offset, so a zero of 0 borrows from its neighbour);
-  adding 0x11111111 to the word undoes it exactly. "gptq_v2" (GPTQModel) stores z.
+- GPTQ: qweight [K/P, N] holds inputs Pi..Pi+P-1 of output n at bits (bits j); qzeros [K/G, N/P]
+  holds outputs Pi..Pi+P-1 likewise. The original ("gptq", v1) checkpoint format stores z - 1 for
+  every zero point, subtracted from the whole word (AutoGPTQ's offset, so a zero of 0 borrows from
+  its neighbour); adding 0x11111111 (8 bits: 0x01010101) to the word undoes it exactly. "gptq_v2"
+  (GPTQModel) stores z.
 - AWQ GEMM: qweight [K, N/8] and qzeros [K/G, N/8] both hold outputs, eight a word in the order
   0 2 4 6 1 3 5 7; z as is.
 
-On the native CPU kernel a layer becomes a `BlockQuantLinear`: the codes as they are, d = s exactly,
-as Q4_0 when every z is 8 (symmetric GPTQ: exact) and as Q4_1 with m = -s z otherwise (m rounded to
-fp16: within 2^-11 of s z). Elsewhere it becomes an `Int4Linear`, whose bf16 scale and zero round s and
-s (8 - z) to 8 significant bits. A GPTQ act-order checkpoint (`desc_act`) whose g_idx scatters the
-groups over the inputs is reordered so each group's inputs are adjacent (`ReorderedInputLinear`, which
-gathers x's columns in that order per call).
+On the native CPU kernel a layer becomes a `BlockQuantLinear`: the codes as they are, d = s (rounded
+to fp16: exact for GPTQ's and AWQ's fp16 scales), as Q4_0 / Q8_0 when every z is 2^(bits - 1)
+(symmetric: exact) and otherwise as Q4_1 with m = -s z, or Q8_M (Q8_0 plus a bias per block) with
+m = s (128 - z), m rounded to fp16 (within 2^-11 of it: 15 s 2^-11, 128 s 2^-11 at most).
+Elsewhere a 4-bit layer becomes an `Int4Linear`, whose bf16 scale and zero round s and s (8 - z) to 8
+significant bits; an 8-bit one an `Int8Linear` when it is symmetric with a scale per output (exact),
+else a 16-bit `HalfLinear` of its weights. A GPTQ act-order checkpoint (`desc_act`) whose g_idx
+scatters the groups over the inputs is reordered so each group's inputs are adjacent
+(`ReorderedInputLinear`, which gathers x's columns in that order per call).
 """
 
 from __future__ import annotations
@@ -32,32 +36,42 @@ from lamina.errors import CheckpointError
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.blocks import BLOCK, Blocks, fits
-from lamina.quant.hub_scheme import BITS, COMPRESSED_TENSORS, HubScheme
+from lamina.quant.half import half_linear
+from lamina.quant.hub_scheme import COMPRESSED_TENSORS, INT_QUANTIZED, HubScheme
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear, make_scales_and_zeros
+from lamina.quant.int8 import Int8Linear
 
-PACK = 32 // BITS  # codes a packed int32 word holds
 #: AWQ GEMM packs outputs 8j..8j+7 of a word in this order: the code at bits 4i is output AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stored every zero point minus one
 #: Tensor name suffixes of one quantized linear, (required, optional), the first naming its layers;
 #: any may add a bias.
 GPTQ_PARTS = (("qweight", "qzeros", "scales"), ("g_idx",))
 CT_PARTS = (("weight_packed", "weight_scale"), ("weight_zero_point", "weight_shape", "weight_g_idx"))
+#: compressed-tensors int-quantized: `NAME.weight` is int8, so the scale names the quantized layers
+CT_INT_PARTS = (("weight_scale", "weight"), ("weight_zero_point",))
 
 
 def packed_parts(scheme: HubScheme) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(required, optional) tensor name suffixes of a layer the scheme packs."""
-    return CT_PARTS if scheme.method == COMPRESSED_TENSORS else GPTQ_PARTS
+    if scheme.method != COMPRESSED_TENSORS:
+        return GPTQ_PARTS
+    return CT_INT_PARTS if scheme.checkpoint_format == INT_QUANTIZED else CT_PARTS
 
 
-def unpack_words(words: torch.Tensor, order: tuple[int, ...] = tuple(range(PACK))) -> torch.Tensor:
-    """Integer [R, C] words of eight 4-bit codes (their low 32 bits) -> uint8 [R, 8 C]: the code at
-    bits 4i of word c is column 8 c + order[i]. One shift at a time: a 14336 x 4096 layer's codes
-    would take 470 MB as int64 all at once, 59 MB as the uint8 result."""
-    codes = torch.empty(*words.shape, PACK, dtype=torch.uint8)  # [R, C, 8] in column order
-    for i, column in enumerate(order):
-        codes[..., column] = (words >> (BITS * i)) & 15
-    return codes.reshape(words.shape[0], -1)  # [R, C, 8] -> [R, 8 C]
+def unpack_words(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Integer [R, C] words of P = 32 / bits codes (their low 32 bits) -> uint8 [R, P C]: the code at
+    bits (bits i) of word c is column P c + order[i]. One shift at a time: a 14336 x 4096 layer's
+    4-bit codes would take 470 MB as int64 all at once, 59 MB as the uint8 result."""
+    per_word = 32 // bits
+    codes = torch.empty(*words.shape, per_word, dtype=torch.uint8)  # [R, C, P] in column order
+    for i, column in enumerate(order or range(per_word)):
+        codes[..., column] = (words >> (bits * i)) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)  # [R, C, P] -> [R, P C]
+
+
+def v1_zero_offset(bits: int) -> int:
+    """What GPTQ v1 subtracted from each qzeros word: one in every code's lowest bit."""
+    return sum(1 << (bits * i) for i in range(32 // bits))
 
 
 @dataclass
@@ -71,6 +85,12 @@ class UnpackedLayer:
     zeros: torch.Tensor  # uint8 [N, ceil(K/G)]
     group_size: int
     order: torch.Tensor | None  # int64 [K]: input k of the layer is input order[k] of x
+    bits: int = 4
+
+    @property
+    def symmetric(self) -> bool:
+        """Every zero point mid-range, 2^(bits - 1): w = s (q - 2^(bits - 1))."""
+        return bool((self.zeros == 1 << (self.bits - 1)).all())
 
     def per_block(self, values: torch.Tensor, width: int) -> torch.Tensor:
         """Per-group values [N, ceil(K/G)] -> one per `width` inputs [N, K/width]; `width` divides
@@ -90,68 +110,86 @@ def unpack_layer(
     """A layer's stored tensors (`packed_parts(scheme)`) -> `UnpackedLayer`; `shape` is the
     model's [N, K] for the layer. Wrong shapes or dtypes are a CheckpointError naming the tensor."""
     n, k = shape
-    if n % PACK or k % BLOCK:
+    bits = scheme.bits
+    per_word = 32 // bits
+    if n % per_word or k % BLOCK:
         raise CheckpointError(
             f"layer {name} is [{n}, {k}], which Lamina cannot hold as {scheme.describe()} (outputs a "
-            f"multiple of {PACK}, inputs of {BLOCK}); the config and the weights disagree"
+            f"multiple of {per_word}, inputs of {BLOCK}); the config and the weights disagree"
         )
     group_size = k if scheme.group_size == -1 else scheme.group_size
     groups = -(-k // group_size)
     if scheme.method == COMPRESSED_TENSORS:
-        return _unpack_compressed_tensors(tensors, (n, k), group_size, name)
+        return _unpack_compressed_tensors(scheme, tensors, (n, k), group_size, name)
     qweight, qzeros, scales = (tensors[part] for part in GPTQ_PARTS[0])
     gptq = scheme.method == "gptq"
-    _check(qweight, (k // PACK, n) if gptq else (k, n // PACK), f"{name}.qweight", torch.int32)
-    _check(qzeros, (groups, n // PACK), f"{name}.qzeros", torch.int32)
+    _check(qweight, (k // per_word, n) if gptq else (k, n // per_word), f"{name}.qweight", torch.int32)
+    _check(qzeros, (groups, n // per_word), f"{name}.qzeros", torch.int32)
     _check(scales, (groups, n), f"{name}.scales", None)
     if gptq:
-        codes = unpack_words(qweight.t().contiguous())  # [N, K/8] words -> [N, K]
+        codes = unpack_words(qweight.t().contiguous(), bits)  # [N, K/P] words -> [N, K]
         if scheme.checkpoint_format == "gptq":  # undo v1's "zero point minus one", word-wise
-            qzeros = qzeros.long() + V1_ZERO_OFFSET  # a borrow the writer made is carried back
-        zeros = unpack_words(qzeros).t().contiguous()  # [G, N] -> [N, G]
+            qzeros = qzeros.long() + v1_zero_offset(bits)  # a borrow the writer made is carried back
+        zeros = unpack_words(qzeros, bits).t().contiguous()  # [G, N] -> [N, G]
     else:
-        codes = unpack_words(qweight, AWQ_ORDER).t().contiguous()  # [K, N] -> [N, K]
-        zeros = unpack_words(qzeros, AWQ_ORDER).t().contiguous()  # [G, N] -> [N, G]
+        codes = unpack_words(qweight, bits, AWQ_ORDER).t().contiguous()  # [K, N] -> [N, K]
+        zeros = unpack_words(qzeros, bits, AWQ_ORDER).t().contiguous()  # [G, N] -> [N, G]
     order = None
     if gptq and "g_idx" in tensors:
         order = _group_order(tensors["g_idx"], k, group_size, name)
         if order is not None:
             codes = codes[:, order]
     return UnpackedLayer(
-        codes, _finite(scales.float().t().contiguous(), f"{name}.scales"), zeros, group_size, order
+        codes, _finite(scales.float().t().contiguous(), f"{name}.scales"), zeros, group_size, order, bits
     )
 
 
 def _unpack_compressed_tensors(
-    tensors: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int, name: str
+    scheme: HubScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int, name: str
 ) -> UnpackedLayer:
-    """compressed-tensors' pack-quantized layer: weight_packed int32 [N, K/8] holds inputs 8i..8i+7 of
-    row n at bits 4j as q + 8 (q in -8..7); weight_scale [N, G]; weight_zero_point, asymmetric only,
-    int32 [N/8, G] holding rows 8i..8i+7 at bits 4j as zp + 8; w = s (q - zp), i.e. s (codes - zeros)
-    with both offsets by 8. weight_g_idx as GPTQ's g_idx."""
+    """compressed-tensors' layers hold q in -2^(bits-1)..2^(bits-1)-1 and w = s (q - zp), i.e.
+    s (codes - zeros) with both offset by 2^(bits-1); weight_scale [N, G]:
+    - pack-quantized: weight_packed int32 [N, K/P] holds inputs Pi..Pi+P-1 of row n at bits (bits j)
+      as q + 2^(bits-1); weight_zero_point, asymmetric only, int32 [N/P, G] holding rows Pi..Pi+P-1
+      likewise; weight_g_idx as GPTQ's g_idx.
+    - int-quantized (8 bits): weight int8 [N, K] is q; weight_zero_point, asymmetric only, int8 [N, G].
+    """
     n, k = shape
-    groups = -(-k // group_size)
-    packed, scales = tensors["weight_packed"], tensors["weight_scale"]
-    _check(packed, (n, k // PACK), f"{name}.weight_packed", torch.int32)
+    bits, groups = scheme.bits, -(-k // group_size)
+    per_word, mid = 32 // bits, 1 << (scheme.bits - 1)
+    scales = tensors["weight_scale"]
     _check(scales, (n, groups), f"{name}.weight_scale", None)
+    zeros = torch.full((n, groups), mid, dtype=torch.uint8)
+    if scheme.checkpoint_format == INT_QUANTIZED:
+        _check(tensors["weight"], (n, k), f"{name}.weight", torch.int8)
+        codes = (tensors["weight"].to(torch.int16) + mid).to(torch.uint8)  # [N, K]
+        if "weight_zero_point" in tensors:
+            zero_points = tensors["weight_zero_point"]
+            _check(zero_points, (n, groups), f"{name}.weight_zero_point", torch.int8)
+            zeros = (zero_points.to(torch.int16) + mid).to(torch.uint8)
+        return UnpackedLayer(
+            codes, _finite(scales.float(), f"{name}.weight_scale"), zeros, group_size, None, 8
+        )
+    packed = tensors["weight_packed"]
+    _check(packed, (n, k // per_word), f"{name}.weight_packed", torch.int32)
     stored_shape = tensors.get("weight_shape")
     if stored_shape is not None and stored_shape.tolist() != [n, k]:
         raise CheckpointError(
             f"{name}.weight_shape is {stored_shape.tolist()} but the model's layer is [{n}, {k}]; "
             "the config and the weights disagree"
         )
-    codes = unpack_words(packed)  # [N, K/8] words -> [N, K]
-    zeros = torch.full((n, groups), 8, dtype=torch.uint8)
+    codes = unpack_words(packed, bits)  # [N, K/P] words -> [N, K]
     if "weight_zero_point" in tensors:
         zero_points = tensors["weight_zero_point"]
-        _check(zero_points, (n // PACK, groups), f"{name}.weight_zero_point", torch.int32)
-        zeros = unpack_words(zero_points.t().contiguous()).t().contiguous()  # [G, N/8] -> [G, N] -> [N, G]
+        _check(zero_points, (n // per_word, groups), f"{name}.weight_zero_point", torch.int32)
+        zeros = unpack_words(zero_points.t().contiguous(), bits).t().contiguous()  # [G, N/P] -> [N, G]
     order = None
     if "weight_g_idx" in tensors:
         order = _group_order(tensors["weight_g_idx"], k, group_size, name)
         if order is not None:
             codes = codes[:, order]
-    return UnpackedLayer(codes, _finite(scales.float(), f"{name}.weight_scale"), zeros, group_size, order)
+    scales = _finite(scales.float(), f"{name}.weight_scale")
+    return UnpackedLayer(codes, scales, zeros, group_size, order, bits)
 
 
 def _finite(scales: torch.Tensor, name: str) -> torch.Tensor:
@@ -185,15 +223,23 @@ def _group_order(g_idx: torch.Tensor, k: int, group_size: int, name: str) -> tor
 
 def build_linear(layer: UnpackedLayer, bias: torch.Tensor | None, native: bool) -> QuantizedLinear:
     """The runtime layer: a `BlockQuantLinear` on the native kernel (`native`: it runs here and the
-    shape fits its tiles), else an `Int4Linear`; wrapped to reorder its inputs where `layer.order` says."""
+    shape fits its tiles), else an `Int4Linear` (4 bits) or `Int8Linear` / `HalfLinear` (8 bits);
+    wrapped to reorder its inputs where `layer.order` says."""
     n, k = layer.codes.shape
     if native and fits(n, k):
         d = layer.per_block(layer.scales, BLOCK)  # [N, K/32]
-        if (layer.zeros == 8).all():  # symmetric: w = s (q - 8), Q4_0 exactly
-            built: QuantizedLinear = BlockQuantLinear.from_blocks("Q4_0", layer.codes, d, bias=bias)
-        else:  # w = s q - s z: Q4_1 with m = -s z
-            m = -(d * layer.per_block(layer.zeros, BLOCK).float())  # [N, K/32]
-            built = BlockQuantLinear.from_blocks("Q4_1", layer.codes, d, m, bias=bias)
+        symmetric_format, asymmetric_format = ("Q4_0", "Q4_1") if layer.bits == 4 else ("Q8_0", "Q8_M")
+        if layer.symmetric:  # w = s (q - 2^(bits-1)): Q4_0 / Q8_0 exactly
+            built: QuantizedLinear = BlockQuantLinear.from_blocks(symmetric_format, layer.codes, d, bias=bias)
+        else:  # w = s (q - offset) + s (offset - z): m = s (offset - z), offset 0 (Q4_1) or 128 (Q8_M)
+            offset = BlockQuantLinear.formats[asymmetric_format][1]
+            m = d * (offset - layer.per_block(layer.zeros, BLOCK).float())  # [N, K/32]
+            built = BlockQuantLinear.from_blocks(asymmetric_format, layer.codes, d, m, bias=bias)
+    elif layer.bits == 8 and layer.symmetric and layer.group_size == k:  # a scale per output row
+        q = (layer.codes.to(torch.int16) - 128).to(torch.int8)  # [N, K]
+        built = Int8Linear(q, layer.scales[:, 0], bias)
+    elif layer.bits == 8:  # groups, or zero points: no int8 layout here holds them
+        return half_linear(layer.dequantize(), bias)
     else:
         # the layer's group size, or the largest that divides it and K (576 wide at 128: 64)
         group = max(g for g in GROUP_SIZES if layer.group_size % g == 0 and k % g == 0)

@@ -2,7 +2,8 @@
 (or, in older folders, AutoGPTQ's `quantize_config.json` or AutoAWQ's `quant_config.json`), checked
 once before any tensor is read.
 
-Lamina loads 4-bit GPTQ, AWQ (GEMM) and compressed-tensors pack-quantized checkpoints as int4 codes
+Lamina loads 4-bit GPTQ, AWQ (GEMM) and compressed-tensors pack-quantized checkpoints as int4 codes,
+8-bit GPTQ and compressed-tensors ones (pack-quantized, or int-quantized: W8A8) as int8 codes
 (`hub_formats.py`), FP8 ones (transformers' fp8, compressed-tensors float-quantized) as 16-bit weights
 (`fp8_format.py`), and transformers' bitsandbytes saves (`bnb_format.py`); any other scheme is a
 one-line CheckpointError that names what it supports.
@@ -25,13 +26,15 @@ SUPPORTED = {"gptq": ("gptq", "gptq_v2"), "awq": ("gemm",)}
 BITSANDBYTES = "bitsandbytes"  # read by `bnb_format.py`: formats nf4, fp4 and llm.int8
 COMPRESSED_TENSORS = "compressed-tensors"  # llm-compressor's checkpoints; "pack-quantized" and FP8
 PACK_QUANTIZED = "pack-quantized"
+INT_QUANTIZED = "int-quantized"  # compressed-tensors' int8 weights stored as int8 tensors (W8A8)
 FLOAT_QUANTIZED = "float-quantized"  # compressed-tensors' FP8 weights, read by `fp8_format.py`
 FP8 = "fp8"  # transformers' FineGrainedFP8 checkpoints (e4m3 weights, a scale per block), the same
-BITS = 4  # the code width of the GPTQ / AWQ / compressed-tensors checkpoints Lamina reads
+#: quant_method -> the code widths of its checkpoints Lamina reads (compressed-tensors: int weights)
+CODE_BITS = {"gptq": (4, 8), "awq": (4,), COMPRESSED_TENSORS: (4, 8)}
 #: `HubScheme.stored_type()` values, as `lamina info` counts them.
 HUB_STORED_TYPES = frozenset(
     [
-        *(f"{method.upper()} {BITS}-bit" for method in (*SUPPORTED, COMPRESSED_TENSORS)),
+        *(f"{method.upper()} {bits}-bit" for method, widths in CODE_BITS.items() for bits in widths),
         "BNB NF4",
         "BNB FP4",
         "BNB INT8",
@@ -47,10 +50,16 @@ class HubScheme:
     """A checkpoint's `quantization_config`, checked: what the per-layer tensors mean."""
 
     method: str  # "gptq", "awq", "compressed-tensors" or "bitsandbytes"
-    #: "gptq" (v1), "gptq_v2", AWQ's "gemm", "pack-quantized"; bitsandbytes "nf4", "fp4", "llm.int8"
+    #: "gptq" (v1), "gptq_v2", AWQ's "gemm", "pack-quantized", "int-quantized"; bitsandbytes "nf4",
+    #: "fp4", "llm.int8"
     checkpoint_format: str
     group_size: int  # -1: one group over all inputs (bitsandbytes: each layer's state has its own)
-    symmetric: bool = True  # declared: every zero point 8 (GPTQ's `sym`; AWQ without `zero_point`)
+    #: declared: every zero point 2^(bits - 1) (GPTQ's `sym`; AWQ without `zero_point`)
+    symmetric: bool = True
+    bits: int = 4  # GPTQ, AWQ and compressed-tensors int codes: 4 or 8
+    #: compressed-tensors W8A8: activations quantized to int8 per token at run time (the native kernel
+    #: quantizes them per 32 inputs, finer; other paths keep them float)
+    int8_activations: bool = False
     double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
     threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
     #: FP8: (rows, columns) of weights per scale; None: per output channel or per tensor (the scale's
@@ -73,7 +82,10 @@ class HubScheme:
             dq = ", double-quantized" if self.double_quant else ""
             return f"bitsandbytes {self.checkpoint_format} (4-bit{dq})"
         group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
-        return f"{self.method} {BITS}-bit, {group}{'' if self.symmetric else ', asymmetric'}"
+        activations = ", int8 activations" if self.int8_activations else ""
+        return (
+            f"{self.method} {self.bits}-bit, {group}{'' if self.symmetric else ', asymmetric'}{activations}"
+        )
 
     def stored_type(self) -> str:
         """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
@@ -85,11 +97,11 @@ class HubScheme:
                 if self.checkpoint_format == "llm.int8"
                 else f"BNB {self.checkpoint_format.upper()}"
             )
-        return f"{self.method.upper()} {BITS}-bit"
+        return f"{self.method.upper()} {self.bits}-bit"
 
     def kept_bits(self) -> float:
         """Bits a weight takes as loaded on the native kernel: codes plus an fp16 scale per 32 weights
-        (Q4_0), and an fp16 m per 32 where the zero points vary (Q4_1); bitsandbytes 4-bit keeps its
+        (Q4_0, Q8_0), and an fp16 m per 32 where the zero points vary (Q4_1, Q8_M); bitsandbytes 4-bit keeps its
         float32 absmax per 64 next to them (`NF4Linear`; double-quantized: an 8-bit code per 64 and a
         float32 scale per 256 of those), 8-bit one float32 scale per row (left out, as a layer's offset)."""
         if self.is_fp8:  # loaded as 16-bit weights (`fp8_format.py`)
@@ -98,8 +110,8 @@ class HubScheme:
             return 8 + 16 / BLOCK
         if self.method == BITSANDBYTES:
             absmax_bits = 8 / 64 + 32 / (64 * 256) if self.double_quant else 32 / 64
-            return BITS + 16 / BLOCK + absmax_bits
-        return BITS + 16 * (1 if self.symmetric else 2) / BLOCK
+            return 4 + 16 / BLOCK + absmax_bits
+        return self.bits + 16 * (1 if self.symmetric else 2) / BLOCK
 
 
 def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubScheme | None:
@@ -128,8 +140,8 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
     if method not in SUPPORTED:
         raise CheckpointError(
             f"the checkpoint is quantized with {method!r} ({source}), which Lamina cannot load; it loads "
-            "4-bit gptq, awq and compressed-tensors, fp8, and bitsandbytes checkpoints: use one of those, or "
-            "the unquantized model"
+            "4- and 8-bit gptq and compressed-tensors, 4-bit awq, fp8, and bitsandbytes checkpoints: use "
+            "one of those, or the unquantized model"
         )
     fmt_key = "version" if method == "awq" else "checkpoint_format"
     default = "gemm" if method == "awq" else "gptq"
@@ -140,8 +152,8 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
     problem = (
         f"{fmt_key} {fmt!r}, Lamina reads {' and '.join(map(repr, SUPPORTED[method]))}"
         if fmt not in SUPPORTED[method]
-        else f"{bits} bits, Lamina reads {BITS}-bit checkpoints"
-        if bits != BITS
+        else f"{bits} bits, Lamina reads {' and '.join(map(str, CODE_BITS[method]))}-bit ones"
+        if bits not in CODE_BITS[method]
         else f"group size {group_size!r}, Lamina reads -1 or a multiple of {BLOCK}"
         if not (
             isinstance(group_size, int) and (group_size == -1 or (group_size > 0 and group_size % BLOCK == 0))
@@ -153,7 +165,7 @@ def hub_scheme(config: dict[str, Any], directory: Path | None = None) -> HubSche
             f"the checkpoint is {method} with {problem} ({source}); use a checkpoint of a supported kind"
         )
     symmetric = bool(raw.get("sym", True)) if method == "gptq" else not raw.get("zero_point", True)
-    return HubScheme(method, fmt, group_size, symmetric)
+    return HubScheme(method, fmt, group_size, symmetric, bits)
 
 
 def _bitsandbytes_scheme(raw: dict[str, Any], source: str) -> HubScheme:
@@ -223,9 +235,11 @@ def _compressed_tensors_fp8(first: dict[str, Any], groups: dict[str, Any], sourc
 
 
 def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
-    """llm-compressor's `compressed-tensors` config: weight-only int4 ("w4a16"), format pack-quantized,
-    strategy group (a multiple of 32) or channel, symmetric or not; or FP8 weights (float-quantized,
-    `_compressed_tensors_fp8`); one weight scheme for every config group; no KV-cache quantization."""
+    """llm-compressor's `compressed-tensors` config: int4 or int8 weights, format pack-quantized
+    ("w4a16", "w8a16") or int-quantized (int8 weights as int8 tensors, with activations quantized to
+    int8 per token at run time: "w8a8"), strategy group (a multiple of 32) or channel, symmetric or
+    not; or FP8 weights (float-quantized, `_compressed_tensors_fp8`); one weight scheme for every
+    config group; no KV-cache quantization."""
     groups = raw.get("config_groups")
     if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
         raise CheckpointError(
@@ -246,15 +260,24 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     )
     if common is None and formats == {FLOAT_QUANTIZED}:
         return _compressed_tensors_fp8(first, groups, source)
+    (fmt,) = formats if len(formats) == 1 else (None,)
+    bits = first.get("num_bits")
+    activations = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
     problem = (
         common
         if common is not None
-        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r} and {FLOAT_QUANTIZED!r}"
-        if formats != {PACK_QUANTIZED}
-        else f"weights {first.get('type')!r} {first.get('num_bits')}-bit, Lamina reads int {BITS}-bit"
-        if first.get("type") != "int" or first.get("num_bits") != BITS
-        else "quantized activations, Lamina reads weight-only int4 checkpoints (w4a16)"
-        if any(g.get("input_activations") or g.get("output_activations") for g in groups.values())
+        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}, {INT_QUANTIZED!r} and {FLOAT_QUANTIZED!r}"
+        if fmt not in (PACK_QUANTIZED, INT_QUANTIZED)
+        else f"weights {first.get('type')!r} {bits}-bit, Lamina reads int 4- and 8-bit ({INT_QUANTIZED}: 8-bit)"
+        if first.get("type") != "int"
+        or bits not in CODE_BITS[COMPRESSED_TENSORS]
+        or (fmt == INT_QUANTIZED and bits != 8)
+        else "quantized outputs, which Lamina does not apply"
+        if any(g.get("output_activations") for g in groups.values())
+        else "activations quantized other than to int8 at run time with int8 weights (w8a8); static "
+        "activation scales and w4a8 are not read"
+        if activations
+        and (bits != 8 or not all(_dynamic_int8(a) for a in activations) or len(activations) != len(groups))
         else f"strategy {strategy!r}, Lamina reads 'group' (a multiple of {BLOCK}) and 'channel'"
         if not (
             strategy == "channel"
@@ -270,7 +293,18 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     if problem is not None:
         raise CheckpointError(f"the checkpoint is {COMPRESSED_TENSORS} with {problem} ({source})")
     group = group_size if strategy == "group" else -1
-    return HubScheme(COMPRESSED_TENSORS, PACK_QUANTIZED, group, bool(first.get("symmetric", True)))
+    symmetric = bool(first.get("symmetric", True))
+    return HubScheme(COMPRESSED_TENSORS, fmt, group, symmetric, bits, int8_activations=bool(activations))
+
+
+def _dynamic_int8(activations: Any) -> bool:
+    """Input activations quantized to int8 at run time (no stored scales), as W8A8 checkpoints do."""
+    return (
+        isinstance(activations, dict)
+        and activations.get("type") == "int"
+        and activations.get("num_bits") == 8
+        and activations.get("dynamic") is True
+    )
 
 
 def _read_quantize_config(path: Path) -> Any:

@@ -1,8 +1,9 @@
 """Reference packers for GPTQ, AWQ and FP8 checkpoints, for the tests and `benchmarks/hub_checkpoints.py`.
 
 They follow the writers line for line: GPTQModel's `pack_original` (gptqmodel/nn_modules/qlinear/
-__init__.py: inputs 8i..8i+7 into qweight row i at bits 4j, outputs into qzeros words) and its v2 -> v1
-conversion (`convert_gptq_v2_to_v1_format_module`: 0x11111111 subtracted from each qzeros word), and
+__init__.py: with P = 32 / bits, inputs Pi..Pi+P-1 into qweight row i at bits (bits j), outputs into
+qzeros words) and its v2 -> v1 conversion (`convert_gptq_v2_to_v1_format_module`: 0x11111111, at 8
+bits 0x01010101, subtracted from each qzeros word), and
 AutoAWQ's `WQLinear_GEMM.from_linear` (awq/modules/linear/gemm.py: outputs packed in the order
 0 2 4 6 1 3 5 7). They are independent of Lamina's reader (`lamina/quant/hub_formats.py`).
 """
@@ -16,20 +17,24 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def quantize(w: torch.Tensor, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    w: torch.Tensor, group_size: int, sym: bool, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN codes int [N, K], fp16-exact scales [N, ceil(K/G)] and integer zeros [N, ceil(K/G)] with
-    w ~ s (q - z), groups of G adjacent inputs (the last one the rest, as GPTQ writes 576 at 128)."""
+    w ~ s (q - z), groups of G adjacent inputs (the last one the rest, as GPTQ writes 576 at 128);
+    GPTQ's grid: maxq = 2^bits - 1, a symmetric zero (maxq + 1) / 2."""
+    maxq = 2**bits - 1
     codes, scales, zeros = [], [], []
     for start in range(0, w.shape[1], group_size):
         wg = w[:, start : start + group_size]  # [N, <=G]
         if sym:
-            s = (wg.abs().amax(-1) / 7.5).clamp(min=1e-4).half().float()
-            z = torch.full_like(s, 8)
+            s = (2 * wg.abs().amax(-1) / maxq).clamp(min=1e-4).half().float()
+            z = torch.full_like(s, (maxq + 1) // 2)
         else:
             lo, hi = wg.amin(-1), wg.amax(-1)
-            s = ((hi - lo) / 15).clamp(min=1e-4).half().float()
-            z = torch.round(-lo / s).clamp(0, 15)
-        codes.append(torch.round(wg / s[:, None] + z[:, None]).clamp(0, 15).int())
+            s = ((hi - lo) / maxq).clamp(min=1e-4).half().float()
+            z = torch.round(-lo / s).clamp(0, maxq)
+        codes.append(torch.round(wg / s[:, None] + z[:, None]).clamp(0, maxq).int())
         scales.append(s)
         zeros.append(z.int())
     return torch.cat(codes, dim=1), torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
@@ -40,20 +45,21 @@ def dequantized(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx: torch.
     return s[:, g_idx] * (q - z[:, g_idx]).float()
 
 
-def pack_gptq(q, s, z, g_idx, v1: bool) -> dict[str, torch.Tensor]:
+def pack_gptq(q, s, z, g_idx, v1: bool, bits: int = 4) -> dict[str, torch.Tensor]:
     """GPTQModel's `pack_original` layout, then (v1) its v2 -> v1 word conversion."""
+    per_word = 32 // bits
     int_weight = q.t().contiguous().numpy().astype(np.uint32)  # [K, N]
-    qweight = np.zeros((int_weight.shape[0] // 8, int_weight.shape[1]), dtype=np.uint32)
+    qweight = np.zeros((int_weight.shape[0] // per_word, int_weight.shape[1]), dtype=np.uint32)
     for row in range(qweight.shape[0]):
-        for j in range(8):
-            qweight[row] |= int_weight[row * 8 + j] << (4 * j)
+        for j in range(per_word):
+            qweight[row] |= int_weight[row * per_word + j] << (bits * j)
     zeros = z.t().contiguous().numpy().astype(np.uint32)  # [G, N]
-    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // per_word), dtype=np.uint32)
     for col in range(qzeros.shape[1]):
-        for j in range(8):
-            qzeros[:, col] |= zeros[:, col * 8 + j] << (4 * j)
-    if v1:
-        qzeros = qzeros - np.uint32(0x11111111)  # uint32 arithmetic wraps, borrows included
+        for j in range(per_word):
+            qzeros[:, col] |= zeros[:, col * per_word + j] << (bits * j)
+    if v1:  # uint32 arithmetic wraps, borrows included
+        qzeros = qzeros - np.uint32(0x11111111 if bits == 4 else 0x01010101)
     return {
         "qweight": torch.from_numpy(qweight.view(np.int32)),
         "qzeros": torch.from_numpy(qzeros.view(np.int32)),

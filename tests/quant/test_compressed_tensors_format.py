@@ -1,9 +1,10 @@
-"""compressed-tensors (llm-compressor) pack-quantized checkpoints load as stored (`hub_formats.py`).
+"""compressed-tensors (llm-compressor) pack-quantized (int4, int8) and int-quantized (int8, W8A8)
+checkpoints load as stored (`hub_formats.py`).
 
 The codes are packed by compressed-tensors' own `pack_to_int32`; the reference logits are the model
-with each layer decompressed by compressed-tensors' own `PackedQuantizationCompressor.decompress`, and
-transformers loads the same directories (it reads this version's packed asymmetric zero points with
-the wrong shape, so that check is on a symmetric checkpoint).
+with each layer decompressed by compressed-tensors' own compressors (`PackedQuantizationCompressor`,
+`IntQuantizationCompressor`), and transformers loads the same directories (it reads this version's
+packed asymmetric zero points with the wrong shape, so that check is on symmetric checkpoints).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -31,23 +33,37 @@ from tests.quant.hub_packers import PROJECTIONS
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool):
-    """compressed-tensors' int4 convention: q in -8..7, w ~ s (q - zp); returns (q, s, zp) int8 / float."""
+W8A8_ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def quantize_int(w: torch.Tensor, group_size: int, symmetric: bool, bits: int = 4):
+    """compressed-tensors' int convention: q in -2^(bits-1)..2^(bits-1)-1, w ~ s (q - zp); returns
+    (q, s, zp) int8 / float."""
     n, k = w.shape
+    lowest, highest = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     wg = w.reshape(n, k // group_size, group_size)  # [N, G, group]
     if symmetric:
-        s = wg.abs().amax(-1) / 7.5
+        s = wg.abs().amax(-1) / (highest + 0.5)
         zp = torch.zeros_like(s, dtype=torch.int8)
     else:
         lo, hi = wg.amin(-1), wg.amax(-1)
-        s = (hi - lo) / 15
-        zp = (torch.round(-lo / s) - 8).clamp(-8, 7).to(torch.int8)
-    q = (torch.round(wg / s[..., None]) + zp[..., None]).clamp(-8, 7).to(torch.int8)
+        s = (hi - lo) / (highest - lowest)
+        zp = (torch.round(-lo / s) + lowest).clamp(lowest, highest).to(torch.int8)
+    q = (torch.round(wg / s[..., None]) + zp[..., None]).clamp(lowest, highest).to(torch.int8)
     return q.reshape(n, k), s, zp
 
 
-def write_checkpoint(src: Path, dst: Path, strategy: str, symmetric: bool) -> None:
-    """src's decoder projections as llm-compressor writes a w4a16 model (format pack-quantized)."""
+def write_checkpoint(
+    src: Path,
+    dst: Path,
+    strategy: str,
+    symmetric: bool,
+    bits: int = 4,
+    fmt: str = "pack-quantized",
+    activations: dict | None = None,
+) -> None:
+    """src's decoder projections as llm-compressor writes a w4a16 / w8a16 model (format pack-quantized)
+    or, with `fmt` int-quantized, a w8a8 one (int8 weights as they are, activations per `activations`)."""
     shutil.copytree(src, dst)
     out = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
@@ -56,21 +72,33 @@ def write_checkpoint(src: Path, dst: Path, strategy: str, symmetric: bool) -> No
             out[name] = w
             continue
         group = 32 if strategy == "group" else w.shape[1]
-        q, s, zp = quantize_int4(w, group, symmetric)
-        out[f"{module}.weight_packed"] = pack_to_int32(q, 4)
+        q, s, zp = quantize_int(w, group, symmetric, bits)
         out[f"{module}.weight_scale"] = s.to(torch.bfloat16)  # llm-compressor keeps the model's dtype
+        if fmt == "int-quantized":
+            out[f"{module}.weight"] = q
+            if not symmetric:
+                out[f"{module}.weight_zero_point"] = zp
+            continue
+        out[f"{module}.weight_packed"] = pack_to_int32(q, bits)
         out[f"{module}.weight_shape"] = torch.tensor(list(w.shape))
         if not symmetric:
-            out[f"{module}.weight_zero_point"] = pack_to_int32(zp, 4, packed_dim=0)
+            out[f"{module}.weight_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
     save_file(out, str(dst / "model.safetensors"))
-    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": strategy, "dynamic": False}
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": strategy,
+        "dynamic": False,
+    }
     weights |= {"group_size": 32} if strategy == "group" else {}
     config = json.loads((src / "config.json").read_text())
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+        "config_groups": {"group_0": group},
         "ignore": ["lm_head"],
         "kv_cache_scheme": None,
     }
@@ -82,11 +110,15 @@ def decompressed_logits(hf_model, directory: Path) -> torch.Tensor:
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
     args = QuantizationArgs(**config["config_groups"]["group_0"]["weights"])
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    packed = config["format"] == "pack-quantized"
+    compressor = PackedQuantizationCompressor if packed else IntQuantizationCompressor
     stored = load_file(str(directory / "model.safetensors"))
     model = copy.deepcopy(hf_model)
-    for name in [n.removesuffix(".weight_packed") for n in stored if n.endswith(".weight_packed")]:
-        parts = {k.removeprefix(f"{name}."): v for k, v in stored.items() if k.startswith(f"{name}.weight_")}
-        weight = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+    for name in [n.removesuffix(".weight_scale") for n in stored if n.endswith(".weight_scale")]:
+        parts = {k.removeprefix(f"{name}."): v for k, v in stored.items() if k.startswith(f"{name}.weight")}
+        # bf16 scales widened (exactly): the decompression then computes in float32, not bf16
+        parts = {k: v.float() if v.is_floating_point() else v for k, v in parts.items()}
+        weight = compressor.decompress(parts, scheme)["weight"]
         model.get_submodule(name).weight.data = weight.float()
     with torch.no_grad():
         return model(IDS).logits[0]
@@ -110,11 +142,44 @@ def test_logits_match_compressed_tensors_decompression(tiny_models, tmp_path, st
     assert {m.ggml_type for m in blocks} == {"Q4_0" if symmetric else "Q4_1"}
 
 
-def test_transformers_reads_the_checkpoints_as_lamina_does(tiny_models, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "symmetric", "fmt"),
+    [
+        ("channel", True, "pack-quantized"),
+        ("group", False, "pack-quantized"),
+        ("channel", True, "int-quantized"),
+        ("group", False, "int-quantized"),
+    ],
+)
+def test_8_bit_logits_match_compressed_tensors_decompression(
+    tiny_models, tmp_path, strategy, symmetric, fmt
+) -> None:
+    hf_model, src = tiny_models["llama"]
+    activations = W8A8_ACTIVATIONS if fmt == "int-quantized" else None
+    write_checkpoint(src, tmp_path / "ct", strategy, symmetric, bits=8, fmt=fmt, activations=activations)
+    expected = decompressed_logits(hf_model, tmp_path / "ct")
+    llm = LLM.load(tmp_path / "ct", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS)[0]  # [T, vocab]
+    # measured: 1.1e-5 (symmetric) and 9.3e-5 (m = s (128 - z) rounded to fp16) of the largest logit;
+    # 8-bit rounding itself moves them 3.8e-3 and 4.1e-3 from the float model's
+    assert torch.allclose(got, expected, rtol=0, atol=3e-4 * expected.abs().max())
+    blocks = [m for m in llm.model.modules() if isinstance(m, BlockQuantLinear)]
+    assert len(blocks) == 7 * 2
+    assert {m.ggml_type for m in blocks} == {"Q8_0" if symmetric else "Q8_M"}
+    info = describe(tmp_path / "ct")
+    assert info.quantization.startswith("compressed-tensors 8-bit")
+    assert info.quantization.endswith("int8 activations") == (activations is not None)
+    assert info.stored_types["COMPRESSED-TENSORS 8-bit"] == info.linear_parameters
+    assert info.kept_bytes() == sum(llm.memory_footprint().values())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_reads_the_checkpoints_as_lamina_does(tiny_models, tmp_path, bits) -> None:
     """The config and tensors written here are what transformers + compressed-tensors load."""
     from transformers import AutoModelForCausalLM
 
-    write_checkpoint(tiny_models["llama"][1], tmp_path / "ct", "group", True)
+    write_checkpoint(tiny_models["llama"][1], tmp_path / "ct", "group", True, bits=bits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", device_map="cpu")
@@ -136,15 +201,23 @@ def test_schemes_lamina_cannot_read_are_named() -> None:
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
     cases = {
         "nvfp4": ({**base, "format": "nvfp4-pack-quantized"}, weights, None),
-        "8 bits": (base, {**weights, "num_bits": 8}, None),
-        "w4a8": (base, weights, {"num_bits": 8, "type": "int"}),
+        "2 bits": (base, {**weights, "num_bits": 2}, None),
+        "w4a8": (base, weights, W8A8_ACTIVATIONS),
+        "static w8a8": (
+            {**base, "format": "int-quantized"},
+            {**weights, "num_bits": 8},
+            {**W8A8_ACTIVATIONS, "dynamic": False},
+        ),
+        "int4 int-quantized": ({**base, "format": "int-quantized"}, weights, None),
         "group 16": (base, {**weights, "group_size": 16}, None),
         "tensor": (base, {**weights, "strategy": "tensor"}, None),
     }
     needles = {
         "nvfp4": "nvfp4-pack-quantized",
-        "8 bits": "8-bit",
-        "w4a8": "quantized activations",
+        "2 bits": "2-bit",
+        "w4a8": "w4a8 are not read",
+        "static w8a8": "static activation scales",
+        "int4 int-quantized": "int-quantized: 8-bit",
         "group 16": "strategy 'group'",
         "tensor": "strategy 'tensor'",
     }

@@ -22,9 +22,11 @@ from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.model_info import describe
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.checkpoint import save_quantized
+from lamina.quant.half import HalfLinear
 from lamina.quant.hub_formats import ReorderedInputLinear, build_linear, unpack_layer
 from lamina.quant.hub_scheme import HubScheme, hub_scheme
 from lamina.quant.int4 import Int4Linear
+from lamina.quant.int8 import Int8Linear
 from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
 
 
@@ -36,22 +38,23 @@ def act_order_g_idx(k: int, group_size: int, seed: int) -> torch.Tensor:
     return g_idx
 
 
-def layer_case(method: str, sym: bool, act_order: bool, group_size: int = 32, seed: int = 0):
+def layer_case(method: str, sym: bool, act_order: bool, group_size: int = 32, seed: int = 0, bits: int = 4):
     """(packed tensors, reference weight [N, K], scheme) for a random 64 x 128 layer."""
     torch.manual_seed(seed)
     shift = torch.linspace(-0.3, 0.3, 64 * 4).reshape(64, 4).repeat_interleave(32, dim=1)  # groups off 0
     w = torch.randn(64, 128) * 0.05 + shift  # [N, K]
-    q, s, z = quantize(w, group_size, sym)
+    q, s, z = quantize(w, group_size, sym, bits)
     g_idx = act_order_g_idx(128, group_size, seed) if act_order else torch.arange(128) // group_size
     if act_order:  # codes of a scattered group were quantized with that group's scale and zero
         w_groups = w[:, g_idx.argsort(stable=True)]
-        q, s, z = quantize(w_groups, group_size, sym)
+        q, s, z = quantize(w_groups, group_size, sym, bits)
         q = q[:, g_idx.argsort(stable=True).argsort()]
     reference = dequantized(q, s, z, g_idx)
     if method == "awq":
         return pack_awq(q, s, z), reference, HubScheme("awq", "gemm", group_size)
     fmt = "gptq" if method == "gptq-v1" else "gptq_v2"
-    return pack_gptq(q, s, z, g_idx, v1=fmt == "gptq"), reference, HubScheme("gptq", fmt, group_size)
+    packed = pack_gptq(q, s, z, g_idx, v1=fmt == "gptq", bits=bits)
+    return packed, reference, HubScheme("gptq", fmt, group_size, sym, bits)
 
 
 @pytest.mark.parametrize("method", ["gptq-v1", "gptq-v2", "awq"])
@@ -64,6 +67,19 @@ def test_unpacked_values_are_the_tools_dequantization_exactly(method: str, sym: 
         assert layer.zeros.min() == 0 and layer.zeros.max() == 15
 
 
+@pytest.mark.parametrize("method", ["gptq-v1", "gptq-v2"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_unpacked_8_bit_values_are_the_tools_dequantization_exactly(method: str, sym: bool) -> None:
+    packed, reference, scheme = layer_case(method, sym, act_order=False, bits=8)
+    assert packed["qweight"].shape == (128 // 4, 64)  # four codes a word
+    layer = unpack_layer(scheme, packed, (64, 128), "layer")
+    assert layer.bits == 8 and torch.equal(layer.dequantize(), reference)
+    if sym:
+        assert (layer.zeros == 128).all()
+    else:  # groups off zero put the zero points at both ends (v1's words borrowed somewhere)
+        assert layer.zeros.min() == 0 and layer.zeros.max() == 255
+
+
 def test_gptq_v1_zero_of_zero_borrows_and_is_recovered() -> None:
     z = torch.zeros(64, 4, dtype=torch.int32)  # every zero point 0: each v1 nibble borrows
     q = torch.randint(0, 16, (64, 128), dtype=torch.int32)
@@ -71,6 +87,10 @@ def test_gptq_v1_zero_of_zero_borrows_and_is_recovered() -> None:
     packed = pack_gptq(q, s, z, torch.arange(128) // 32, v1=True)
     assert (packed["qzeros"] == -0x11111111).all()  # 0 - 0x11111111, wrapped: borrows
     layer = unpack_layer(HubScheme("gptq", "gptq", 32), packed, (64, 128), "layer")
+    assert torch.equal(layer.zeros, torch.zeros(64, 4, dtype=torch.uint8))
+    packed = pack_gptq(q, s, z, torch.arange(128) // 32, v1=True, bits=8)
+    assert (packed["qzeros"] == -0x01010101).all()  # 8 bits: one borrow per byte
+    layer = unpack_layer(HubScheme("gptq", "gptq", 32, bits=8), packed, (64, 128), "layer")
     assert torch.equal(layer.zeros, torch.zeros(64, 4, dtype=torch.uint8))
 
 
@@ -89,6 +109,36 @@ def test_native_layer_holds_the_values_exactly_or_within_fp16_rounding_of_the_ze
             assert layer.ggml_type == "Q4_1"
             bound = (reference.abs().amax() + 1) * 2**-11
             assert (w - reference).abs().max() <= bound
+
+
+def test_8_bit_native_layer_is_q8_0_exactly_or_q8_m_within_fp16_rounding_of_the_zero(native_lib) -> None:
+    for sym in (True, False):
+        packed, reference, scheme = layer_case("gptq-v1", sym, act_order=False, bits=8)
+        layer = build_linear(unpack_layer(scheme, packed, (64, 128), "layer"), None, native=True)
+        assert isinstance(layer, BlockQuantLinear) and layer.bits == 8
+        w = layer.dequantize()
+        if sym:  # every zero point 128: w = s (q - 128)
+            assert layer.ggml_type == "Q8_0" and torch.equal(w, reference)
+        else:  # m = s (128 - z) rounded to fp16
+            assert layer.ggml_type == "Q8_M"
+            s = packed["scales"].float().t().repeat_interleave(32, dim=1)  # [N, K]
+            assert ((w - reference).abs() <= 128 * s * 2**-11).all()
+            assert not torch.equal(w, reference)  # (so the bound above is what is tested)
+        x = torch.randn(3, 128)
+        expected = x @ reference.t()
+        assert torch.allclose(layer(x), expected, rtol=0, atol=0.01 * expected.abs().max())
+
+
+def test_8_bit_layers_off_the_native_kernel() -> None:
+    """Per output row and symmetric: an `Int8Linear`, exact; with groups: 16-bit weights."""
+    packed, reference, _ = layer_case("gptq-v2", sym=True, act_order=False, group_size=128, bits=8)
+    scheme = HubScheme("gptq", "gptq_v2", -1, bits=8)
+    layer = build_linear(unpack_layer(scheme, packed, (64, 128), "layer"), None, native=False)
+    assert isinstance(layer, Int8Linear) and torch.equal(layer.dequantize(), reference)
+    packed, reference, scheme = layer_case("gptq-v2", sym=False, act_order=False, bits=8)
+    layer = build_linear(unpack_layer(scheme, packed, (64, 128), "layer"), None, native=False)
+    assert isinstance(layer, HalfLinear) and layer.weight16.dtype == torch.float16
+    assert torch.equal(layer.weight16, reference.half())
 
 
 def test_int4_layer_holds_the_values_within_bf16_rounding() -> None:
@@ -143,7 +193,9 @@ def test_act_order_layer_gathers_its_inputs(native_lib) -> None:
 IDS_FOR_LOGITS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
 
 
-def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_order: bool) -> dict:
+def write_hub_checkpoint(
+    src: Path, dst: Path, method: str, *, sym: bool, act_order: bool, bits: int = 4
+) -> dict:
     """A tiny model's checkpoint with its decoder projections packed as `method` writes them (group 32),
     plus config.json's quantization_config; returns the reference state dict (s (q - z) weights)."""
     shutil.copytree(src, dst)
@@ -157,10 +209,10 @@ def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_or
         n, k = tensor.shape
         g_idx = act_order_g_idx(k, 32, seed=n + k) if act_order else torch.arange(k) // 32
         order = g_idx.argsort(stable=True)
-        q, s, z = quantize(tensor[:, order], 32, sym)  # each group's inputs quantized together
+        q, s, z = quantize(tensor[:, order], 32, sym, bits)  # each group's inputs quantized together
         q = q[:, order.argsort()]
         reference[name] = dequantized(q, s, z, g_idx)
-        parts = pack_awq(q, s, z) if method == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
+        parts = pack_awq(q, s, z) if method == "awq" else pack_gptq(q, s, z, g_idx, v1=True, bits=bits)
         if method == "gptq" and f"{module}.bias" not in state:  # AutoGPTQ's QuantLinear always has one
             parts["bias"] = torch.zeros(n, dtype=torch.float16)
         out.update({f"{module}.{part}": t for part, t in parts.items()})
@@ -177,7 +229,7 @@ def write_hub_checkpoint(src: Path, dst: Path, method: str, *, sym: bool, act_or
     else:
         config["quantization_config"] = {
             "quant_method": "gptq",
-            "bits": 4,
+            "bits": bits,
             "group_size": 32,
             "desc_act": act_order,
             "sym": sym,
@@ -213,6 +265,25 @@ def test_hub_checkpoint_logits_match_transformers(tiny_models, tmp_path, method,
     assert not torch.allclose(got, unquantized, rtol=0, atol=0.02 * unquantized.abs().max())  # 5-7% off
     float_linears = [name for name, m in llm.model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert float_linears == ["lm_head"]  # every decoder projection was built from its codes
+
+
+@pytest.mark.parametrize(("sym", "act_order"), [(True, False), (False, True)])
+def test_8_bit_gptq_checkpoint_logits_match_transformers(tiny_models, tmp_path, sym, act_order) -> None:
+    hf_model, src = tiny_models["llama"]
+    state = write_hub_checkpoint(src, tmp_path / "q", "gptq", sym=sym, act_order=act_order, bits=8)
+    expected = reference_logits(hf_model, state, IDS_FOR_LOGITS)
+    llm = LLM.load(tmp_path / "q", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS_FOR_LOGITS)[0]  # [T, vocab]
+    # measured: 1.6e-5 (Q8_0) and 8.3e-5 (Q8_M, act-order) of the largest logit; 8-bit rounding itself
+    # moves them 4.0e-3 and 2.7e-3 from the float model's
+    assert torch.allclose(got, expected, rtol=0, atol=3e-4 * expected.abs().max())
+    layers = [m.inner if act_order else m for n, m in llm.model.named_modules() if n.endswith(PROJECTIONS)]
+    assert len(layers) == 7 * 2 and all(isinstance(m, BlockQuantLinear) for m in layers)
+    assert {m.ggml_type for m in layers} == {"Q8_0" if sym else "Q8_M"}
+    assert (
+        describe(tmp_path / "q").quantization == f"gptq 8-bit, group size 32{'' if sym else ', asymmetric'}"
+    )
     kinds = {type(m).__name__ for m in llm.model.modules()}
     assert ("ReorderedInputLinear" in kinds) == act_order
     if act_order:  # the inner layers alone would save without their input order
@@ -225,8 +296,9 @@ def test_unsupported_schemes_are_one_line_errors() -> None:
     base = {"bits": 4, "group_size": 128}
     cases = {
         "hqq": ({"quant_method": "hqq"}, "'hqq'"),
-        "torchao": ({"quant_method": "torchao"}, "gptq, awq and compressed-tensors, fp8"),
-        "8 bits": ({**base, "quant_method": "gptq", "bits": 8}, "8 bits"),
+        "torchao": ({"quant_method": "torchao"}, "8-bit gptq and compressed-tensors, 4-bit awq, fp8"),
+        "3 bits": ({**base, "quant_method": "gptq", "bits": 3}, "3 bits, Lamina reads 4 and 8-bit"),
+        "awq 8 bits": ({**base, "quant_method": "awq", "bits": 8}, "8 bits, Lamina reads 4-bit"),
         "gemv": ({**base, "quant_method": "awq", "version": "gemv"}, "'gemv'"),
         "marlin": ({**base, "quant_method": "gptq", "checkpoint_format": "marlin"}, "'marlin'"),
         "group 16": ({**base, "quant_method": "gptq", "group_size": 16}, "group size 16"),
@@ -288,15 +360,17 @@ def test_missing_part_and_requantizing_are_clear_errors(tiny_models, tmp_path, c
     assert "down_proj.qzeros" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize(("method", "sym"), [("gptq", True), ("awq", False)])
+@pytest.mark.parametrize(
+    ("method", "sym", "bits"), [("gptq", True, 4), ("awq", False, 4), ("gptq", True, 8), ("gptq", False, 8)]
+)
 def test_info_describes_the_scheme_and_its_loaded_size(
-    tiny_models, tmp_path, method, sym, native_lib
+    tiny_models, tmp_path, method, sym, bits, native_lib
 ) -> None:
     _, src = tiny_models["llama"]
-    write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=False)
+    write_hub_checkpoint(src, tmp_path / "q", method, sym=sym, act_order=False, bits=bits)
     info = describe(tmp_path / "q")
-    assert info.quantization == f"{method} 4-bit, group size 32" + ("" if sym else ", asymmetric")
-    stored = f"{method.upper()} 4-bit"
+    assert info.quantization == f"{method} {bits}-bit, group size 32" + ("" if sym else ", asymmetric")
+    stored = f"{method.upper()} {bits}-bit"
     assert info.stored_types[stored] == info.linear_stored_types[stored] == info.linear_parameters
     assert info.kept_bytes() == sum(LLM.load(tmp_path / "q", fuse=False).memory_footprint().values())
     assert "float32" not in render(info, 64)  # it runs as stored only
