@@ -188,7 +188,9 @@ class LLM:
                 load_saved_quantized(model, source, quantize, torch_dtype, torch_device)
             else:
                 hook = loading_hook(model, checkpoint, quantize, group_size)
-                claim = loading_claim(model, checkpoint, quantize, torch_device, torch_dtype)
+                claim = loading_claim(
+                    model, checkpoint, quantize, torch_device, torch_dtype, prequantized=prequantized
+                )
                 load_weights(model, checkpoint, torch_dtype, torch_device, on_loaded=hook, claim=claim)
                 finish_loading(model, checkpoint, tokenizer.encode, quantize, group_size)
         model.eval()

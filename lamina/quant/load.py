@@ -113,17 +113,23 @@ def loading_hook(
 
 
 def loading_claim(
-    model: nn.Module, checkpoint: Checkpoint, quantize: str | None, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    quantize: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    prequantized: HubScheme | None = None,
 ) -> ModuleClaim | None:
     """The `claim` for `load_weights`: a GGUF's quantized linears (and, on the native kernel, its
     embedding) built straight from their blocks, never expanded to float, unless `quantize` asks for
-    something else. `dtype` is the model's activation dtype."""
+    something else; or the layers of a checkpoint another tool quantized, whose scheme
+    (`prequantized_scheme`) the caller read. `dtype` is the model's activation dtype."""
     if isinstance(checkpoint, GGUFCheckpoint) and quantize != NO_QUANTIZATION:
         # with a method, the linears it quantizes load as float; the embedding and head stay as stored
         return _gguf_claim(model, checkpoint, device, dtype, linears=quantize is None)
-    scheme = prequantized_scheme(checkpoint)
     claims = [
-        _hub_claim(model, checkpoint, scheme, device, dtype) if scheme is not None else None,
+        _hub_claim(model, checkpoint, prequantized, device, dtype) if prequantized is not None else None,
         _half_embedding_claim(model, checkpoint)
         if _keeps_16_bits(checkpoint, quantize, device, dtype)
         else None,
