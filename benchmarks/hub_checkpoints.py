@@ -1,23 +1,25 @@
 """Checkpoints other tools quantized, loaded by Lamina: weights, perplexity, decode speed.
 
     python benchmarks/hub_checkpoints.py [--model PATH.gguf] [--group-size 128] [--max-tokens 1024]
-                                         [--decode-tokens 32] [--threads 1] [--work DIR]
+                                         [--decode-tokens 32] [--threads 1] [--work DIR] [--kinds ...]
 
 No GPTQ or AWQ tool runs on this machine (GPTQModel needs a CUDA torch), so those checkpoints are
 written here with the reference packers (`tests/quant/hub_packers.py`, GPTQModel's and AutoAWQ's
 layouts) from the default model's weights, round-to-nearest: GPTQ v1 symmetric, GPTQ v1 symmetric
 with an act-order g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)),
-AWQ GEMM asymmetric, all at --group-size, and compressed-tensors pack-quantized symmetric at group
-size 64 (packed by compressed-tensors itself, which needs groups that divide 576); and FP8 in
-transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block). Their other
+AWQ GEMM asymmetric, GPTQ v1 8-bit symmetric, all at --group-size, and compressed-tensors
+pack-quantized symmetric at group size 64 (packed by compressed-tensors itself, which needs groups that
+divide 576) and int-quantized W8A8 (int8 weights per channel, int8 activations per token declared);
+and FP8 in transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block).
+Their other
 tensors are fp16, as those tools save them. Each has a twin with the projections in float32 holding
 s (q - z), the weights the tools themselves dequantize to: what a dequantizing loader computes.
 Same perplexity text and windows as `benchmarks/quant.py`. Perplexity shows the load is exact
 (against the twin), not GPTQ's quality: round-to-nearest of SmolLM2's already-4-bit weights at group
 size 128 loses ~40% (NOTES finding 17).
 
-transformers + compressed-tensors also runs the compressed-tensors checkpoint (it decompresses it to
-float). Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize
+transformers + compressed-tensors also runs the compressed-tensors checkpoints (it decompresses the
+int4 one to float, and quantizes W8A8's activations per token). Then bitsandbytes checkpoints made by the tool itself: transformers + bitsandbytes quantize
 the float model on the CPU (NF4 double-quantized, and LLM.int8) and `save_pretrained` it; each is run
 by transformers + bitsandbytes (the reference, "vs ref" is against it) and by Lamina.
 """
@@ -56,6 +58,10 @@ from tests.quant.hub_packers import (
     pack_gptq,
     quantize,
 )
+
+#: The checkpoints written here (`write_pair`), then the ones bitsandbytes writes.
+KINDS = ("gptq", "gptq-act-order", "awq", "gptq-8bit", "compressed-tensors", "w8a8", "fp8")
+BNB_VARIANTS = ("nf4-dq", "int8")
 
 
 def float_checkpoint(gguf: Path, out: Path) -> None:
@@ -98,9 +104,9 @@ def norm_rank(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: int) -> None:
-    """`quantized`: src's decoder projections packed as `kind` (gptq, gptq-act-order, awq,
-    compressed-tensors) and its other tensors in fp16, as those tools save them; `twin`: the same
-    with the projections in float32, set to s (q - z)."""
+    """`quantized`: src's decoder projections packed as `kind` (a `KINDS` entry) and its other tensors
+    in fp16, as those tools save them; `twin`: the same with the projections in float32, set to
+    s (q - z)."""
     from safetensors.torch import load_file
 
     state = load_file(str(src / "model.safetensors"))
@@ -116,23 +122,39 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
             )
             continue
         k = w.shape[1]
+        bits = 8 if kind in ("gptq-8bit", "w8a8") else 4
+        group = k if kind == "w8a8" else group_size  # W8A8: a scale per output channel
         rank = norm_rank(state, name) if kind == "gptq-act-order" else torch.arange(k)
         order = rank.argsort()  # the inputs in group order
-        q, s, z = quantize(w[:, order], group_size, sym=kind != "awq")
+        q, s, z = quantize(w[:, order], group, sym=kind != "awq", bits=bits)
         q = q[:, rank]  # back to the stored input order
-        g_idx = rank // group_size
+        g_idx = rank // group
         twin_state[name] = dequantized(q, s, z, g_idx)
         if kind == "compressed-tensors":  # q - 8 in -8..7 with llm-compressor's own packer; symmetric
             parts = {"weight_packed": pack_to_int32((q - 8).to(torch.int8), 4), "weight_scale": s.to(w.dtype)}
             parts["weight_shape"] = torch.tensor(list(w.shape))
+        elif kind == "w8a8":  # int-quantized: q - 128 as int8, an fp16 scale per row
+            parts = {"weight": (q - 128).to(torch.int8), "weight_scale": s.half()}
+        elif kind == "awq":
+            parts = pack_awq(q, s, z)
         else:
-            parts = pack_awq(q, s, z) if kind == "awq" else pack_gptq(q, s, z, g_idx, v1=True)
+            parts = pack_gptq(q, s, z, g_idx, v1=True, bits=bits)
         packed.update({f"{module}.{part}": t for part, t in parts.items()})
     for directory, tensors in ((quantized, packed), (twin, twin_state)):
         shutil.copytree(src, directory)
         save_file(tensors, str(directory / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+    w8a8 = {
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        "input_activations": {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "token",
+            "dynamic": True,
+        },
+    }
     config["quantization_config"] = (
         {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
         if kind == "fp8"
@@ -153,8 +175,16 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
         }
         if kind == "compressed-tensors"
         else {
+            "quant_method": "compressed-tensors",
+            "format": "int-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], **w8a8}},
+            "ignore": ["lm_head"],
+        }
+        if kind == "w8a8"
+        else {
             "quant_method": "gptq",
-            "bits": 4,
+            "bits": 8 if kind == "gptq-8bit" else 4,
             "group_size": group_size,
             "desc_act": kind == "gptq-act-order",
             "sym": True,
@@ -235,6 +265,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, help="where the checkpoints are written (default: a temp dir)")
+    parser.add_argument("--kinds", nargs="*", default=[*KINDS, *BNB_VARIANTS], help="rows to measure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -245,23 +276,25 @@ def main() -> None:
 
     ids = LLM.load(src).tokenizer.encode(default_text(), add_special_tokens=False)[: args.max_tokens]
     rows = []
-    for kind in ("gptq", "gptq-act-order", "awq", "compressed-tensors", "fp8"):
+    for kind in [k for k in KINDS if k in args.kinds]:
         quantized, twin = work / kind, work / f"{kind}-dequantized"
         # compressed-tensors needs groups that divide the layer (SmolLM2's 576 does not divide by 128)
         group_size = 64 if kind == "compressed-tensors" else args.group_size
         if not quantized.exists():
             write_pair(src, quantized, twin, kind, group_size)
         twin_row = measure(f"{kind} as float32", twin, ids, args.decode_tokens)
-        label = f"{kind} 128x128 blocks" if kind == "fp8" else f"{kind} g{group_size}"
+        label = {"fp8": f"{kind} 128x128 blocks", "w8a8": "w8a8 per channel"}.get(
+            kind, f"{kind} g{group_size}"
+        )
         row = measure(label, quantized, ids, args.decode_tokens)
         row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
         twin_row["ppl_vs_twin_pct"] = 0.0
         rows += [twin_row, row]
-        if kind == "compressed-tensors":  # transformers reads this format too (decompressed to float)
+        if kind in ("compressed-tensors", "w8a8"):  # transformers + compressed-tensors reads these too
             reference = measure_transformers(f"{kind}, transformers", quantized, ids, args.decode_tokens)
             reference["ppl_vs_twin_pct"] = 100 * (reference["perplexity"] / twin_row["perplexity"] - 1)
             rows.append(reference)
-    for variant in ("nf4-dq", "int8"):
+    for variant in [v for v in BNB_VARIANTS if v in args.kinds]:
         saved = work / f"bnb-{variant}"
         if not saved.exists():
             bitsandbytes_checkpoint(src, saved, variant)

@@ -91,3 +91,21 @@ def test_hub_checkpoints_load_on_cuda(tiny_models, tmp_path, method, sym, act_or
     layers = [m for m in llm.model.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 14 and all(m.layout == "cuda" for m in layers)
     assert torch.allclose(got, expected, rtol=0, atol=0.02 * expected.abs().max())
+
+
+def test_8_bit_gptq_checkpoint_loads_on_cuda(tiny_models, tmp_path) -> None:
+    """8-bit GPTQ layers with groups on CUDA: 16-bit weights (no int8 layout here holds groups);
+    logits as transformers' on the dequantized weights."""
+    from lamina import LLM
+    from lamina.quant.half import HalfLinear
+
+    from .test_hub_formats import IDS_FOR_LOGITS, reference_logits, write_hub_checkpoint
+
+    hf_model, src = tiny_models["llama"]
+    state = write_hub_checkpoint(src, tmp_path / "q", "gptq", sym=True, act_order=False, bits=8)
+    expected = reference_logits(hf_model, state, IDS_FOR_LOGITS)
+    llm = LLM.load(tmp_path / "q", device="cuda", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS_FOR_LOGITS.cuda())[0].float().cpu()
+    assert len([m for m in llm.model.modules() if isinstance(m, HalfLinear)]) == 14
+    assert torch.allclose(got, expected, rtol=0, atol=0.02 * expected.abs().max())
