@@ -10,7 +10,7 @@
  * place. Each projection is one or more weights whose outputs sit side by side: q/k/v fused (rows:
  * H query heads, then Hkv key heads, then Hkv value heads) or as three weights, gate/up fused (I
  * gate rows, then I up rows) or as two. A weight is GGUF blocks (blockq.c), LLM.int8 (llm_int8.c) or
- * dense float32 / 16-bit (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are
+ * dense float32 / 16-bit / float8 e4m3 with block scales (dense.c). RoPE is HF's half-split form with cos/sin [T, D]. keys/values are
  * the layer's cache [B, Hkv, L, D] (row stride D), written at the new positions before attending.
  */
 #include <math.h>
@@ -27,13 +27,15 @@ int lamina_llm_int8_matmul(const float *x, int64_t m_rows, int64_t k, const uint
                            const float *scales, int64_t n, float threshold, float *y, int64_t ldy);
 void lamina_dense_linear(const float *x, int64_t m_rows, int64_t k, const void *w, int64_t n, const float *bias,
                          float *y, int64_t ldy, int kind);
+void lamina_e4m3_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *w, int64_t n, const float *scales,
+                        int64_t scale_rows, int64_t scale_cols, const float *bias, float *y, int64_t ldy);
 int lamina_decode_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh, const float *keys,
                             const float *values, int64_t kv_sb, int64_t kv_sh, int64_t kv_sl, int64_t batch,
                             int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t start, int64_t window,
                             float scale, float *out);
 
 /* One weight: GGUF blocks as blockq.c takes them (codes != NULL; with outlier_scales, LLM.int8's 8-bit
- * tiles), or dense [N, K] (float32, fp16, bf16). */
+ * tiles), or dense [N, K] (float32, fp16, bf16; with dense_scales, float8 e4m3). */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *d, *m;
@@ -46,6 +48,8 @@ typedef struct {
     const float *outlier_scales; /* LLM.int8 (llm_int8.c): 8-bit codes' float32 row scales, or NULL */
     float threshold;             /* LLM.int8: |x| from which an input column is an outlier */
     const int64_t *order;        /* input k of the weight is column order[k] of x (GPTQ act-order), or NULL */
+    const float *dense_scales;   /* e4m3 weights (dense.c): scales per scale_rows x scale_cols block, or NULL */
+    int64_t scale_rows, scale_cols;
 } Weight;
 
 /* A projection: up to 3 weights reading the same input, outputs side by side. */
@@ -81,6 +85,9 @@ static int matmul(const Projection *p, const float *x, int64_t rows, float *y) {
         if (w->outlier_scales)
             status = lamina_llm_int8_matmul(in, rows, k, w->codes, w->d, w->outlier_scales, w->out_features,
                                             w->threshold, y + column, width);
+        else if (w->dense_scales)
+            lamina_e4m3_linear(in, rows, k, w->dense, w->out_features, w->dense_scales, w->scale_rows, w->scale_cols,
+                               NULL, y + column, width);
         else if (w->codes)
             status = lamina_blockq_matmul(in, rows, k, w->codes, w->d, w->m, w->out_features, w->bits, w->offset,
                                           w->lut, (int)w->scale_block, y + column, width);

@@ -153,6 +153,20 @@ def load(isa: str) -> ctypes.CDLL | None:
     lib.lamina_decode_attention.restype = ctypes.c_int
     lib.lamina_dense_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, i64, i32]
     lib.lamina_dense_linear.restype = None
+    lib.lamina_e4m3_linear.argtypes = [
+        pointer,
+        i64,
+        i64,
+        pointer,
+        i64,
+        pointer,
+        i64,
+        i64,
+        pointer,
+        pointer,
+        i64,
+    ]
+    lib.lamina_e4m3_linear.restype = None
     lib.lamina_llama_layer.argtypes = [pointer, pointer, i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]  # fmt: skip
     lib.lamina_llama_layer.restype = ctypes.c_int
     return lib
@@ -255,6 +269,27 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     library().lamina_dense_linear(
         x.data_ptr(), rows, k, weight.data_ptr(), n, bias_ptr, y.data_ptr(), n, kind
     )
+    return y
+
+
+def e4m3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    scale_block: tuple[int, int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (weight * scales)^T + bias on the CPU kernel (needs `library()`): weight
+    float8 e4m3 [N, K] (K a multiple of 16), scales float32 [ceil(N / rows), ceil(K / cols)] for
+    `scale_block` (rows, cols) (cols a multiple of 16), x, bias and y float32, all contiguous; each row
+    computed alone, as a one-row call would."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    library().lamina_e4m3_linear(
+        x.data_ptr(), rows, k, weight.data_ptr(), n, scales.data_ptr(), *scale_block,
+        None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+    )  # fmt: skip
     return y
 
 

@@ -22,6 +22,16 @@ SIMD_INLINE float sum_halves(__m256 half_sum) {
     return _mm_cvtss_f32(s2) + _mm_cvtss_f32(_mm_shuffle_ps(s2, s2, 1));
 }
 
+/* 16 float8 e4m3 bytes -> 16 fp16 words for the same numbers times 2^-8: the byte's exponent and
+ * mantissa bits placed at fp16's bits 7..13 and its sign at bit 15 (fp16's exponent bias, 15, is e4m3's
+ * 7 plus 8; subnormals map to subnormals). Exact for every finite e4m3 value. */
+SIMD_INLINE __m256i half_from_e4m3(const uint8_t *p) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i magnitude = _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3F80));
+    const __m256i sign = _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16((short)0x8000));
+    return _mm256_or_si256(magnitude, sign);
+}
+
 #ifdef __AVX512F__
 
 typedef __m512 vf;
@@ -64,6 +74,8 @@ SIMD_INLINE vf vf_from_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 SIMD_INLINE vf vf_from_i32(vi a) { return _mm512_cvtepi32_ps(a); }
+/* 16 float8 e4m3 values -> float, times 2^-8 (`half_from_e4m3`). */
+SIMD_INLINE vf vf_from_e4m3(const uint8_t *p) { return _mm512_cvtph_ps(half_from_e4m3(p)); }
 
 SIMD_INLINE vi vi_load(const void *p) { return _mm512_loadu_si512(p); }
 SIMD_INLINE vi vi_zero(void) { return _mm512_setzero_si512(); }
@@ -170,6 +182,10 @@ SIMD_INLINE __m256 bf16_half(const uint16_t *p) {
 }
 SIMD_INLINE vf vf_from_bf16(const uint16_t *p) { return (vf){bf16_half(p), bf16_half(p + 8)}; }
 SIMD_INLINE vf vf_from_i32(vi a) { return (vf){_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+SIMD_INLINE vf vf_from_e4m3(const uint8_t *p) {
+    const __m256i h = half_from_e4m3(p);
+    return (vf){_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+}
 
 SIMD_INLINE vi vi_load(const void *p) {
     return (vi){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)p + 1)};

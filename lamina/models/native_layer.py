@@ -41,6 +41,9 @@ class _Weight(ctypes.Structure):
         ("outlier_scales", ctypes.c_void_p),
         ("threshold", ctypes.c_float),
         ("order", ctypes.c_void_p),
+        ("dense_scales", ctypes.c_void_p),
+        ("scale_rows", ctypes.c_int64),
+        ("scale_cols", ctypes.c_int64),
     ]
 
 
@@ -68,11 +71,15 @@ class _LlamaLayer(ctypes.Structure):
 def _weight_tensors(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
     """The tensors the C struct points at: (codes, d, m, None, outlier scales) for blocks (the scales:
     LLM.int8's float32 row scales, `native_outliers()`, else None), (None, None, None, weight, None)
-    for a float linear or 16-bit weights (`native_dense()`)."""
+    for a float linear or 16-bit weights (`native_dense()`), (None, None, None, e4m3 codes, block
+    scales) for FP8 weights (`native_e4m3()`)."""
     if isinstance(module, nn.Linear):
         return None, None, None, module.weight, None
     if hasattr(module, "native_dense"):
         return None, None, None, module.native_dense(), None
+    if hasattr(module, "native_e4m3"):
+        codes, scales, _ = module.native_e4m3()
+        return None, None, None, codes, scales
     codes, d, m, _, _, _ = module.native_blocks()
     scales = module.native_outliers()[0] if hasattr(module, "native_outliers") else None
     return codes, d, m, None, scales
@@ -87,17 +94,24 @@ def _input_order(module: nn.Module) -> torch.Tensor | None:
 def _fill(projection: _Projection, modules: tuple[nn.Module, ...]) -> None:
     projection.count = len(modules)
     for part, module in zip(projection.parts, modules, strict=False):
-        part.codes, part.d, part.m, part.dense, part.outlier_scales = (
-            None if t is None else t.data_ptr() for t in _weight_tensors(module)
-        )
+        tensors = _weight_tensors(module)
+        codes, d, m, dense, scales = (None if t is None else t.data_ptr() for t in tensors)
+        part.codes, part.d, part.m, part.dense = codes, d, m, dense
         order = _input_order(module)
         part.order = None if order is None else order.data_ptr()
         part.out_features, part.in_features = module.out_features, module.in_features
-        dense = _weight_tensors(module)[3]
+        part.outlier_scales = part.dense_scales = None
+        if hasattr(module, "native_e4m3"):  # float8 codes with block scales (`quant/fp8.py`)
+            part.dense_scales = scales
+            part.scale_rows, part.scale_cols = module.native_e4m3()[2]
+            part.bits = part.offset = part.scale_block = part.dense_kind = 0
+            part.lut = None
+            continue
+        part.outlier_scales = scales
         if dense is not None:
             part.bits = part.offset = part.scale_block = 0
             part.lut = None
-            part.dense_kind = native.DENSE_KINDS[dense.dtype]
+            part.dense_kind = native.DENSE_KINDS[tensors[3].dtype]
             continue
         _, d, _, part.bits, part.offset, lut = module.native_blocks()
         part.lut = None if lut is None else lut.data_ptr()  # a shared table that never moves
@@ -113,6 +127,8 @@ def _native_projection(module: nn.Module) -> bool:
         return module.bias is None
     if hasattr(module, "native_dense"):  # 16-bit weights (`quant/half.py`)
         return module.bias is None and module.native_dense() is not None
+    if hasattr(module, "native_e4m3"):  # FP8 weights (`quant/fp8.py`)
+        return module.bias is None and module.native_e4m3() is not None
     blocks = getattr(module, "native_blocks", None)
     return getattr(module, "bias", None) is None and blocks is not None and blocks() is not None
 
@@ -223,8 +239,9 @@ class NativeLlamaLayer:
                 )
                 if codes is None and dense is None:
                     return False  # a quantized layer off the block layout (moved to another device)
-                dense_weights += [] if dense is None else [dense]
-                blocks += [t for t in (codes, d, m) if t is not None]
+                e4m3 = hasattr(module, "native_e4m3")  # uint8 codes, which `dense_kernel_takes` refuses
+                dense_weights += [] if dense is None or e4m3 else [dense]
+                blocks += [t for t in (codes, d, m, dense if e4m3 else None) if t is not None]
                 float32_vectors += [] if scales is None else [scales]
                 order = _input_order(module)
                 orders += [] if order is None else [order]

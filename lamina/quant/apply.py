@@ -20,6 +20,7 @@ from torch import nn
 from lamina.errors import InvalidArgumentError
 from lamina.quant.base import QuantizedLinear
 from lamina.quant.blockq import BlockQuantLinear
+from lamina.quant.fp8 import Fp8Linear
 from lamina.quant.gptq import collect_hessians, gptq_linear
 from lamina.quant.half import HalfLinear
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear
@@ -36,6 +37,7 @@ _SCHEMES: dict[str, tuple[type[QuantizedLinear], dict[str, Any]]] = {
     "fp4": (NF4Linear, {"quant_type": "fp4", "double_quant": False}),
     "fp4-dq": (NF4Linear, {"quant_type": "fp4", "double_quant": True}),
     "llm.int8": (LLMInt8Linear, {}),
+    "fp8": (Fp8Linear, {}),
     "bf16": (HalfLinear, {"method": "bf16"}),
     "fp16": (HalfLinear, {"method": "fp16"}),
 }

@@ -104,8 +104,12 @@ class HubScheme:
         (Q4_0, Q8_0), and an fp16 m per 32 where the zero points vary (Q4_1, Q8_M); bitsandbytes 4-bit keeps its
         float32 absmax per 64 next to them (`NF4Linear`; double-quantized: an 8-bit code per 64 and a
         float32 scale per 256 of those), 8-bit one float32 scale per row (left out, as a layer's offset)."""
-        if self.is_fp8:  # loaded as 16-bit weights (`fp8_format.py`)
-            return 16.0
+        if self.is_fp8:  # e4m3 bytes and float32 block scales (`fp8.py`); 16 bits where blocks are
+            # not 16 wide multiples (`fp8_format.py`); a scale per row or tensor left out, as above
+            if self.weight_block is None:
+                return 8.0
+            rows, cols = self.weight_block
+            return 16.0 if cols % 16 else 8 + 32 / (rows * cols)
         if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
             return 8 + 16 / BLOCK
         if self.method == BITSANDBYTES:

@@ -268,7 +268,7 @@ def _hub_claim(
         if bnb is not None:
             built = bnb_linear(tensors, shape, name, bias, scheme.threshold)
         elif scheme.is_fp8:
-            built = fp8_linear(scheme, tensors, shape, name, bias)
+            built = fp8_linear(scheme, tensors, shape, name, bias, device.type == "cpu")
         else:
             built = build_linear(
                 unpack_layer(scheme, tensors, shape, name), bias, runs_natively(device, shape)

@@ -76,6 +76,15 @@ def test_dense_products_are_identical(monkeypatch, k: int, dtype: torch.dtype) -
     assert torch.equal(avx512, avx2)
 
 
+@pytest.mark.parametrize("block", [(1, 96), (32, 32)])
+def test_e4m3_products_are_identical(monkeypatch, block: tuple[int, int]) -> None:
+    weight = (torch.randn(37, 96) * 50).to(torch.float8_e4m3fn).view(torch.uint8)
+    scales = torch.rand(-(-37 // block[0]), 96 // block[1]) + 0.5
+    x, bias = heavy_tailed(3, 96, seed=7), torch.randn(37)
+    avx512, avx2 = on_each_build(monkeypatch, lambda: native.e4m3_linear(x, weight, scales, block, bias))
+    assert torch.equal(avx512, avx2)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_attention_is_identical(monkeypatch, case) -> None:
     batch, rows, heads, kv_heads, dim, start, window, length = case

@@ -1,6 +1,7 @@
 """FP8 checkpoints (`lamina/quant/fp8_format.py`): transformers' FineGrainedFP8 layout, written here as
 its loader reads it (e4m3 `weight`, float32 `weight_scale_inv` per block, w = weight * scale_inv), and
-compressed-tensors' float-quantized, written and decompressed by compressed-tensors itself."""
+compressed-tensors' float-quantized, written and decompressed by compressed-tensors itself. On the
+native kernels they stay 8-bit (`Fp8Linear`), elsewhere 16-bit weights."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from lamina import LLM
 from lamina.errors import CheckpointError
+from lamina.kernels import native
 from lamina.model_info import describe
+from lamina.quant.fp8 import Fp8Linear
 from lamina.quant.half import HalfLinear
 from lamina.quant.hub_scheme import hub_scheme
 from tests.quant.hub_packers import E4M3_MAX, PROJECTIONS, block_scales, pack_fp8_blocks
@@ -102,17 +105,32 @@ def reference_logits(hf_model, weights: dict[str, torch.Tensor]) -> torch.Tensor
         ("ct", "block"),
     ],
 )
-def test_fp8_checkpoints_load_as_16_bit_weights(tiny_models, tmp_path, kind, option) -> None:
+@pytest.mark.parametrize("kernels", [True, False])
+def test_fp8_checkpoints_load_as_stored(
+    tiny_models, tmp_path, kind, option, kernels, request, monkeypatch
+) -> None:
+    """With the native kernels: 8-bit layers, exactly the stored values (but for blocks 40 wide, which
+    the kernel cannot step through 16 at a time: 16-bit weights); without: 16-bit weights."""
+    if kernels:
+        request.getfixturevalue("native_lib")
+    else:
+        monkeypatch.setattr(native, "library", lambda: None)
     hf_model, src = tiny_models["llama"]
     if kind == "transformers":  # (48, 40): blocks that do not divide the 64 / 128-wide layers
         reference = write_transformers_fp8(src, tmp_path / "m", option)
     else:
         reference = write_compressed_tensors_fp8(src, tmp_path / "m", option)
     llm = LLM.load(tmp_path / "m", fuse=False)
-    layers = {name: m for name, m in llm.model.named_modules() if isinstance(m, HalfLinear)}
-    for name, w in reference.items():  # each weight rounded once to float16
+    eight_bit = kernels and option != (48, 40)
+    kind_of_layer = Fp8Linear if eight_bit else HalfLinear
+    layers = {name: m for name, m in llm.model.named_modules() if isinstance(m, kind_of_layer)}
+    assert len(layers) == len(reference) == 7 * 2
+    for name, w in reference.items():
         got = layers[name.removesuffix(".weight")].dequantize()
-        assert torch.allclose(got, w, rtol=2**-11, atol=2**-25)  # float16 subnormals: steps of 2^-24
+        if eight_bit:  # the e4m3 bytes and scales as stored
+            assert torch.equal(got, w)
+        else:  # each weight rounded once to float16
+            assert torch.allclose(got, w, rtol=2**-11, atol=2**-25)  # float16 subnormals: steps of 2^-24
     expected = reference_logits(hf_model, reference)
     with torch.no_grad():
         got = llm.model(IDS)[0]  # [T, vocab]
@@ -122,11 +140,12 @@ def test_fp8_checkpoints_load_as_16_bit_weights(tiny_models, tmp_path, kind, opt
     assert not torch.allclose(got, unquantized, rtol=0, atol=1e-3 * unquantized.abs().max())
 
 
-def test_info_names_fp8(tiny_models, tmp_path) -> None:
+def test_info_names_fp8_and_its_loaded_size(tiny_models, tmp_path, native_lib) -> None:
     write_transformers_fp8(tiny_models["llama"][1], tmp_path / "m", (32, 32))
     info = describe(tmp_path / "m")
     assert info.quantization == "fp8 (e4m3 weights, a scale per 32x32 block)"
     assert info.stored_types["FP8"] == info.linear_parameters
+    assert info.kept_bytes() == sum(LLM.load(tmp_path / "m", fuse=False).memory_footprint().values())
 
 
 def test_fp8_problems_are_named(tiny_models, tmp_path) -> None:
