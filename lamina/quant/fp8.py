@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lamina.errors import CheckpointError
 from lamina.kernels import native
 from lamina.models.native_linear import NATIVE_ROWS
 from lamina.quant.base import QuantizedLinear, check_shape, field_problem, require_tensors
@@ -84,7 +85,12 @@ class Fp8Linear(QuantizedLinear):
         rows, cols = config["scale_block"]
         check_shape(weight, (out_features, in_features), "weight", where)
         check_shape(scales, (-(-out_features // rows), -(-in_features // cols)), "scales", where)
-        return cls(weight.to(E4M3), scales, (rows, cols), tensors.get("bias"))
+        if weight.dtype != E4M3:
+            raise CheckpointError(
+                f"quantized layer {where}: tensor weight is {weight.dtype}, not {E4M3}; the checkpoint and its "
+                "quant_config.json do not match, re-run `lamina quantize`"
+            )
+        return cls(weight, scales, (rows, cols), tensors.get("bias"))
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.weight8.cpu(), "scales": self.scales.cpu()}

@@ -37,7 +37,7 @@ def reload(directory: Path) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "nf4", "fp4-dq", "llm.int8", "bf16"])
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4", "fp4-dq", "llm.int8", "bf16", "fp8"])
 def test_save_load_identical_outputs(tiny_model: nn.Module, tmp_path: Path, method: str) -> None:
     quantize_model(tiny_model, method, group_size=32)
     save_quantized(tiny_model, tmp_path, method, group_size=32)

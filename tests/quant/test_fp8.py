@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lamina import LLM
+from lamina.errors import CheckpointError
 from lamina.kernels import native
 from lamina.quant.fp8 import E4M3, E4M3_MAX, Fp8Linear
 from tests.models.test_native_layer import decode
@@ -86,3 +87,10 @@ def test_fp8_checkpoint_decodes_on_the_native_layer_as_the_modules_do(
         want, _ = decode(model, prompt, steps, native_layers=False)
     for a, b in zip(got, want, strict=True):  # measured 1.4e-7: float32 in both, rounded differently
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_saved_weights_of_another_dtype_are_named() -> None:
+    layer = random_fp8(16, 32, (1, 32))
+    tensors = {**layer.export_tensors(), "weight": layer.dequantize()}  # float32, not e4m3
+    with pytest.raises(CheckpointError, match=r"tensor weight is torch\.float32, not torch\.float8_e4m3fn"):
+        Fp8Linear.from_tensors(32, 16, {"name": "l", **layer.scheme_config()}, tensors)

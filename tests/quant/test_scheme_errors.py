@@ -59,7 +59,7 @@ def reload(directory: Path) -> nn.Module:
 def saved(tmp_path_factory) -> dict[str, Path]:
     """method -> a directory saved from the tiny Llama quantized with it (copied before editing)."""
     dirs = {}
-    for method in ("int8", "int4", "nf4", "nf4-dq", "llm.int8", "bf16", "gguf"):
+    for method in ("int8", "int4", "nf4", "nf4-dq", "llm.int8", "bf16", "fp8", "gguf"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_config()).eval().requires_grad_(False)
         if method == "gguf":  # GGUF blocks kept as stored
@@ -122,6 +122,10 @@ DELETE = object()
         ("nf4", {"block_size": 0}, "has block_size 0, not 64"),
         ("nf4", {"block_size": None}, "has block_size None, not 64"),
         ("nf4", {"block_size": 128}, "has block_size 128, not 64"),
+        # fp8's scale blocks
+        ("fp8", {"scale_block": [0, 64]}, "has scale_block [0, 64], not two positive sizes"),
+        ("fp8", {"scale_block": 64}, "has scale_block 64, not two positive sizes"),
+        ("fp8", {"scale_block": DELETE}, "lacks field 'scale_block'"),
         # llm.int8's outlier threshold
         ("llm.int8", {"threshold": "6"}, "has threshold '6', not a number above 0"),
         ("llm.int8", {"threshold": None}, "has threshold None, not a number above 0"),
