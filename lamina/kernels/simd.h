@@ -24,12 +24,11 @@ SIMD_INLINE float sum_halves(__m256 half_sum) {
 
 /* 16 float8 e4m3 bytes -> 16 fp16 words for the same numbers times 2^-8: the byte's exponent and
  * mantissa bits placed at fp16's bits 7..13 and its sign at bit 15 (fp16's exponent bias, 15, is e4m3's
- * 7 plus 8; subnormals map to subnormals). Exact for every finite e4m3 value. */
+ * 7 plus 8; subnormals map to subnormals). Exact for every finite e4m3 value. Sign-extending the byte
+ * to 16 bits and shifting by 7 puts the sign at bits 14 and 15: bit 14 is masked off. */
 SIMD_INLINE __m256i half_from_e4m3(const uint8_t *p) {
-    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    const __m256i magnitude = _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3F80));
-    const __m256i sign = _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16((short)0x8000));
-    return _mm256_or_si256(magnitude, sign);
+    const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16((short)0xBF80));
 }
 
 #ifdef __AVX512F__
