@@ -9,7 +9,8 @@ the first --max-tokens tokens of CPython's English docs (windows of 512, stride 
 on the last 4096 tokens of the same text, so the two do not overlap. Deltas are vs float32.
 A group size that does not divide a layer's width falls back to the largest one that does (SmolLM2's
 576-wide layers run g64 under --group-size 128; its 1536-wide down_proj runs g128), with a warning.
-Weight bytes include whatever stays float (for SmolLM2 the float32 tied embedding/head: 113 MB).
+Weight bytes include what the methods leave alone: from a GGUF, the token embedding and head as the
+file stores them (SmolLM2: its tied Q8_0 table, 30 MB).
 
 Timings: one process, CPU, --threads torch threads (default 1: on a shared machine extra threads
 spin against other work and distort the result badly). Memory is `LLM.memory_footprint()`.
@@ -28,7 +29,7 @@ from lamina import LLM
 from lamina.engine.perplexity import default_text, perplexity
 
 PROMPT = "The Python language reference describes"
-DEFAULT_METHODS = ("int8", "int4", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8", "bf16", "fp16")
+DEFAULT_METHODS = ("int8", "int4", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8", "fp8", "bf16", "fp16")
 
 
 def measure(label: str, args: argparse.Namespace, ids: list[int], **load: Any) -> dict[str, Any]:
