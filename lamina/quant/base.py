@@ -91,6 +91,12 @@ class QuantizedLinear(nn.Module, ABC):
     def _resident_tensors(self) -> list[torch.Tensor]:
         return [*self.buffers(), *self.parameters()]
 
+    @classmethod
+    def alike(cls, layers: list[QuantizedLinear], key: Callable[[Any], object]) -> bool:
+        """Whether every layer is a `cls` with the same `key(layer)`: what `concatenate` needs them to
+        share (input width, options, device)."""
+        return all(type(layer) is cls for layer in layers) and len({key(layer) for layer in layers}) == 1
+
     @staticmethod
     def concatenated_bias(layers: list[QuantizedLinear]) -> torch.Tensor | None:
         """The biases of `layers` end to end (zeros where one has none), or None when none has one."""

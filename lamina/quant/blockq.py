@@ -236,14 +236,9 @@ class BlockQuantLinear(QuantizedLinear):
     @classmethod
     def concatenate(cls, layers: list[QuantizedLinear]) -> BlockQuantLinear | None:
         """Stack the layers' tiles along the outputs (tiles hold whole rows, so this is exact)."""
-        first = layers[0]
-        same = all(
-            type(layer) is cls
-            and (layer.ggml_type, layer.in_features) == (first.ggml_type, first.in_features)
-            for layer in layers
-        )
-        if not same:
+        if not cls.alike(layers, lambda layer: (layer.ggml_type, layer.in_features)):
             return None
+        first = layers[0]
         tiles = [[getattr(layer, name) for layer in layers] for name in ("codes_tiled", "d_tiled", "m_tiled")]
         codes, d, m = (None if parts[0] is None else torch.cat(parts) for parts in tiles)  # [sum N/16, ...]
         return cls(first.ggml_type, codes, d, m, cls.concatenated_bias(layers))

@@ -114,15 +114,9 @@ class Fp8Linear(QuantizedLinear):
     def concatenate(cls, layers: list[QuantizedLinear]) -> Fp8Linear | None:
         """Stack the layers' rows: their scale blocks as they are where every layer but the last ends on
         a block boundary, else widened to a scale per row."""
-        first = layers[0]
-        same = all(
-            type(layer) is cls
-            and (layer.in_features, layer.scale_block) == (first.in_features, first.scale_block)
-            for layer in layers
-        )
-        if not same:
+        if not cls.alike(layers, lambda layer: (layer.in_features, layer.scale_block)):
             return None
-        rows, cols = first.scale_block
+        rows, cols = layers[0].scale_block
         if all(layer.out_features % rows == 0 for layer in layers[:-1]):
             scales = torch.cat([layer.scales for layer in layers])  # [sum of row blocks, column blocks]
         else:

@@ -84,8 +84,7 @@ class HalfLinear(QuantizedLinear):
     @classmethod
     def concatenate(cls, layers: list[QuantizedLinear]) -> HalfLinear | None:
         """Stack the weights along the outputs (exact)."""
-        first = layers[0]
-        if not all(type(layer) is cls and layer.weight16.dtype == first.weight16.dtype for layer in layers):
+        if not cls.alike(layers, lambda layer: layer.weight16.dtype):
             return None
         weight = torch.cat([layer.weight16 for layer in layers])  # [sum N, K]
         return cls(weight, cls.concatenated_bias(layers))

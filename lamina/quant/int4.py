@@ -186,15 +186,11 @@ class Int4Linear(QuantizedLinear):
         """Stack the layers' codes and per-group scales along the outputs, when they share input width,
         group size and device; the merged layer is packed once (the packed layouts interleave rows, so
         they are not concatenated as they are)."""
-        first = layers[0]
-        same = all(
-            type(layer) is cls
-            and (layer.in_features, layer.group_size, layer.weight_packed.device)
-            == (first.in_features, first.group_size, first.weight_packed.device)
-            for layer in layers
-        )
-        if not same:
+        if not cls.alike(
+            layers, lambda layer: (layer.in_features, layer.group_size, layer.weight_packed.device)
+        ):
             return None
+        first = layers[0]
         codes = torch.cat([layer.codes() for layer in layers]).to(first.weight_packed.device)  # [sum N, K]
         scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [K/G, sum N, 2]
         return cls(codes, scales_and_zeros, first.group_size, cls.concatenated_bias(layers))

@@ -137,12 +137,7 @@ class Int8Linear(TiledInt8Weight, QuantizedLinear):
     def concatenate(cls, layers: list[QuantizedLinear]) -> Int8Linear | None:
         """Stack the layers' rows and row scales (per-row int8 merges exactly), when they share input
         width and device."""
-        first = layers[0]
-        if not all(
-            type(layer) is cls
-            and (layer.in_features, layer.scales.device) == (first.in_features, first.scales.device)
-            for layer in layers
-        ):
+        if not cls.alike(layers, lambda layer: (layer.in_features, layer.scales.device)):
             return None
         weight_q = torch.cat([layer.int8_weight() for layer in layers])  # [sum N, K]
         scales = torch.cat([layer.scales for layer in layers])  # [sum N]

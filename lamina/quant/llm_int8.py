@@ -82,14 +82,9 @@ class LLMInt8Linear(TiledInt8Weight, QuantizedLinear):
         """Stack the layers' rows and row scales, when they share input width, threshold and device: the
         same input has the same outlier columns and row scales, so the merged layer computes each
         layer's output exactly."""
-        first = layers[0]
-        if not all(
-            type(layer) is cls
-            and (layer.in_features, layer.threshold, layer.scales.device)
-            == (first.in_features, first.threshold, first.scales.device)
-            for layer in layers
-        ):
+        if not cls.alike(layers, lambda layer: (layer.in_features, layer.threshold, layer.scales.device)):
             return None
+        first = layers[0]
         weight_q = torch.cat([layer.int8_weight() for layer in layers])  # [sum N, K]
         scales = torch.cat([layer.scales for layer in layers])  # [sum N]
         return cls(weight_q, scales, first.threshold, cls.concatenated_bias(layers))
