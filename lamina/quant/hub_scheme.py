@@ -57,8 +57,9 @@ class HubScheme:
     #: declared: every zero point 2^(bits - 1) (GPTQ's `sym`; AWQ without `zero_point`)
     symmetric: bool = True
     bits: int = 4  # GPTQ, AWQ and compressed-tensors int codes: 4 or 8
-    #: compressed-tensors W8A8: activations quantized to int8 per token at run time (the native kernel
-    #: quantizes them per 32 inputs, finer; other paths keep them float)
+    #: compressed-tensors w8a8 / w4a8: activations quantized to int8 (per token at run time, or with
+    #: stored static scales); not applied: the native kernel quantizes them per 32 inputs in two int8
+    #: passes, other paths keep them float
     int8_activations: bool = False
     double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
     threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
@@ -240,9 +241,8 @@ def _compressed_tensors_fp8(first: dict[str, Any], groups: dict[str, Any], sourc
 
 def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     """llm-compressor's `compressed-tensors` config: int4 or int8 weights, format pack-quantized
-    ("w4a16", "w8a16") or int-quantized (int8 weights as int8 tensors, with activations quantized to
-    int8 per token at run time: "w8a8"), strategy group (a multiple of 32) or channel, symmetric or
-    not; or FP8 weights (float-quantized, `_compressed_tensors_fp8`); one weight scheme for every
+    ("w4a16", "w8a16") or int-quantized (int8 weights as int8 tensors, "w8a8"), activations float or
+    int8 (not applied), strategy group (a multiple of 32) or channel, symmetric or not; or FP8 weights (float-quantized, `_compressed_tensors_fp8`); one weight scheme for every
     config group; no KV-cache quantization."""
     groups = raw.get("config_groups")
     if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
@@ -278,10 +278,8 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
         or (fmt == INT_QUANTIZED and bits != 8)
         else "quantized outputs, which Lamina does not apply"
         if any(g.get("output_activations") for g in groups.values())
-        else "activations quantized other than to int8 at run time with int8 weights (w8a8); static "
-        "activation scales and w4a8 are not read"
-        if activations
-        and (bits != 8 or not all(_dynamic_int8(a) for a in activations) or len(activations) != len(groups))
+        else "activations quantized other than to int8, which Lamina does not read"
+        if activations and (not all(_int8(a) for a in activations) or len(activations) != len(groups))
         else f"strategy {strategy!r}, Lamina reads 'group' (a multiple of {BLOCK}) and 'channel'"
         if not (
             strategy == "channel"
@@ -301,13 +299,13 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     return HubScheme(COMPRESSED_TENSORS, fmt, group, symmetric, bits, int8_activations=bool(activations))
 
 
-def _dynamic_int8(activations: Any) -> bool:
-    """Input activations quantized to int8 at run time (no stored scales), as W8A8 checkpoints do."""
+def _int8(activations: Any) -> bool:
+    """Input activations quantized to int8, at run time or with stored scales (`input_scale`), as
+    w8a8 and w4a8 checkpoints do."""
     return (
         isinstance(activations, dict)
         and activations.get("type") == "int"
         and activations.get("num_bits") == 8
-        and activations.get("dynamic") is True
     )
 
 

@@ -74,6 +74,8 @@ def write_checkpoint(
         group = 32 if strategy == "group" else w.shape[1]
         q, s, zp = quantize_int(w, group, symmetric, bits)
         out[f"{module}.weight_scale"] = s.to(torch.bfloat16)  # llm-compressor keeps the model's dtype
+        if activations and not activations["dynamic"]:  # a static per-tensor activation scale
+            out[f"{module}.input_scale"] = torch.tensor([0.05], dtype=torch.bfloat16)
         if fmt == "int-quantized":
             out[f"{module}.weight"] = q
             if not symmetric:
@@ -174,6 +176,26 @@ def test_8_bit_logits_match_compressed_tensors_decompression(
     assert info.kept_bytes() == sum(llm.memory_footprint().values())
 
 
+@pytest.mark.parametrize(
+    ("bits", "fmt", "activations"),
+    [
+        (8, "int-quantized", {**W8A8_ACTIVATIONS, "dynamic": False, "strategy": "tensor"}),
+        (4, "pack-quantized", W8A8_ACTIVATIONS),
+    ],
+)
+def test_int8_activations_are_read_and_not_applied(tiny_models, tmp_path, bits, fmt, activations) -> None:
+    """w8a8 with static activation scales (`input_scale`: skipped with the claimed layer) and w4a8: the layers
+    compute the decompressed weights' products, activations float as in a weight-only checkpoint."""
+    hf_model, src = tiny_models["llama"]
+    write_checkpoint(src, tmp_path / "ct", "channel", True, bits=bits, fmt=fmt, activations=activations)
+    expected = decompressed_logits(hf_model, tmp_path / "ct")
+    llm = LLM.load(tmp_path / "ct", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS)[0]  # [T, vocab]
+    assert torch.allclose(got, expected, rtol=0, atol=0.005 * expected.abs().max())
+    assert describe(tmp_path / "ct").quantization.endswith("int8 activations")
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_transformers_reads_the_checkpoints_as_lamina_does(tiny_models, tmp_path, bits) -> None:
     """The config and tensors written here are what transformers + compressed-tensors load."""
@@ -202,12 +224,7 @@ def test_schemes_lamina_cannot_read_are_named() -> None:
     cases = {
         "nvfp4": ({**base, "format": "nvfp4-pack-quantized"}, weights, None),
         "2 bits": (base, {**weights, "num_bits": 2}, None),
-        "w4a8": (base, weights, W8A8_ACTIVATIONS),
-        "static w8a8": (
-            {**base, "format": "int-quantized"},
-            {**weights, "num_bits": 8},
-            {**W8A8_ACTIVATIONS, "dynamic": False},
-        ),
+        "fp8 activations": (base, weights, {**W8A8_ACTIVATIONS, "type": "float"}),
         "int4 int-quantized": ({**base, "format": "int-quantized"}, weights, None),
         "group 16": (base, {**weights, "group_size": 16}, None),
         "tensor": (base, {**weights, "strategy": "tensor"}, None),
@@ -215,8 +232,7 @@ def test_schemes_lamina_cannot_read_are_named() -> None:
     needles = {
         "nvfp4": "nvfp4-pack-quantized",
         "2 bits": "2-bit",
-        "w4a8": "w4a8 are not read",
-        "static w8a8": "static activation scales",
+        "fp8 activations": "activations quantized other than to int8",
         "int4 int-quantized": "int-quantized: 8-bit",
         "group 16": "strategy 'group'",
         "tensor": "strategy 'tensor'",
