@@ -21,7 +21,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "nf4", "fp4-dq", "llm.int8"])
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4", "fp4-dq", "llm.int8", "fp8"])
 def test_cuda_forward_matches_dequantized_weight(method: str) -> None:
     lin = random_linear(in_features=256, out_features=128).cuda()
     q = quantize_linear(lin, method, group_size=64)
@@ -107,5 +107,23 @@ def test_8_bit_gptq_checkpoint_loads_on_cuda(tiny_models, tmp_path) -> None:
     llm = LLM.load(tmp_path / "q", device="cuda", fuse=False)
     with torch.no_grad():
         got = llm.model(IDS_FOR_LOGITS.cuda())[0].float().cpu()
+    assert len([m for m in llm.model.modules() if isinstance(m, HalfLinear)]) == 14
+    assert torch.allclose(got, expected, rtol=0, atol=0.02 * expected.abs().max())
+
+
+def test_fp8_checkpoint_loads_on_cuda_as_16_bit_weights(tiny_models, tmp_path) -> None:
+    """FP8 layers on CUDA: 16-bit weights (the e4m3 mat-vec is the CPU kernel's); logits as the
+    float model's on the stored values."""
+    from lamina import LLM
+    from lamina.quant.half import HalfLinear
+
+    from .test_fp8_format import IDS, reference_logits, write_transformers_fp8
+
+    hf_model, src = tiny_models["llama"]
+    reference = write_transformers_fp8(src, tmp_path / "m", (32, 32))
+    expected = reference_logits(hf_model, reference)
+    llm = LLM.load(tmp_path / "m", device="cuda", fuse=False)
+    with torch.no_grad():
+        got = llm.model(IDS.cuda())[0].float().cpu()
     assert len([m for m in llm.model.modules() if isinstance(m, HalfLinear)]) == 14
     assert torch.allclose(got, expected, rtol=0, atol=0.02 * expected.abs().max())
