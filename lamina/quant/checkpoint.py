@@ -45,6 +45,7 @@ from lamina.loading.weight_files import is_autoawq_config, open_weights_file
 from lamina.quant.apply import LAYER_CLASSES, quantized_layers, set_submodule
 from lamina.quant.base import field_problem
 from lamina.quant.blockq import FORMATS, BlockQuantEmbedding, BlockQuantLinear
+from lamina.quant.half import HalfEmbedding, HalfLinear
 from lamina.quant.hub_formats import ReorderedInputLinear
 from lamina.quant.int8 import Int8Embedding
 
@@ -70,8 +71,16 @@ def save_quantized(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = quantized_layers(model)
-    tensors: dict[str, torch.Tensor] = {}
+    # a 16-bit embedding is saved as the float weight it stands for, and a head sharing its table with
+    # it (tied) is not saved apart: the loaded model ties it again
+    half_embeddings = {name: m for name, m in model.named_modules() if isinstance(m, HalfEmbedding)}
+    tables = {m.weight16.data_ptr() for m in half_embeddings.values()}
+    layers = {
+        name: layer
+        for name, layer in quantized_layers(model).items()
+        if not (isinstance(layer, HalfLinear) and layer.weight16.data_ptr() in tables)
+    }
+    tensors: dict[str, torch.Tensor] = {f"{name}.weight": m.weight16.cpu() for name, m in half_embeddings.items()}
     scheme_layers: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
         for tname, t in layer.export_tensors().items():

@@ -16,8 +16,8 @@ The ways a model ends up quantized at load time:
 - a directory written by `lamina quantize` (it has a quant_config.json): `load_saved_quantized`,
   no re-quantization.
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
-  `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them),
-  and a 16-bit token embedding and output head stay 16-bit with them (`_half_embedding_claim`).
+  `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
+  A 16-bit token embedding and output head stay 16-bit (`_half_embedding_claim`) with any method.
 - an HF checkpoint another tool quantized (4-bit GPTQ, AWQ or compressed-tensors, FP8, or
   bitsandbytes; `quantization_config`): its layers are built from their stored codes by the loader's
   claim (`hub_formats`, `fp8_format`, `bnb_format`), never expanded to float.
@@ -154,12 +154,12 @@ def _keeps_16_bits(
     checkpoint: Checkpoint, quantize: str | None, device: torch.device, dtype: torch.dtype
 ) -> bool:
     """Whether a 16-bit token embedding and output head stay 16-bit: HF checkpoints loaded on a CPU
-    in float32 without a `--quantize` method other than the 16-bit ones `default_quantize` picks."""
+    in float32, unless `quantize="none"` widens everything (the methods leave both alone)."""
     return (
         not isinstance(checkpoint, GGUFCheckpoint)
         and device.type == "cpu"
         and dtype == torch.float32
-        and quantize in (None, *HALF_DTYPES)
+        and quantize != NO_QUANTIZATION
     )
 
 

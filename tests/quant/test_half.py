@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -13,6 +15,7 @@ from lamina.kernels import native
 from lamina.model_info import describe
 from lamina.models.llama import LlamaConfig, LlamaForCausalLM
 from lamina.quant.apply import quantize_model
+from lamina.quant.checkpoint import save_quantized
 from lamina.quant.half import HALF_DTYPES, HalfEmbedding, HalfLinear
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.models.gguf_writer import write_gguf
@@ -155,3 +158,40 @@ def test_every_family_keeps_a_16_bit_embedding_and_computes_the_same(native_lib,
     with torch.inference_mode():
         got, expected = kept.model(ids), widened.model(ids)
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize("method", ["int4", "int8", "nf4"])
+def test_a_16_bit_embedding_stays_16_bit_under_a_method(native_lib, tmp_path, method: str) -> None:
+    """A method quantizes the linears and leaves the tied embedding and head alone: 16-bit, computing
+    exactly as the float32 table would."""
+    tiny_hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    kept = LLM.load(tmp_path, quantize=method, fuse=False)
+    embed, head = kept.model.input_embeddings(), kept.model.output_embeddings()
+    assert isinstance(embed, HalfEmbedding) and isinstance(head, HalfLinear)
+    assert head.weight16.data_ptr() == embed.weight16.data_ptr()
+    widened = LLM.load(tmp_path, quantize="none", fuse=False)  # the table widened to float32
+    quantize_model(widened.model, method)  # the same linears (round-to-nearest is deterministic)
+    attach_native(widened.model)  # as LLM.load does after quantizing
+    saved = embed.weight16.numel() * 2  # float32's 4 bytes a weight against 2
+    assert sum(widened.memory_footprint().values()) - sum(kept.memory_footprint().values()) == saved
+    ids = torch.tensor([kept.tokenizer.encode("The quick brown fox jumps")])
+    with torch.inference_mode():
+        assert torch.equal(kept.model(ids), widened.model(ids))
+
+
+def test_a_model_with_a_16_bit_embedding_saves_and_reloads(native_lib, tmp_path) -> None:
+    """The 16-bit table is saved once as the embedding's weight (the tied head is not saved apart):
+    the reloaded model computes the same logits."""
+    tiny_hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    save_tiny_tokenizer(tmp_path / "src")
+    llm = LLM.load(tmp_path / "src", quantize="int8", fuse=False)
+    assert isinstance(llm.model.input_embeddings(), HalfEmbedding)
+    save_quantized(
+        llm.model, tmp_path / "q", "int8", config=json.loads((tmp_path / "src" / "config.json").read_text())
+    )
+    save_tiny_tokenizer(tmp_path / "q")
+    reloaded = LLM.load(tmp_path / "q", fuse=False)
+    ids = torch.tensor([llm.tokenizer.encode("The quick brown fox jumps")])
+    with torch.inference_mode():
+        assert torch.equal(reloaded.model(ids), llm.model(ids))
