@@ -80,7 +80,9 @@ def save_quantized(
         for name, layer in quantized_layers(model).items()
         if not (isinstance(layer, HalfLinear) and layer.weight16.data_ptr() in tables)
     }
-    tensors: dict[str, torch.Tensor] = {f"{name}.weight": m.weight16.cpu() for name, m in half_embeddings.items()}
+    tensors: dict[str, torch.Tensor] = {
+        f"{name}.weight": m.weight16.cpu() for name, m in half_embeddings.items()
+    }
     scheme_layers: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
         for tname, t in layer.export_tensors().items():
