@@ -64,6 +64,14 @@ def save_quantized(
             "this model keeps a GGUF's blocks quantized, which cannot be saved as a Lamina quantized checkpoint; "
             "load it with quantize='none' and quantize that"
         )
+    if any(
+        getattr(m, "qkv_proj", None) is not None or getattr(m, "gate_up_proj", None) is not None
+        for m in model.modules()
+    ):
+        raise InvalidArgumentError(
+            "this model's projections are fused (q/k/v, gate/up), which a quantized checkpoint cannot "
+            "record under the names the model loads by; load it with fuse=False to save it"
+        )
     if any(isinstance(m, ReorderedInputLinear) for m in model.modules()):
         raise InvalidArgumentError(
             "this model holds GPTQ act-order layers, whose input order a Lamina quantized checkpoint "

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lamina.api import LLM
+from lamina.engine.fusion import fuse_projections
 from lamina.errors import CheckpointError, InvalidArgumentError
 from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.apply import quantize_model, set_submodule
@@ -46,6 +47,15 @@ def test_save_load_identical_outputs(tiny_model: nn.Module, tmp_path: Path, meth
     # The packed CPU kernels crash on tensors that are not 64-byte aligned (safetensors can return such).
     assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers())
     assert torch.equal(loaded(IDS), tiny_model(IDS))
+
+
+def test_a_fused_model_is_refused_before_anything_is_written(tiny_model: nn.Module, tmp_path: Path) -> None:
+    """Fused q/k/v and gate/up layers have no names the model loads by (it saved unloadable files before)."""
+    quantize_model(tiny_model, "int8")
+    fuse_projections(tiny_model)
+    with pytest.raises(InvalidArgumentError, match=r"fused .*load it with fuse=False"):
+        save_quantized(tiny_model, tmp_path / "q", "int8")
+    assert not (tmp_path / "q").exists()
 
 
 def test_kept_gguf_blocks_save_and_load(tiny_model: nn.Module, tmp_path: Path) -> None:
