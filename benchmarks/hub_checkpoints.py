@@ -9,8 +9,8 @@ layouts) from the default model's weights, round-to-nearest: GPTQ v1 symmetric, 
 with an act-order g_idx (inputs ordered by decreasing weight-column norm, a stand-in for diag(H)),
 AWQ GEMM asymmetric, GPTQ v1 8-bit symmetric, all at --group-size, and compressed-tensors
 pack-quantized symmetric at group size 64 (packed by compressed-tensors itself, which needs groups that
-divide 576) and int-quantized W8A8 (int8 weights per channel, int8 activations per token declared);
-and FP8 in transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block).
+divide 576), int-quantized W8A8 (int8 weights per channel, int8 activations per token declared) and
+NVFP4 (compressed-tensors' own compressor: E2M1, an e4m3 scale per 16, a global scale); and FP8 in transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block).
 Their other
 tensors are fp16, as those tools save them. Each has a twin with the projections in float32 holding
 s (q - z), the weights the tools themselves dequantize to: what a dequantizing loader computes.
@@ -56,12 +56,16 @@ from tests.quant.hub_packers import (
     pack_awq,
     pack_fp8_blocks,
     pack_gptq,
+    pack_nvfp4,
     quantize,
 )
 
 #: The checkpoints written here (`write_pair`), then the ones bitsandbytes writes.
-KINDS = ("gptq", "gptq-act-order", "awq", "gptq-8bit", "compressed-tensors", "w8a8", "fp8")
+KINDS = ("gptq", "gptq-act-order", "awq", "gptq-8bit", "compressed-tensors", "w8a8", "nvfp4", "fp8")
 BNB_VARIANTS = ("nf4-dq", "int8")
+#: Kinds transformers + compressed-tensors runs too, and the dtype it runs them in (its NVFP4 layers
+#: hand a CPU matmul bf16 weights, which float32 activations fail against).
+TRANSFORMERS_DTYPES = {"compressed-tensors": torch.float32, "w8a8": torch.float32, "nvfp4": torch.bfloat16}
 
 
 def float_checkpoint(gguf: Path, out: Path) -> None:
@@ -121,6 +125,10 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
                 w, 128, 128
             )
             continue
+        if kind == "nvfp4":  # compressed-tensors' own NVFP4 compressor
+            parts, twin_state[name] = pack_nvfp4(w)
+            packed.update({f"{module}.{part}": t for part, t in parts.items()})
+            continue
         k = w.shape[1]
         bits = 8 if kind in ("gptq-8bit", "w8a8") else 4
         group = k if kind == "w8a8" else group_size  # W8A8: a scale per output channel
@@ -155,6 +163,7 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
             "dynamic": True,
         },
     }
+    nvfp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}
     config["quantization_config"] = (
         {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
         if kind == "fp8"
@@ -182,6 +191,14 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
             "ignore": ["lm_head"],
         }
         if kind == "w8a8"
+        else {
+            "quant_method": "compressed-tensors",
+            "format": "nvfp4-pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": nvfp4}},
+            "ignore": ["lm_head"],
+        }
+        if kind == "nvfp4"
         else {
             "quant_method": "gptq",
             "bits": 8 if kind == "gptq-8bit" else 4,
@@ -225,12 +242,16 @@ class _Logits(torch.nn.Module):
         return self.model(ids).logits
 
 
-def measure_transformers(label: str, path: Path, ids: list[int], decode_tokens: int) -> dict[str, Any]:
-    """The same numbers for transformers (+ bitsandbytes where the checkpoint says so) on the CPU."""
+def measure_transformers(
+    label: str, path: Path, ids: list[int], decode_tokens: int, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """The same numbers for transformers (+ bitsandbytes where the checkpoint says so) on the CPU, in
+    `dtype` (None: transformers' default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu").eval()
+    options = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **options).eval()
     load_s = time.perf_counter() - started
     with torch.no_grad():
         ppl = perplexity(_Logits(model), ids, context=512, stride=256)
@@ -283,15 +304,17 @@ def main() -> None:
         if not quantized.exists():
             write_pair(src, quantized, twin, kind, group_size)
         twin_row = measure(f"{kind} as float32", twin, ids, args.decode_tokens)
-        label = {"fp8": f"{kind} 128x128 blocks", "w8a8": "w8a8 per channel"}.get(
+        label = {"fp8": f"{kind} 128x128 blocks", "w8a8": "w8a8 per channel", "nvfp4": "nvfp4 g16"}.get(
             kind, f"{kind} g{group_size}"
         )
         row = measure(label, quantized, ids, args.decode_tokens)
         row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
         twin_row["ppl_vs_twin_pct"] = 0.0
         rows += [twin_row, row]
-        if kind in ("compressed-tensors", "w8a8"):  # transformers + compressed-tensors reads these too
-            reference = measure_transformers(f"{kind}, transformers", quantized, ids, args.decode_tokens)
+        if kind in TRANSFORMERS_DTYPES:  # transformers + compressed-tensors reads these too
+            dtype = TRANSFORMERS_DTYPES[kind]
+            label = f"{kind}, transformers ({str(dtype).removeprefix('torch.')})"
+            reference = measure_transformers(label, quantized, ids, args.decode_tokens, dtype)
             reference["ppl_vs_twin_pct"] = 100 * (reference["perplexity"] / twin_row["perplexity"] - 1)
             rows.append(reference)
     for variant in [v for v in BNB_VARIANTS if v in args.kinds]:

@@ -17,6 +17,14 @@ BLOCK, TILE = 32, 16
 Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, torch.Tensor | None]
 
 
+def fp16_holds(scales: torch.Tensor) -> bool:
+    """Whether the tiles' fp16 scales can hold these: none beyond fp16's range, and none nonzero that
+    fp16 would flush to zero."""
+    return bool(scales.abs().max() <= torch.finfo(torch.float16).max) and not torch.any(
+        (scales != 0) & (scales.half() == 0)
+    )
+
+
 def fits(out_features: int, in_features: int) -> bool:
     """Whether the tile layout can hold a weight of this shape."""
     return out_features % TILE == 0 and in_features % BLOCK == 0

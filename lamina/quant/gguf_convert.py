@@ -67,6 +67,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from lamina.errors import UnsupportedModelError
+from lamina.quant.blocks import fp16_holds
 
 #: Grid types -> their weights in whole steps of the block's scale (`gguf.quants`' grids, signed): the
 #: code book of their 4-bit codes here.
@@ -324,9 +325,6 @@ def converted_blocks(
     `UnsupportedModelError` for other types or widths that are not a multiple of the type's block."""
     quant_blocks(data, ggml_type, shape)  # checks the type and shape
     blocks = _CONVERTERS[ggml_type](data, shape=shape)
-    for scales in (blocks[name] for name in ("d", "m") if name in blocks):
-        if scales.abs().max() > torch.finfo(torch.float16).max or torch.any(
-            (scales != 0) & (scales.half() == 0)
-        ):
-            return None
+    if not all(fp16_holds(blocks[name]) for name in ("d", "m") if name in blocks):
+        return None
     return CONVERTED[ggml_type], blocks

@@ -4,7 +4,7 @@ once before any tensor is read.
 
 Lamina loads 4-bit GPTQ, AWQ (GEMM) and compressed-tensors pack-quantized checkpoints as int4 codes,
 8-bit GPTQ and compressed-tensors ones (pack-quantized, or int-quantized: W8A8) as int8 codes
-(`hub_formats.py`), FP8 ones (transformers' fp8, compressed-tensors float-quantized) as 16-bit weights
+(`hub_formats.py`), compressed-tensors NVFP4 as E2M1 codes (`nvfp4_format.py`), FP8 ones (transformers' fp8, compressed-tensors float-quantized) as 16-bit weights
 (`fp8_format.py`), and transformers' bitsandbytes saves (`bnb_format.py`); any other scheme is a
 one-line CheckpointError that names what it supports.
 """
@@ -27,6 +27,8 @@ BITSANDBYTES = "bitsandbytes"  # read by `bnb_format.py`: formats nf4, fp4 and l
 COMPRESSED_TENSORS = "compressed-tensors"  # llm-compressor's checkpoints; "pack-quantized" and FP8
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"  # compressed-tensors' int8 weights stored as int8 tensors (W8A8)
+NVFP4_PACKED = "nvfp4-pack-quantized"  # compressed-tensors' NVFP4 (E2M1 codes, e4m3 scales per 16)
+NVFP4_GROUP = 16
 FLOAT_QUANTIZED = "float-quantized"  # compressed-tensors' FP8 weights, read by `fp8_format.py`
 FP8 = "fp8"  # transformers' FineGrainedFP8 checkpoints (e4m3 weights, a scale per block), the same
 #: quant_method -> the code widths of its checkpoints Lamina reads (compressed-tensors: int weights)
@@ -35,6 +37,7 @@ CODE_BITS = {"gptq": (4, 8), "awq": (4,), COMPRESSED_TENSORS: (4, 8)}
 HUB_STORED_TYPES = frozenset(
     [
         *(f"{method.upper()} {bits}-bit" for method, widths in CODE_BITS.items() for bits in widths),
+        "COMPRESSED-TENSORS NVFP4",
         "BNB NF4",
         "BNB FP4",
         "BNB INT8",
@@ -57,10 +60,10 @@ class HubScheme:
     #: declared: every zero point 2^(bits - 1) (GPTQ's `sym`; AWQ without `zero_point`)
     symmetric: bool = True
     bits: int = 4  # GPTQ, AWQ and compressed-tensors int codes: 4 or 8
-    #: compressed-tensors w8a8 / w4a8: activations quantized to int8 (per token at run time, or with
-    #: stored static scales); not applied: the native kernel quantizes them per 32 inputs in two int8
-    #: passes, other paths keep them float
-    int8_activations: bool = False
+    #: compressed-tensors' activation quantization, "int8" (w8a8, w4a8: per token at run time or with
+    #: static scales) or "fp4" (NVFP4's W4A4); not applied: the native kernel quantizes activations
+    #: per 32 inputs in two int8 passes, other paths keep them float
+    activations: str | None = None
     double_quant: bool = False  # bitsandbytes 4-bit: absmax stored as 8-bit codes
     threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8's outlier threshold (0: plain int8)
     #: FP8: (rows, columns) of weights per scale; None: per output channel or per tensor (the scale's
@@ -70,6 +73,10 @@ class HubScheme:
     @property
     def is_fp8(self) -> bool:
         return self.method == FP8 or self.checkpoint_format == FLOAT_QUANTIZED
+
+    @property
+    def is_nvfp4(self) -> bool:
+        return self.checkpoint_format == NVFP4_PACKED
 
     def describe(self) -> str:
         if self.is_fp8:
@@ -83,7 +90,9 @@ class HubScheme:
             dq = ", double-quantized" if self.double_quant else ""
             return f"bitsandbytes {self.checkpoint_format} (4-bit{dq})"
         group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
-        activations = ", int8 activations" if self.int8_activations else ""
+        activations = f", {self.activations} activations" if self.activations else ""
+        if self.is_nvfp4:
+            return f"{self.method} nvfp4 (e2m1 weights, an e4m3 scale per 16 and a global scale{activations})"
         return (
             f"{self.method} {self.bits}-bit, {group}{'' if self.symmetric else ', asymmetric'}{activations}"
         )
@@ -92,6 +101,8 @@ class HubScheme:
         """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
         if self.is_fp8:
             return "FP8"
+        if self.is_nvfp4:
+            return "COMPRESSED-TENSORS NVFP4"
         if self.method == BITSANDBYTES:
             return (
                 "BNB INT8"
@@ -111,6 +122,8 @@ class HubScheme:
                 return 8.0
             rows, cols = self.weight_block
             return 16.0 if cols % 16 else 8 + 32 / (rows * cols)
+        if self.is_nvfp4:  # the codes and an fp16 d per 16 weights (`nvfp4_format.py`)
+            return 4 + 16 / NVFP4_GROUP
         if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
             return 8 + 16 / BLOCK
         if self.method == BITSANDBYTES:
@@ -264,13 +277,15 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     )
     if common is None and formats == {FLOAT_QUANTIZED}:
         return _compressed_tensors_fp8(first, groups, source)
+    if common is None and formats == {NVFP4_PACKED}:
+        return _compressed_tensors_nvfp4(first, groups, source)
     (fmt,) = formats if len(formats) == 1 else (None,)
     bits = first.get("num_bits")
     activations = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
     problem = (
         common
         if common is not None
-        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}, {INT_QUANTIZED!r} and {FLOAT_QUANTIZED!r}"
+        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}, {INT_QUANTIZED!r}, {NVFP4_PACKED!r} and {FLOAT_QUANTIZED!r}"
         if fmt not in (PACK_QUANTIZED, INT_QUANTIZED)
         else f"weights {first.get('type')!r} {bits}-bit, Lamina reads int 4- and 8-bit ({INT_QUANTIZED}: 8-bit)"
         if first.get("type") != "int"
@@ -296,7 +311,31 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
         raise CheckpointError(f"the checkpoint is {COMPRESSED_TENSORS} with {problem} ({source})")
     group = group_size if strategy == "group" else -1
     symmetric = bool(first.get("symmetric", True))
-    return HubScheme(COMPRESSED_TENSORS, fmt, group, symmetric, bits, int8_activations=bool(activations))
+    return HubScheme(COMPRESSED_TENSORS, fmt, group, symmetric, bits, "int8" if activations else None)
+
+
+def _compressed_tensors_nvfp4(first: dict[str, Any], groups: dict[str, Any], source: str) -> HubScheme:
+    """compressed-tensors nvfp4-pack-quantized (llm-compressor's NVFP4A16 and NVFP4): E2M1 weights with
+    an e4m3 scale per 16 and a global scale per tensor (`strategy` tensor_group); NVFP4's FP4
+    activations are not applied."""
+    activations = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
+    problem = (
+        f"weights {first.get('type')!r} {first.get('num_bits')}-bit, {first.get('strategy')!r} groups of "
+        f"{first.get('group_size')!r}, Lamina reads float 4-bit (E2M1) in tensor groups of {NVFP4_GROUP}"
+        if (first.get("type"), first.get("num_bits"), first.get("strategy"), first.get("group_size"))
+        != ("float", 4, "tensor_group", NVFP4_GROUP)
+        or not first.get("symmetric", True)
+        else "activations quantized other than to FP4, which Lamina does not read"
+        if any(
+            not isinstance(a, dict) or (a.get("type"), a.get("num_bits")) != ("float", 4) for a in activations
+        )
+        else None
+    )
+    if problem is not None:
+        raise CheckpointError(f"the checkpoint is {COMPRESSED_TENSORS} with {problem} ({source})")
+    return HubScheme(
+        COMPRESSED_TENSORS, NVFP4_PACKED, NVFP4_GROUP, activations="fp4" if activations else None
+    )
 
 
 def _int8(activations: Any) -> bool:

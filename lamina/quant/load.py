@@ -18,9 +18,9 @@ The ways a model ends up quantized at load time:
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
   `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
   A 16-bit token embedding and output head stay 16-bit (`_half_embedding_claim`) with any method.
-- an HF checkpoint another tool quantized (4-bit GPTQ, AWQ or compressed-tensors, FP8, or
+- an HF checkpoint another tool quantized (4- or 8-bit GPTQ or compressed-tensors, AWQ, NVFP4, FP8, or
   bitsandbytes; `quantization_config`): its layers are built from their stored codes by the loader's
-  claim (`hub_formats`, `fp8_format`, `bnb_format`), never expanded to float.
+  claim (`hub_formats`, `nvfp4_format`, `fp8_format`, `bnb_format`), never expanded to float.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_f
 from lamina.quant.half import GGML_HALF_DTYPES, HALF_DTYPES, HalfEmbedding, HalfLinear, half_linear_from_gguf
 from lamina.quant.hub_formats import build_linear, packed_parts, unpack_layer
 from lamina.quant.hub_scheme import BITSANDBYTES, HubScheme, hub_scheme
+from lamina.quant.nvfp4_format import NVFP4_PARTS, nvfp4_linear
 
 if TYPE_CHECKING:
     from lamina.placement.plan import Placement
@@ -239,7 +240,13 @@ def _hub_claim(
         if bnb is not None:
             parts = required = bnb
         else:
-            required, optional = fp8_parts(scheme) if scheme.is_fp8 else packed_parts(scheme)
+            required, optional = (
+                fp8_parts(scheme)
+                if scheme.is_fp8
+                else NVFP4_PARTS
+                if scheme.is_nvfp4
+                else packed_parts(scheme)
+            )
             if f"{name}.{required[0]}" not in stored:
                 return False  # a float layer
             parts = [*required, *optional]
@@ -269,6 +276,8 @@ def _hub_claim(
             built = bnb_linear(tensors, shape, name, bias, scheme.threshold)
         elif scheme.is_fp8:
             built = fp8_linear(scheme, tensors, shape, name, bias, device.type == "cpu")
+        elif scheme.is_nvfp4:
+            built = nvfp4_linear(tensors, shape, name, bias, runs_natively(device, shape))
         else:
             built = build_linear(
                 unpack_layer(scheme, tensors, shape, name), bias, runs_natively(device, shape)

@@ -107,3 +107,22 @@ def pack_fp8_blocks(w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor
     expanded = scale.repeat_interleave(rows, 0)[: w.shape[0]].repeat_interleave(cols, 1)[:, : w.shape[1]]
     q = (w / expanded).to(torch.float8_e4m3fn)
     return q, scale, q.float() * expanded
+
+
+def pack_nvfp4(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """compressed-tensors' NVFP4 layout by its own `NVFP4PackedCompressor` (a global scale putting the
+    tensor's largest weight at e4m3 448 x E2M1 6, an e4m3 scale per 16 at each group's largest / 6):
+    (the stored tensors, the float32 weight they stand for, from its own unpacking times
+    weight_scale / global_scale)."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
+    n, k = w.shape
+    global_scale = (E4M3_MAX * 6 / w.abs().amax()).reshape(1).float()
+    scale = w.reshape(n, k // 16, 16).abs().amax(-1) / 6 * global_scale  # [N, K/16], e4m3 units
+    parts = {"weight": w, "weight_scale": scale, "weight_global_scale": global_scale}
+    packed = NVFP4PackedCompressor.compress(parts, QuantizationScheme(targets=["Linear"], weights=args))
+    values = unpack_fp4_from_uint8(packed["weight_packed"], n, k, dtype=torch.float32)  # [N, K]
+    return packed, values * packed["weight_scale"].float().repeat_interleave(16, dim=1) / global_scale
