@@ -10,7 +10,8 @@ with an act-order g_idx (inputs ordered by decreasing weight-column norm, a stan
 AWQ GEMM asymmetric, GPTQ v1 8-bit symmetric, all at --group-size, and compressed-tensors
 pack-quantized symmetric at group size 64 (packed by compressed-tensors itself, which needs groups that
 divide 576), int-quantized W8A8 (int8 weights per channel, int8 activations per token declared) and
-NVFP4 (compressed-tensors' own compressor: E2M1, an e4m3 scale per 16, a global scale); and FP8 in transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block).
+NVFP4 and MXFP4 (compressed-tensors' own compressors: E2M1 with an e4m3 scale per 16 and a global
+scale, or a power-of-two scale per 32); and FP8 in transformers' FineGrainedFP8 layout (e4m3 weights, a float32 scale per 128 x 128 block).
 Their other
 tensors are fp16, as those tools save them. Each has a twin with the projections in float32 holding
 s (q - z), the weights the tools themselves dequantize to: what a dequantizing loader computes.
@@ -54,18 +55,34 @@ from tests.quant.hub_packers import (
     PROJECTIONS,
     dequantized,
     pack_awq,
+    pack_fp4,
     pack_fp8_blocks,
     pack_gptq,
-    pack_nvfp4,
     quantize,
 )
 
 #: The checkpoints written here (`write_pair`), then the ones bitsandbytes writes.
-KINDS = ("gptq", "gptq-act-order", "awq", "gptq-8bit", "compressed-tensors", "w8a8", "nvfp4", "fp8")
+KINDS = ("gptq", "gptq-act-order", "awq", "gptq-8bit", "compressed-tensors", "w8a8", "nvfp4", "mxfp4", "fp8")
 BNB_VARIANTS = ("nf4-dq", "int8")
 #: Kinds transformers + compressed-tensors runs too, and the dtype it runs them in (its NVFP4 layers
 #: hand a CPU matmul bf16 weights, which float32 activations fail against).
-TRANSFORMERS_DTYPES = {"compressed-tensors": torch.float32, "w8a8": torch.float32, "nvfp4": torch.bfloat16}
+TRANSFORMERS_DTYPES = {
+    "compressed-tensors": torch.float32,
+    "w8a8": torch.float32,
+    "nvfp4": torch.bfloat16,
+    "mxfp4": torch.bfloat16,
+}
+#: compressed-tensors' FP4 formats: the weights' quantization args
+FP4_WEIGHTS = {
+    "nvfp4": {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "strategy": "tensor_group",
+        "group_size": 16,
+    },
+    "mxfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32},
+}
 
 
 def float_checkpoint(gguf: Path, out: Path) -> None:
@@ -125,8 +142,8 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
                 w, 128, 128
             )
             continue
-        if kind == "nvfp4":  # compressed-tensors' own NVFP4 compressor
-            parts, twin_state[name] = pack_nvfp4(w)
+        if kind in FP4_WEIGHTS:  # compressed-tensors' own NVFP4 / MXFP4 compressor
+            parts, twin_state[name] = pack_fp4(w, kind)
             packed.update({f"{module}.{part}": t for part, t in parts.items()})
             continue
         k = w.shape[1]
@@ -163,7 +180,6 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
             "dynamic": True,
         },
     }
-    nvfp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}
     config["quantization_config"] = (
         {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
         if kind == "fp8"
@@ -193,12 +209,12 @@ def write_pair(src: Path, quantized: Path, twin: Path, kind: str, group_size: in
         if kind == "w8a8"
         else {
             "quant_method": "compressed-tensors",
-            "format": "nvfp4-pack-quantized",
+            "format": f"{kind}-pack-quantized",
             "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": nvfp4}},
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": FP4_WEIGHTS.get(kind)}},
             "ignore": ["lm_head"],
         }
-        if kind == "nvfp4"
+        if kind in FP4_WEIGHTS
         else {
             "quant_method": "gptq",
             "bits": 8 if kind == "gptq-8bit" else 4,
@@ -304,9 +320,12 @@ def main() -> None:
         if not quantized.exists():
             write_pair(src, quantized, twin, kind, group_size)
         twin_row = measure(f"{kind} as float32", twin, ids, args.decode_tokens)
-        label = {"fp8": f"{kind} 128x128 blocks", "w8a8": "w8a8 per channel", "nvfp4": "nvfp4 g16"}.get(
-            kind, f"{kind} g{group_size}"
-        )
+        label = {
+            "fp8": f"{kind} 128x128 blocks",
+            "w8a8": "w8a8 per channel",
+            "nvfp4": "nvfp4 g16",
+            "mxfp4": "mxfp4 g32",
+        }.get(kind, f"{kind} g{group_size}")
         row = measure(label, quantized, ids, args.decode_tokens)
         row["ppl_vs_twin_pct"] = 100 * (row["perplexity"] / twin_row["perplexity"] - 1)
         twin_row["ppl_vs_twin_pct"] = 0.0

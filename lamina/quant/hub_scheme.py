@@ -4,7 +4,7 @@ once before any tensor is read.
 
 Lamina loads 4-bit GPTQ, AWQ (GEMM) and compressed-tensors pack-quantized checkpoints as int4 codes,
 8-bit GPTQ and compressed-tensors ones (pack-quantized, or int-quantized: W8A8) as int8 codes
-(`hub_formats.py`), compressed-tensors NVFP4 as E2M1 codes (`nvfp4_format.py`), FP8 ones (transformers' fp8, compressed-tensors float-quantized) as 16-bit weights
+(`hub_formats.py`), compressed-tensors NVFP4 and MXFP4 as E2M1 codes (`fp4_format.py`), FP8 ones (transformers' fp8, compressed-tensors float-quantized) as 16-bit weights
 (`fp8_format.py`), and transformers' bitsandbytes saves (`bnb_format.py`); any other scheme is a
 one-line CheckpointError that names what it supports.
 """
@@ -28,7 +28,9 @@ COMPRESSED_TENSORS = "compressed-tensors"  # llm-compressor's checkpoints; "pack
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"  # compressed-tensors' int8 weights stored as int8 tensors (W8A8)
 NVFP4_PACKED = "nvfp4-pack-quantized"  # compressed-tensors' NVFP4 (E2M1 codes, e4m3 scales per 16)
-NVFP4_GROUP = 16
+MXFP4_PACKED = "mxfp4-pack-quantized"  # compressed-tensors' MXFP4 (E2M1 codes, E8M0 scales per 32)
+#: compressed-tensors FP4 format -> (its weights' `strategy`, group size)
+FP4_GROUPS = {NVFP4_PACKED: ("tensor_group", 16), MXFP4_PACKED: ("group", 32)}
 FLOAT_QUANTIZED = "float-quantized"  # compressed-tensors' FP8 weights, read by `fp8_format.py`
 FP8 = "fp8"  # transformers' FineGrainedFP8 checkpoints (e4m3 weights, a scale per block), the same
 #: quant_method -> the code widths of its checkpoints Lamina reads (compressed-tensors: int weights)
@@ -38,6 +40,7 @@ HUB_STORED_TYPES = frozenset(
     [
         *(f"{method.upper()} {bits}-bit" for method, widths in CODE_BITS.items() for bits in widths),
         "COMPRESSED-TENSORS NVFP4",
+        "COMPRESSED-TENSORS MXFP4",
         "BNB NF4",
         "BNB FP4",
         "BNB INT8",
@@ -75,8 +78,8 @@ class HubScheme:
         return self.method == FP8 or self.checkpoint_format == FLOAT_QUANTIZED
 
     @property
-    def is_nvfp4(self) -> bool:
-        return self.checkpoint_format == NVFP4_PACKED
+    def is_fp4(self) -> bool:
+        return self.checkpoint_format in FP4_GROUPS
 
     def describe(self) -> str:
         if self.is_fp8:
@@ -91,8 +94,10 @@ class HubScheme:
             return f"bitsandbytes {self.checkpoint_format} (4-bit{dq})"
         group = "per channel" if self.group_size == -1 else f"group size {self.group_size}"
         activations = f", {self.activations} activations" if self.activations else ""
-        if self.is_nvfp4:
+        if self.checkpoint_format == NVFP4_PACKED:
             return f"{self.method} nvfp4 (e2m1 weights, an e4m3 scale per 16 and a global scale{activations})"
+        if self.checkpoint_format == MXFP4_PACKED:
+            return f"{self.method} mxfp4 (e2m1 weights, a power-of-two scale per 32{activations})"
         return (
             f"{self.method} {self.bits}-bit, {group}{'' if self.symmetric else ', asymmetric'}{activations}"
         )
@@ -101,8 +106,8 @@ class HubScheme:
         """How `lamina info` names the packed layers' storage (a `HUB_STORED_TYPES` entry)."""
         if self.is_fp8:
             return "FP8"
-        if self.is_nvfp4:
-            return "COMPRESSED-TENSORS NVFP4"
+        if self.is_fp4:
+            return f"COMPRESSED-TENSORS {self.checkpoint_format.split('-')[0].upper()}"
         if self.method == BITSANDBYTES:
             return (
                 "BNB INT8"
@@ -122,8 +127,8 @@ class HubScheme:
                 return 8.0
             rows, cols = self.weight_block
             return 16.0 if cols % 16 else 8 + 32 / (rows * cols)
-        if self.is_nvfp4:  # the codes and an fp16 d per 16 weights (`nvfp4_format.py`)
-            return 4 + 16 / NVFP4_GROUP
+        if self.is_fp4:  # the codes and an fp16 d per group (`fp4_format.py`)
+            return 4 + 16 / self.group_size
         if self.method == BITSANDBYTES and self.checkpoint_format == "llm.int8":
             return 8 + 16 / BLOCK
         if self.method == BITSANDBYTES:
@@ -277,15 +282,15 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     )
     if common is None and formats == {FLOAT_QUANTIZED}:
         return _compressed_tensors_fp8(first, groups, source)
-    if common is None and formats == {NVFP4_PACKED}:
-        return _compressed_tensors_nvfp4(first, groups, source)
+    if common is None and len(formats) == 1 and next(iter(formats)) in FP4_GROUPS:
+        return _compressed_tensors_fp4(next(iter(formats)), first, groups, source)
     (fmt,) = formats if len(formats) == 1 else (None,)
     bits = first.get("num_bits")
     activations = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
     problem = (
         common
         if common is not None
-        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}, {INT_QUANTIZED!r}, {NVFP4_PACKED!r} and {FLOAT_QUANTIZED!r}"
+        else f"format {sorted(formats)}, Lamina reads {PACK_QUANTIZED!r}, {INT_QUANTIZED!r}, {NVFP4_PACKED!r}, {MXFP4_PACKED!r} and {FLOAT_QUANTIZED!r}"
         if fmt not in (PACK_QUANTIZED, INT_QUANTIZED)
         else f"weights {first.get('type')!r} {bits}-bit, Lamina reads int 4- and 8-bit ({INT_QUANTIZED}: 8-bit)"
         if first.get("type") != "int"
@@ -314,16 +319,20 @@ def _compressed_tensors_scheme(raw: dict[str, Any], source: str) -> HubScheme:
     return HubScheme(COMPRESSED_TENSORS, fmt, group, symmetric, bits, "int8" if activations else None)
 
 
-def _compressed_tensors_nvfp4(first: dict[str, Any], groups: dict[str, Any], source: str) -> HubScheme:
-    """compressed-tensors nvfp4-pack-quantized (llm-compressor's NVFP4A16 and NVFP4): E2M1 weights with
-    an e4m3 scale per 16 and a global scale per tensor (`strategy` tensor_group); NVFP4's FP4
+def _compressed_tensors_fp4(
+    fmt: str, first: dict[str, Any], groups: dict[str, Any], source: str
+) -> HubScheme:
+    """compressed-tensors' FP4 formats (llm-compressor's NVFP4A16 / NVFP4 and MXFP4A16 / MXFP4): E2M1
+    weights with an e4m3 scale per 16 and a global scale per tensor (nvfp4-pack-quantized, strategy
+    tensor_group) or a power-of-two scale per 32 (mxfp4-pack-quantized, strategy group); FP4
     activations are not applied."""
+    strategy, group = FP4_GROUPS[fmt]
     activations = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
     problem = (
         f"weights {first.get('type')!r} {first.get('num_bits')}-bit, {first.get('strategy')!r} groups of "
-        f"{first.get('group_size')!r}, Lamina reads float 4-bit (E2M1) in tensor groups of {NVFP4_GROUP}"
+        f"{first.get('group_size')!r}, Lamina reads float 4-bit (E2M1) in {strategy} groups of {group}"
         if (first.get("type"), first.get("num_bits"), first.get("strategy"), first.get("group_size"))
-        != ("float", 4, "tensor_group", NVFP4_GROUP)
+        != ("float", 4, strategy, group)
         or not first.get("symmetric", True)
         else "activations quantized other than to FP4, which Lamina does not read"
         if any(
@@ -333,9 +342,7 @@ def _compressed_tensors_nvfp4(first: dict[str, Any], groups: dict[str, Any], sou
     )
     if problem is not None:
         raise CheckpointError(f"the checkpoint is {COMPRESSED_TENSORS} with {problem} ({source})")
-    return HubScheme(
-        COMPRESSED_TENSORS, NVFP4_PACKED, NVFP4_GROUP, activations="fp4" if activations else None
-    )
+    return HubScheme(COMPRESSED_TENSORS, fmt, group, activations="fp4" if activations else None)
 
 
 def _int8(activations: Any) -> bool:

@@ -18,9 +18,9 @@ The ways a model ends up quantized at load time:
 - a checkpoint whose linears are stored in 16 bits, loaded on a CPU in float32 with `quantize=None`:
   `default_quantize` picks `bf16` / `fp16`, keeping them 16-bit (exact; `quantize="none"` widens them).
   A 16-bit token embedding and output head stay 16-bit (`_half_embedding_claim`) with any method.
-- an HF checkpoint another tool quantized (4- or 8-bit GPTQ or compressed-tensors, AWQ, NVFP4, FP8, or
-  bitsandbytes; `quantization_config`): its layers are built from their stored codes by the loader's
-  claim (`hub_formats`, `nvfp4_format`, `fp8_format`, `bnb_format`), never expanded to float.
+- an HF checkpoint another tool quantized (4- or 8-bit GPTQ or compressed-tensors, AWQ, NVFP4 / MXFP4,
+  FP8, or bitsandbytes; `quantization_config`): its layers are built from their stored codes by the
+  loader's claim (`hub_formats`, `fp4_format`, `fp8_format`, `bnb_format`), never expanded to float.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ from lamina.quant.blockq import (
 )
 from lamina.quant.bnb_format import bnb_linear, bnb_parts
 from lamina.quant.checkpoint import load_quantized_into, read_scheme
+from lamina.quant.fp4_format import fp4_linear, fp4_parts
 from lamina.quant.fp8_format import fp8_linear, fp8_parts
 from lamina.quant.gguf_formats import BLOCK_BYTES, linear_from_gguf, tied_int8_from_gguf
 from lamina.quant.half import GGML_HALF_DTYPES, HALF_DTYPES, HalfEmbedding, HalfLinear, half_linear_from_gguf
 from lamina.quant.hub_formats import build_linear, packed_parts, unpack_layer
 from lamina.quant.hub_scheme import BITSANDBYTES, HubScheme, hub_scheme
-from lamina.quant.nvfp4_format import NVFP4_PARTS, nvfp4_linear
 
 if TYPE_CHECKING:
     from lamina.placement.plan import Placement
@@ -243,8 +243,8 @@ def _hub_claim(
             required, optional = (
                 fp8_parts(scheme)
                 if scheme.is_fp8
-                else NVFP4_PARTS
-                if scheme.is_nvfp4
+                else fp4_parts(scheme)
+                if scheme.is_fp4
                 else packed_parts(scheme)
             )
             if f"{name}.{required[0]}" not in stored:
@@ -276,8 +276,8 @@ def _hub_claim(
             built = bnb_linear(tensors, shape, name, bias, scheme.threshold)
         elif scheme.is_fp8:
             built = fp8_linear(scheme, tensors, shape, name, bias, device.type == "cpu")
-        elif scheme.is_nvfp4:
-            built = nvfp4_linear(tensors, shape, name, bias, runs_natively(device, shape))
+        elif scheme.is_fp4:
+            built = fp4_linear(scheme, tensors, shape, name, bias, runs_natively(device, shape))
         else:
             built = build_linear(
                 unpack_layer(scheme, tensors, shape, name), bias, runs_natively(device, shape)

@@ -109,20 +109,35 @@ def pack_fp8_blocks(w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor
     return q, scale, q.float() * expanded
 
 
-def pack_nvfp4(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """compressed-tensors' NVFP4 layout by its own `NVFP4PackedCompressor` (a global scale putting the
-    tensor's largest weight at e4m3 448 x E2M1 6, an e4m3 scale per 16 at each group's largest / 6):
-    (the stored tensors, the float32 weight they stand for, from its own unpacking times
-    weight_scale / global_scale)."""
+def pack_fp4(w: torch.Tensor, fmt: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """compressed-tensors' NVFP4 or MXFP4 layout (`fmt`) by its own compressor: (the stored tensors,
+    the float32 weight they stand for, from its own unpacking times the scales).
+    NVFP4: a global scale putting the tensor's largest weight at e4m3 448 x E2M1 6, an e4m3 scale per
+    16 at each group's largest / 6. MXFP4: a power-of-two scale per 32, the smallest that keeps the
+    group's largest within E2M1's 6 (the compressor stores its exponent)."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
     n, k = w.shape
-    global_scale = (E4M3_MAX * 6 / w.abs().amax()).reshape(1).float()
-    scale = w.reshape(n, k // 16, 16).abs().amax(-1) / 6 * global_scale  # [N, K/16], e4m3 units
-    parts = {"weight": w, "weight_scale": scale, "weight_global_scale": global_scale}
-    packed = NVFP4PackedCompressor.compress(parts, QuantizationScheme(targets=["Linear"], weights=args))
+    if fmt == "nvfp4":
+        args = QuantizationArgs(
+            num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True
+        )
+        global_scale = (E4M3_MAX * 6 / w.abs().amax()).reshape(1).float()
+        scale = w.reshape(n, k // 16, 16).abs().amax(-1) / 6 * global_scale  # [N, K/16], e4m3 units
+        parts = {"weight": w, "weight_scale": scale, "weight_global_scale": global_scale}
+        compressor = NVFP4PackedCompressor
+    else:
+        args = QuantizationArgs(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True)
+        amax = w.reshape(n, k // 32, 32).abs().amax(-1).clamp(min=2**-100)  # [N, K/32]
+        parts = {"weight": w, "weight_scale": torch.exp2(torch.ceil(torch.log2(amax / 6)))}
+        compressor = MXFP4PackedCompressor
+    packed = compressor.compress(parts, QuantizationScheme(targets=["Linear"], weights=args))
     values = unpack_fp4_from_uint8(packed["weight_packed"], n, k, dtype=torch.float32)  # [N, K]
-    return packed, values * packed["weight_scale"].float().repeat_interleave(16, dim=1) / global_scale
+    if fmt == "nvfp4":
+        per_group = packed["weight_scale"].float() / packed["weight_global_scale"]
+    else:
+        per_group = torch.exp2(packed["weight_scale"].float() - 127)
+    return packed, values * per_group.repeat_interleave(k // per_group.shape[1], dim=1)

@@ -222,7 +222,7 @@ def test_schemes_lamina_cannot_read_are_named() -> None:
     base = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
     cases = {
-        "mxfp4": ({**base, "format": "mxfp4-pack-quantized"}, weights, None),
+        "marlin-24": ({**base, "format": "marlin-24"}, weights, None),
         "2 bits": (base, {**weights, "num_bits": 2}, None),
         "fp8 activations": (base, weights, {**W8A8_ACTIVATIONS, "type": "float"}),
         "int4 int-quantized": ({**base, "format": "int-quantized"}, weights, None),
@@ -230,7 +230,7 @@ def test_schemes_lamina_cannot_read_are_named() -> None:
         "tensor": (base, {**weights, "strategy": "tensor"}, None),
     }
     needles = {
-        "mxfp4": "mxfp4-pack-quantized",
+        "marlin-24": "marlin-24",
         "2 bits": "2-bit",
         "fp8 activations": "activations quantized other than to int8",
         "int4 int-quantized": "int-quantized: 8-bit",
