@@ -52,6 +52,7 @@ from lamina import LLM
 from lamina.default_model import default_model_path
 from lamina.engine.perplexity import default_text, perplexity
 from tests.quant.hub_packers import (
+    FP4_WEIGHTS,
     PROJECTIONS,
     dequantized,
     pack_awq,
@@ -71,17 +72,6 @@ TRANSFORMERS_DTYPES = {
     "w8a8": torch.float32,
     "nvfp4": torch.bfloat16,
     "mxfp4": torch.bfloat16,
-}
-#: compressed-tensors' FP4 formats: the weights' quantization args
-FP4_WEIGHTS = {
-    "nvfp4": {
-        "num_bits": 4,
-        "type": "float",
-        "symmetric": True,
-        "strategy": "tensor_group",
-        "group_size": 16,
-    },
-    "mxfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32},
 }
 
 

@@ -109,6 +109,19 @@ def pack_fp8_blocks(w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor
     return q, scale, q.float() * expanded
 
 
+#: compressed-tensors' FP4 formats: their weights' quantization args (llm-compressor's NVFP4 / MXFP4 presets)
+FP4_WEIGHTS = {
+    "nvfp4": {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "strategy": "tensor_group",
+        "group_size": 16,
+    },
+    "mxfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32},
+}
+
+
 def pack_fp4(w: torch.Tensor, fmt: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """compressed-tensors' NVFP4 or MXFP4 layout (`fmt`) by its own compressor: (the stored tensors,
     the float32 weight they stand for, from its own unpacking times the scales).
@@ -121,16 +134,13 @@ def pack_fp4(w: torch.Tensor, fmt: str) -> tuple[dict[str, torch.Tensor], torch.
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     n, k = w.shape
+    args = QuantizationArgs(**FP4_WEIGHTS[fmt])
     if fmt == "nvfp4":
-        args = QuantizationArgs(
-            num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True
-        )
         global_scale = (E4M3_MAX * 6 / w.abs().amax()).reshape(1).float()
         scale = w.reshape(n, k // 16, 16).abs().amax(-1) / 6 * global_scale  # [N, K/16], e4m3 units
         parts = {"weight": w, "weight_scale": scale, "weight_global_scale": global_scale}
         compressor = NVFP4PackedCompressor
     else:
-        args = QuantizationArgs(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True)
         amax = w.reshape(n, k // 32, 32).abs().amax(-1).clamp(min=2**-100)  # [N, K/32]
         parts = {"weight": w, "weight_scale": torch.exp2(torch.ceil(torch.log2(amax / 6)))}
         compressor = MXFP4PackedCompressor

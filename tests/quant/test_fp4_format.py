@@ -24,19 +24,10 @@ from lamina.model_info import describe
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.half import HalfLinear
 from lamina.quant.hub_scheme import hub_scheme
+from tests.quant.hub_packers import FP4_WEIGHTS as WEIGHTS
 from tests.quant.hub_packers import PROJECTIONS, pack_fp4
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
-WEIGHTS = {
-    "nvfp4": {
-        "num_bits": 4,
-        "type": "float",
-        "symmetric": True,
-        "strategy": "tensor_group",
-        "group_size": 16,
-    },
-    "mxfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32},
-}
 COMPRESSORS = {"nvfp4": NVFP4PackedCompressor, "mxfp4": MXFP4PackedCompressor}
 
 
