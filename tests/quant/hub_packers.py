@@ -1,4 +1,5 @@
-"""Reference packers for GPTQ, AWQ and FP8 checkpoints, for the tests and `benchmarks/hub_checkpoints.py`.
+"""Reference packers for GPTQ, AWQ, FP8 and FP4 checkpoints, for the tests and `benchmarks/hub_checkpoints.py`,
+and `write_quantized`, which writes a tiny model's checkpoint with its projections packed by one.
 
 They follow the writers line for line: GPTQModel's `pack_original` (gptqmodel/nn_modules/qlinear/
 __init__.py: with P = 32 / bits, inputs Pi..Pi+P-1 into qweight row i at bits (bits j), outputs into
@@ -10,11 +11,39 @@ AutoAWQ's `WQLinear_GEMM.from_linear` (awq/modules/linear/gemm.py: outputs packe
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: module name, float weight -> (its stored tensors by name suffix, the weight they stand for)
+Packer = Callable[[str, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def write_quantized(src: Path, dst: Path, pack: Packer, quantization_config: dict) -> dict[str, torch.Tensor]:
+    """A copy of the checkpoint directory `src` at `dst` whose decoder projections are stored as `pack`
+    gives them, with `quantization_config` in config.json; returns each projection's weight as the
+    stored tensors stand for it, by checkpoint name."""
+    shutil.copytree(src, dst)
+    out, reference = {}, {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
+            out[name] = w
+            continue
+        parts, reference[name] = pack(module, w)
+        out |= {f"{module}.{part}": t for part, t in parts.items()}
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(config))
+    return reference
 
 
 def quantize(

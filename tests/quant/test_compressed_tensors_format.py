@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from lamina.errors import CheckpointError
 from lamina.model_info import describe
 from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.hub_scheme import hub_scheme
-from tests.quant.hub_packers import PROJECTIONS
+from tests.quant.hub_packers import write_quantized
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
 
@@ -61,31 +60,28 @@ def write_checkpoint(
     bits: int = 4,
     fmt: str = "pack-quantized",
     activations: dict | None = None,
-) -> None:
+) -> dict[str, torch.Tensor]:
     """src's decoder projections as llm-compressor writes a w4a16 / w8a16 model (format pack-quantized)
-    or, with `fmt` int-quantized, a w8a8 one (int8 weights as they are, activations per `activations`)."""
-    shutil.copytree(src, dst)
-    out = {}
-    for name, w in load_file(str(src / "model.safetensors")).items():
-        module, _, leaf = name.rpartition(".")
-        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
-            out[name] = w
-            continue
+    or, with `fmt` int-quantized, a w8a8 one (int8 weights as they are, activations per `activations`);
+    returns the weights they stand for, s (q - zp)."""
+
+    def pack(module: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         group = 32 if strategy == "group" else w.shape[1]
         q, s, zp = quantize_int(w, group, symmetric, bits)
-        out[f"{module}.weight_scale"] = s.to(torch.bfloat16)  # llm-compressor keeps the model's dtype
+        s = s.to(torch.bfloat16)  # llm-compressor keeps the model's dtype
+        parts = {"weight_scale": s}
         if activations and not activations["dynamic"]:  # a static per-tensor activation scale
-            out[f"{module}.input_scale"] = torch.tensor([0.05], dtype=torch.bfloat16)
+            parts["input_scale"] = torch.tensor([0.05], dtype=torch.bfloat16)
         if fmt == "int-quantized":
-            out[f"{module}.weight"] = q
-            if not symmetric:
-                out[f"{module}.weight_zero_point"] = zp
-            continue
-        out[f"{module}.weight_packed"] = pack_to_int32(q, bits)
-        out[f"{module}.weight_shape"] = torch.tensor(list(w.shape))
-        if not symmetric:
-            out[f"{module}.weight_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
-    save_file(out, str(dst / "model.safetensors"))
+            parts["weight"] = q
+            parts |= {} if symmetric else {"weight_zero_point": zp}
+        else:
+            parts["weight_packed"] = pack_to_int32(q, bits)
+            parts["weight_shape"] = torch.tensor(list(w.shape))
+            parts |= {} if symmetric else {"weight_zero_point": pack_to_int32(zp, bits, packed_dim=0)}
+        per_weight = s.float().repeat_interleave(group, dim=1)  # [N, K]
+        return parts, per_weight * (q.float() - zp.float().repeat_interleave(group, dim=1))
+
     weights = {
         "num_bits": bits,
         "type": "int",
@@ -94,9 +90,8 @@ def write_checkpoint(
         "dynamic": False,
     }
     weights |= {"group_size": 32} if strategy == "group" else {}
-    config = json.loads((src / "config.json").read_text())
     group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
-    config["quantization_config"] = {
+    config = {
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
@@ -104,24 +99,30 @@ def write_checkpoint(
         "ignore": ["lm_head"],
         "kv_cache_scheme": None,
     }
-    (dst / "config.json").write_text(json.dumps(config))
+    return write_quantized(src, dst, pack, config)
 
 
-def decompressed_logits(hf_model, directory: Path) -> torch.Tensor:
-    """Logits of `hf_model` with each packed layer replaced by compressed-tensors' own decompression."""
+def decompressed_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Each packed layer's weight as compressed-tensors' own decompression gives it, by name."""
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
     args = QuantizationArgs(**config["config_groups"]["group_0"]["weights"])
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     packed = config["format"] == "pack-quantized"
     compressor = PackedQuantizationCompressor if packed else IntQuantizationCompressor
     stored = load_file(str(directory / "model.safetensors"))
-    model = copy.deepcopy(hf_model)
+    weights = {}
     for name in [n.removesuffix(".weight_scale") for n in stored if n.endswith(".weight_scale")]:
         parts = {k.removeprefix(f"{name}."): v for k, v in stored.items() if k.startswith(f"{name}.weight")}
         # bf16 scales widened (exactly): the decompression then computes in float32, not bf16
         parts = {k: v.float() if v.is_floating_point() else v for k, v in parts.items()}
-        weight = compressor.decompress(parts, scheme)["weight"]
-        model.get_submodule(name).weight.data = weight.float()
+        weights[f"{name}.weight"] = compressor.decompress(parts, scheme)["weight"].float()
+    return weights
+
+
+def decompressed_logits(hf_model, directory: Path) -> torch.Tensor:
+    """Logits of `hf_model` with each packed layer replaced by compressed-tensors' own decompression."""
+    model = copy.deepcopy(hf_model)
+    model.load_state_dict(decompressed_weights(directory), strict=False)
     with torch.no_grad():
         return model(IDS).logits[0]
 
@@ -129,10 +130,12 @@ def decompressed_logits(hf_model, directory: Path) -> torch.Tensor:
 @pytest.mark.parametrize(("strategy", "symmetric"), [("group", True), ("group", False), ("channel", True)])
 def test_logits_match_compressed_tensors_decompression(tiny_models, tmp_path, strategy, symmetric) -> None:
     hf_model, src = tiny_models["llama"]
-    write_checkpoint(src, tmp_path / "ct", strategy, symmetric)
+    weights = write_checkpoint(src, tmp_path / "ct", strategy, symmetric)
     expected = decompressed_logits(hf_model, tmp_path / "ct")
     with torch.no_grad():
         unquantized = hf_model(IDS).logits[0]
+    for name, w in decompressed_weights(tmp_path / "ct").items():  # the packer's s (q - zp), exactly
+        assert torch.equal(weights[name], w), name
     llm = LLM.load(tmp_path / "ct", fuse=False)
     with torch.no_grad():
         got = llm.model(IDS)[0]  # [T, vocab]

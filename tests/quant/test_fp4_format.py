@@ -6,8 +6,6 @@ compared within bf16's rounding)."""
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from lamina.quant.blockq import BlockQuantLinear
 from lamina.quant.half import HalfLinear
 from lamina.quant.hub_scheme import hub_scheme
 from tests.quant.hub_packers import FP4_WEIGHTS as WEIGHTS
-from tests.quant.hub_packers import PROJECTIONS, pack_fp4
+from tests.quant.hub_packers import pack_fp4, write_quantized
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
 COMPRESSORS = {"nvfp4": NVFP4PackedCompressor, "mxfp4": MXFP4PackedCompressor}
@@ -37,33 +35,25 @@ def write_fp4(
     """src's projections as llm-compressor writes NVFP4A16 / MXFP4A16 (`fmt`), or with `activations`
     NVFP4 / MXFP4 (a static input global scale per layer); returns (the exact weights,
     compressed-tensors' own decompression)."""
-    shutil.copytree(src, dst)
     weights = WEIGHTS[fmt]
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights, dynamic=False))
-    out, exact, decompressed = {}, {}, {}
-    for name, w in load_file(str(src / "model.safetensors")).items():
-        module, _, leaf = name.rpartition(".")
-        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
-            out[name] = w
-            continue
-        compressed, exact[name] = pack_fp4(w, fmt)
-        decompressed[name] = COMPRESSORS[fmt].decompress(compressed, scheme)["weight"].float()
-        if activations:
-            compressed["input_global_scale"] = torch.tensor([100.0])
-        out |= {f"{module}.{part}": t for part, t in compressed.items()}
-    save_file(out, str(dst / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
+    decompressed = {}
+
+    def pack(module: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        compressed, exact = pack_fp4(w, fmt)
+        decompressed[f"{module}.weight"] = COMPRESSORS[fmt].decompress(compressed, scheme)["weight"].float()
+        return compressed | ({"input_global_scale": torch.tensor([100.0])} if activations else {}), exact
+
     fp4_activations = {**weights, "dynamic": "local"} if activations else None
     group = {"targets": ["Linear"], "weights": weights, "input_activations": fp4_activations}
-    config["quantization_config"] = {
+    config = {
         "quant_method": "compressed-tensors",
         "format": f"{fmt}-pack-quantized",
         "quantization_status": "compressed",
         "config_groups": {"group_0": group},
         "ignore": ["lm_head"],
     }
-    (dst / "config.json").write_text(json.dumps(config))
-    return exact, decompressed
+    return write_quantized(src, dst, pack, config), decompressed
 
 
 def logits(hf_model, weights: dict[str, torch.Tensor]) -> torch.Tensor:

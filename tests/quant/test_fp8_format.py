@@ -6,8 +6,6 @@ native kernels they stay 8-bit (`Fp8Linear`), elsewhere 16-bit weights."""
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,46 +21,31 @@ from lamina.model_info import describe
 from lamina.quant.fp8 import Fp8Linear
 from lamina.quant.half import HalfLinear
 from lamina.quant.hub_scheme import hub_scheme
-from tests.quant.hub_packers import E4M3_MAX, PROJECTIONS, block_scales, pack_fp8_blocks
+from tests.quant.hub_packers import E4M3_MAX, block_scales, pack_fp8_blocks, write_quantized
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 64, 128, 9]])
 
 
 def write_transformers_fp8(src: Path, dst: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
     """src's projections as FineGrainedFP8 saves them; returns the float32 weights they stand for."""
-    shutil.copytree(src, dst)
-    out, reference = {}, {}
-    for name, w in load_file(str(src / "model.safetensors")).items():
-        module, _, leaf = name.rpartition(".")
-        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
-            out[name] = w
-            continue
-        out[name], out[f"{module}.weight_scale_inv"], reference[name] = pack_fp8_blocks(w, *block)
-    save_file(out, str(dst / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-    }
-    (dst / "config.json").write_text(json.dumps(config))
-    return reference
+
+    def pack(module: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        q, scale_inv, reference = pack_fp8_blocks(w, *block)
+        return {"weight": q, "weight_scale_inv": scale_inv}, reference
+
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    return write_quantized(src, dst, pack, config)
 
 
 def write_compressed_tensors_fp8(src: Path, dst: Path, strategy: str) -> dict[str, torch.Tensor]:
     """src's projections compressed by compressed-tensors (float-quantized, FP8-dynamic-like config);
     returns its own decompression of each."""
-    shutil.copytree(src, dst)
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
     weights |= {"block_structure": [32, 32]} if strategy == "block" else {}
     activations = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-    out, reference = {}, {}
-    for name, w in load_file(str(src / "model.safetensors")).items():
-        module, _, leaf = name.rpartition(".")
-        if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
-            out[name] = w
-            continue
+
+    def pack(module: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         scale = (
             block_scales(w, 32, 32)
             if strategy == "block"
@@ -71,21 +54,17 @@ def write_compressed_tensors_fp8(src: Path, dst: Path, strategy: str) -> dict[st
             else w.abs().amax().reshape(1) / E4M3_MAX
         )
         compressed = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
-        out |= {f"{module}.{k}": v for k, v in compressed.items()}
-        reference[name] = FloatQuantizationCompressor.decompress(compressed, scheme)["weight"].float()
-    save_file(out, str(dst / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
+        return compressed, FloatQuantizationCompressor.decompress(compressed, scheme)["weight"].float()
+
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+    config = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}
-        },
+        "config_groups": {"group_0": group},
         "ignore": ["lm_head"],
     }
-    (dst / "config.json").write_text(json.dumps(config))
-    return reference
+    return write_quantized(src, dst, pack, config)
 
 
 def reference_logits(hf_model, weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from lamina.quant.hub_formats import ReorderedInputLinear, build_linear, unpack_
 from lamina.quant.hub_scheme import HubScheme, hub_scheme
 from lamina.quant.int4 import Int4Linear
 from lamina.quant.int8 import Int8Linear
-from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize
+from tests.quant.hub_packers import PROJECTIONS, dequantized, pack_awq, pack_gptq, quantize, write_quantized
 
 
 def act_order_g_idx(k: int, group_size: int, seed: int) -> torch.Tensor:
@@ -198,36 +198,23 @@ def write_hub_checkpoint(
 ) -> dict:
     """A tiny model's checkpoint with its decoder projections packed as `method` writes them (group 32),
     plus config.json's quantization_config; returns the reference state dict (s (q - z) weights)."""
-    shutil.copytree(src, dst)
     state = load_file(str(src / "model.safetensors"))
-    out, reference = {}, dict(state)
-    for name, tensor in state.items():
-        module, _, leaf = name.rpartition(".")
-        if not (leaf == "weight" and module.rpartition(".")[2] in PROJECTIONS):
-            out[name] = tensor
-            continue
+
+    def pack(module: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         n, k = tensor.shape
         g_idx = act_order_g_idx(k, 32, seed=n + k) if act_order else torch.arange(k) // 32
         order = g_idx.argsort(stable=True)
         q, s, z = quantize(tensor[:, order], 32, sym, bits)  # each group's inputs quantized together
         q = q[:, order.argsort()]
-        reference[name] = dequantized(q, s, z, g_idx)
         parts = pack_awq(q, s, z) if method == "awq" else pack_gptq(q, s, z, g_idx, v1=True, bits=bits)
         if method == "gptq" and f"{module}.bias" not in state:  # AutoGPTQ's QuantLinear always has one
             parts["bias"] = torch.zeros(n, dtype=torch.float16)
-        out.update({f"{module}.{part}": t for part, t in parts.items()})
-    save_file(out, str(dst / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
-    if method == "awq":
-        config["quantization_config"] = {
-            "quant_method": "awq",
-            "bits": 4,
-            "group_size": 32,
-            "version": "gemm",
-            "zero_point": True,
-        }
-    else:
-        config["quantization_config"] = {
+        return parts, dequantized(q, s, z, g_idx)
+
+    config = (
+        {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
+        if method == "awq"
+        else {
             "quant_method": "gptq",
             "bits": bits,
             "group_size": 32,
@@ -235,8 +222,8 @@ def write_hub_checkpoint(
             "sym": sym,
             "checkpoint_format": "gptq",
         }
-    (dst / "config.json").write_text(json.dumps(config))
-    return reference
+    )
+    return state | write_quantized(src, dst, pack, config)
 
 
 def reference_logits(hf_model, state: dict, ids: torch.Tensor) -> torch.Tensor:
