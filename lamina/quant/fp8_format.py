@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from lamina.errors import CheckpointError
-from lamina.quant.fp8 import E4M3, Fp8Linear
+from lamina.quant.fp8 import E4M3, E4M3_MAX, Fp8Linear
 from lamina.quant.half import HalfLinear, half_linear
 from lamina.quant.hub_scheme import FP8, HubScheme
 
@@ -46,12 +46,13 @@ def fp8_linear(
             f"{(n, k)}; the config and the weights disagree"
         )
     layer = Fp8Linear(weight, *_block_scales(scale, scheme, (n, k), f"{name}.{scale_name}"), bias)
-    w = layer.dequantize()  # [N, K]
-    if not torch.isfinite(w).all():
+    # checked on the codes and scales: the float weight is only built for the 16-bit fallback
+    nan_codes = (weight.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only non-finite codes
+    if nan_codes.any() or not torch.isfinite(layer.scales * E4M3_MAX).all():
         raise CheckpointError(
             f"{name}'s fp8 weights or scales hold NaN or infinite values; the checkpoint is damaged"
         )
-    return layer if native and layer.native_e4m3() is not None else half_linear(w, bias)
+    return layer if native and layer.native_e4m3() is not None else half_linear(layer.dequantize(), bias)
 
 
 def _block_scales(

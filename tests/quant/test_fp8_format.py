@@ -140,3 +140,18 @@ def test_fp8_problems_are_named(tiny_models, tmp_path) -> None:
     save_file(state, str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"up_proj\.weight_scale_inv is \(3, 3\)"):
         LLM.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage", ["nan code", "infinite scale"])
+def test_non_finite_fp8_weights_are_named(tiny_models, tmp_path, damage: str) -> None:
+    write_transformers_fp8(tiny_models["llama"][1], tmp_path / "m", (32, 32))
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    if damage == "nan code":
+        codes = state["model.layers.1.mlp.down_proj.weight"].view(torch.uint8).clone()
+        codes[3, 5] = 0xFF  # e4m3fn's negative NaN
+        state["model.layers.1.mlp.down_proj.weight"] = codes.view(torch.float8_e4m3fn)
+    else:
+        state["model.layers.1.mlp.down_proj.weight_scale_inv"][0, 1] = float("inf")
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"down_proj's fp8 weights or scales hold NaN or infinite"):
+        LLM.load(tmp_path / "m")
