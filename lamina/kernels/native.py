@@ -307,7 +307,9 @@ def decode_attention(
     batch, rows, heads, dim = q.shape
     if lib is None or dim % 16 or dim > 256 or heads // keys.shape[1] > 16:
         return None
-    if q.stride(-1) != 1 or keys.stride() != values.stride() or keys.stride(-1) != 1:
+    if keys.stride() != values.stride():  # views of one fused q/k/v output, no cache: a few rows to copy
+        keys, values = keys.contiguous(), values.contiguous()
+    if q.stride(-1) != 1 or keys.stride(-1) != 1:
         return None
     out = torch.empty(batch, rows, heads, dim, dtype=torch.float32)
     status = lib.lamina_decode_attention(

@@ -66,6 +66,21 @@ def test_rows_are_bit_identical_alone_or_together_and_across_thread_counts(nativ
         torch.set_num_threads(threads)
 
 
+def test_keys_and_values_of_one_fused_output_attend_as_separate_tensors(native_lib) -> None:
+    """A prompt without a cache: k and v are views of the fused q/k/v output with different strides.
+    The kernel still runs (so fused and separate projections attend alike) and equals contiguous k/v."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 7, 9 + 2 * 3, 64, generator=g)  # [B, T, H + 2 Hkv, D]
+    qk = qkv[:, :, :12] * 1.0  # the rotated q and k heads, a new tensor as after RoPE: [B, T, H + Hkv, D]
+    q, k = qk[:, :, :9], qk[:, :, 9:].transpose(1, 2)  # k [B, Hkv, T, D]
+    v = qkv[:, :, 12:].transpose(1, 2)  # [B, Hkv, T, D], strides unlike k's
+    assert k.stride() != v.stride()
+    out = native.decode_attention(q, k, v, 0, 0, 0.125)
+    assert out is not None
+    assert torch.equal(out, native.decode_attention(q, k.contiguous(), v.contiguous(), 0, 0, 0.125))
+    assert (out.double() - reference(q, k, v, 0, 0, 0.125)).abs().max() < 2e-6
+
+
 @pytest.mark.parametrize("dim, heads, kv_heads", [(72, 4, 4), (512, 2, 2), (64, 34, 2)])
 def test_shapes_outside_the_kernel_are_declined(native_lib, dim: int, heads: int, kv_heads: int) -> None:
     q = torch.randn(1, 1, heads, dim)
