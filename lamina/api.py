@@ -120,8 +120,8 @@ class LLM:
     ) -> LLM:
         """Load a model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct).
 
-        `quantize`: int8, int4, nf4, fp4, nf4-dq, fp4-dq, llm.int8, gptq, bf16 or fp16, applied layer by layer
-        while loading (`group_size` for int4/gptq, the draft's too). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
+        `quantize`: int8, int4, int4-minmax, nf4, fp4, nf4-dq, fp4-dq, llm.int8, gptq, fp8, bf16 or fp16, applied
+        layer by layer while loading (`group_size` for int4/int4-minmax/gptq, the draft's too). A GGUF keeps its Q4_0/Q4_1/Q8_0 blocks quantized
         unless `quantize` says otherwise ("none" expands it to float); on a CPU in float32, linears
         stored in 16 bits stay 16-bit (`bf16`/`fp16`: exact) unless `quantize="none"`. See
         `lamina.quant.load`.
@@ -220,7 +220,7 @@ class LLM:
         (the speculative-sampling rule). The draft must be a decoder-only model with the same
         vocabulary and tokenization, on the same device. A path (or "default", the bundled model)
         is loaded on this model's device and activation dtype, quantized by `quantize` (None keeps
-        a GGUF's blocks; `group_size` for int4/gptq). A draft is resident even when this model
+        a GGUF's blocks; `group_size` for int4/int4-minmax/gptq). A draft is resident even when this model
         streams under `max_memory`, and its weights are not counted in that budget. "prompt-lookup"
         drafts without a model (see `lamina.engine.prompt_lookup`). `k` None: 4 for a model, 2 for
         prompt lookup. None as `draft` turns speculative decoding off.

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lamina.quant.apply import DEFAULT_GROUP_SIZE, METHODS
+    from lamina.quant.apply import DEFAULT_GROUP_SIZE, GROUPED_METHODS, METHODS
     from lamina.quant.int4 import GROUP_SIZES
 
     parser = subparsers.add_parser("quantize", help="quantize a model and save it", description=__doc__)
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--group-size",
         type=int,
         default=None,
-        help=f"int4/gptq group size: {', '.join(map(str, GROUP_SIZES))} (default: {DEFAULT_GROUP_SIZE})",
+        help=f"{'/'.join(GROUPED_METHODS)} group size: {', '.join(map(str, GROUP_SIZES))} (default: {DEFAULT_GROUP_SIZE})",
     )
     parser.add_argument("--calibration", metavar="FILE", help="gptq calibration text (default: CPython docs)")
     parser.add_argument(
@@ -52,7 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lamina.api import LLM
     from lamina.engine.perplexity import default_text, read_text
-    from lamina.quant.apply import DEFAULT_GROUP_SIZE, quantizable_linears, quantize_model, validate_method
+    from lamina.quant.apply import (
+        DEFAULT_GROUP_SIZE,
+        GROUPED_METHODS,
+        quantizable_linears,
+        quantize_model,
+        validate_method,
+    )
     from lamina.quant.checkpoint import check_output_dir, save_quantized, staged_output
     from lamina.quant.load import CALIBRATION_WINDOW, GPTQ_CALIBRATION_TOKENS, calibration_ids
 
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         progress=bar.step,
     )
     bar.close()
-    options = {"group_size": args.group_size} if args.method in ("int4", "gptq") else {}
+    options = {"group_size": args.group_size} if args.method in GROUPED_METHODS else {}
     if args.method == "gptq":
         options["act_order"] = args.act_order
     config = _hf_config(llm)

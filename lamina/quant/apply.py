@@ -31,7 +31,8 @@ from lamina.quant.nf4 import NF4Linear
 #: `--quantize` value -> (layer class, options). gptq needs calibration data and is handled apart.
 _SCHEMES: dict[str, tuple[type[QuantizedLinear], dict[str, Any]]] = {
     "int8": (Int8Linear, {}),
-    "int4": (Int4Linear, {}),
+    "int4": (Int4Linear, {"params": "hqq"}),
+    "int4-minmax": (Int4Linear, {"params": "minmax"}),
     "nf4": (NF4Linear, {"quant_type": "nf4", "double_quant": False}),
     "nf4-dq": (NF4Linear, {"quant_type": "nf4", "double_quant": True}),
     "fp4": (NF4Linear, {"quant_type": "fp4", "double_quant": False}),
@@ -43,7 +44,7 @@ _SCHEMES: dict[str, tuple[type[QuantizedLinear], dict[str, Any]]] = {
 }
 METHODS = (*_SCHEMES, "gptq")
 #: Methods whose layout has a group size (`--group-size` applies).
-GROUPED_METHODS = ("int4", "gptq")
+GROUPED_METHODS = ("int4", "int4-minmax", "gptq")
 DEFAULT_GROUP_SIZE = 128
 #: Module names (last dotted component) left float by default.
 DEFAULT_SKIP = ("lm_head",)

@@ -109,7 +109,7 @@ def test_unknown_quantize_method_lists_the_valid_ones(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "hi", "--quantize", "int3"])
     assert "nf4-dq" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="valid methods: int8, int4, nf4"):
+    with pytest.raises(ValueError, match="valid methods: int8, int4, int4-minmax, nf4"):
         LLM.load(quantize="int3")
 
 

@@ -33,9 +33,9 @@ def test_int8_round_trip_within_half_a_step() -> None:
     assert (err <= q.scales[:, None] / 2 + 1e-7).all()
 
 
-def test_int4_round_trip_within_half_a_step_plus_bf16_zero() -> None:
+def test_int4_minmax_round_trip_within_half_a_step_plus_bf16_zero() -> None:
     lin = random_linear()
-    q = Int4Linear.from_float(lin, group_size=32)
+    q = Int4Linear.from_float(lin, group_size=32, params="minmax")
     sz = q.scales_and_zeros.float().transpose(0, 1)  # [N, K/G, 2]
     step = sz[..., 0].repeat_interleave(32, dim=1)
     zero = sz[..., 1].abs().repeat_interleave(32, dim=1)
@@ -90,6 +90,7 @@ def test_double_quantized_checkpoints_saved_with_linear_int8_codes_still_load() 
     [
         ("int8", 0.01),
         ("int4", 0.1),
+        ("int4-minmax", 0.1),
         ("nf4", 0.12),
         ("nf4-dq", 0.12),
         ("fp4", 0.2),
