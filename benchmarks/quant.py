@@ -27,9 +27,12 @@ import torch
 
 from lamina import LLM
 from lamina.engine.perplexity import default_text, perplexity
+from lamina.quant.apply import GROUPED_METHODS
 
 PROMPT = "The Python language reference describes"
-DEFAULT_METHODS = ("int8", "int4", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8", "fp8", "bf16", "fp16")
+DEFAULT_METHODS = (
+    "int8", "int4", "int4-minmax", "gptq", "nf4", "nf4-dq", "fp4", "llm.int8", "fp8", "bf16", "fp16",
+)  # fmt: skip
 
 
 def measure(label: str, args: argparse.Namespace, ids: list[int], **load: Any) -> dict[str, Any]:
@@ -75,7 +78,7 @@ def main() -> None:
     if is_gguf:
         rows.append(measure("gguf (kept quantized)", args, ids))
     for method in args.methods:
-        grouped = method in ("int4", "gptq")
+        grouped = method in GROUPED_METHODS
         label = f"{method} g{args.group_size}" if grouped else method
         rows.append(measure(label, args, ids, quantize=method, group_size=args.group_size))
 

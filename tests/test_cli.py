@@ -135,7 +135,10 @@ def test_chat_runs_as_a_process(tiny_llama_dir):
         (["--device", "tpu"], "unknown device"),
         (["--seed", str(10**23)], "seed must be an integer in [-2^63, 2^64)"),
         (["--threads", "100000"], "--threads 100000 is more than the"),  # torch's thread pool segfaults
-        (["--group-size", "64"], "--group-size applies to --quantize int4|int4-minmax|gptq, but nothing is quantized"),
+        (
+            ["--group-size", "64"],
+            "--group-size applies to --quantize int4|int4-minmax|gptq, but nothing is quantized",
+        ),
         (["--quantize", "int8", "--group-size", "64"], "--quantize int8 has no groups; drop --group-size"),
         (["--offload-dir", "/tmp/x"], "add a max memory budget (--max-memory) or drop the offload dir"),
         (["--model", ""], "the model path is empty"),
