@@ -25,6 +25,8 @@ LP_NORM = 0.7
 BETA = 10.0
 ITERS = 20
 LEVELS = 15  # 4-bit codes 0..15
+#: Weights per chunk of `hqq_group_params`' work (1 MiB of float32 per buffer).
+CHUNK_ELEMENTS = 1 << 18
 
 
 @torch.no_grad()
@@ -64,10 +66,6 @@ def hqq_group_params(
             break
         best = total / flat.numel()
     return (1.0 / inverse).reshape(shape), zero.reshape(shape)
-
-
-#: Weights per chunk of `hqq_group_params`' work (1 MiB of float32 per buffer).
-CHUNK_ELEMENTS = 1 << 18
 
 
 def _step(
