@@ -32,7 +32,7 @@ from lamina.errors import InvalidArgumentError
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("blockq.c", "llm_int8.c", "dense.c", "attention.c", "llama_layer.c")
+    for name in ("blockq.c", "llm_int8.c", "dense.c", "attention.c", "llama_layer.c", "hqq.c")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "vector_math.h"))
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
@@ -169,6 +169,8 @@ def load(isa: str) -> ctypes.CDLL | None:
     lib.lamina_e4m3_linear.restype = None
     lib.lamina_llama_layer.argtypes = [pointer, pointer, i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]  # fmt: skip
     lib.lamina_llama_layer.restype = ctypes.c_int
+    lib.lamina_hqq_zeros.argtypes = [pointer, i64, i64, pointer, pointer, i32] + [ctypes.c_float] * 3
+    lib.lamina_hqq_zeros.restype = ctypes.c_int
     return lib
 
 
@@ -318,3 +320,24 @@ def decode_attention(
         batch, rows, heads, keys.shape[1], dim, start, window, scale, out.data_ptr(),
     )  # fmt: skip
     return out if status == 0 else None
+
+
+def hqq_zeros(
+    weight: torch.Tensor,
+    inverse: torch.Tensor,
+    zero: torch.Tensor,
+    iters: int,
+    beta: float,
+    p: float,
+    no_shrink_below: float,
+) -> int:
+    """HQQ's zero-point steps (hqq.c, `lamina.quant.hqq`) on weight [M, G] float32 (G a multiple of 16),
+    inverse and zero [M, 1] float32, all contiguous: `zero` is updated in place; returns the steps
+    taken. Needs `library()`."""
+    steps = library().lamina_hqq_zeros(
+        weight.data_ptr(), weight.shape[0], weight.shape[1], inverse.data_ptr(), zero.data_ptr(),
+        iters, beta, p, no_shrink_below,
+    )  # fmt: skip
+    if steps < 0:
+        raise MemoryError(f"HQQ zero points: no memory for the error sums of {weight.shape[0]} groups")
+    return steps

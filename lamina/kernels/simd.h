@@ -50,6 +50,7 @@ SIMD_INLINE vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 SIMD_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 SIMD_INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 SIMD_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+SIMD_INLINE vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }
 SIMD_INLINE vf vf_abs(vf a) { return _mm512_abs_ps(a); }
 /* a * b + c and c - a * b, fused (one rounding). */
 SIMD_INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
@@ -146,6 +147,7 @@ SIMD_INLINE vf vf_sub(vf a, vf b) { return (vf){_mm256_sub_ps(a.lo, b.lo), _mm25
 SIMD_INLINE vf vf_mul(vf a, vf b) { return (vf){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 SIMD_INLINE vf vf_div(vf a, vf b) { return (vf){_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
 SIMD_INLINE vf vf_max(vf a, vf b) { return (vf){_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+SIMD_INLINE vf vf_min(vf a, vf b) { return (vf){_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
 SIMD_INLINE vf vf_abs(vf a) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     return (vf){_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};

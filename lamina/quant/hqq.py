@@ -15,11 +15,18 @@ It stops at `iters` steps or when the layer's mean |w - w_r| stops falling, as `
 the step that stopped it is kept, also as `hqq` does. One difference: `hqq` caps 1 / scale at 2e4 (and
 sets it to 1 for a range under 1e-4) to stay within float16; here the range only floors at 1e-6, as
 min/max does, so the two agree on every group whose range exceeds 15 / 2e4 = 7.5e-4.
+
+Two implementations of the steps: `kernels/hqq.c` on CPUs with the native kernels (each group's
+steps while it is in cache: ~8x the torch steps' speed, and int4 quantizes a layer in 1.4x min/max's
+time), and torch steps elsewhere, equal to `hqq`'s to the bit (int4 then takes 5x min/max's time;
+`benchmarks/int4_quantize_speed.py`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from lamina.kernels import native
 
 LP_NORM = 0.7
 BETA = 10.0
@@ -34,14 +41,12 @@ def hqq_group_params(
     wg: torch.Tensor, iters: int = ITERS, beta: float = BETA, p: float = LP_NORM
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero) for wg [..., G] in hqq's convention, w ~= (q - zero) * scale with
-    q in [0, 15]; float32 [...] each, equal to `hqq`'s: the same float operations in the same order.
+    q in [0, 15]; float32 [...] each.
 
-    The weight is worked through in chunks of about CHUNK_ELEMENTS, each step over every chunk, so the
-    temporaries stay small next to a large layer and in cache. (The stopping test sums the chunks'
-    errors, where `hqq` takes one mean: a step whose error ties the last to float32's precision may
-    stop one step apart.) The shrink costs a `pow` per weight but is exactly zero while every |error|
-    is below beta^(-1 / (2 - p)) (0.17 for the defaults; an int4 error is at most half a step, so most
-    layers never reach it): then it is skipped.
+    On a CPU with Lamina's native kernels and G a multiple of 16, the steps run in C (hqq.c: each
+    group's steps in cache, the layer read twice; zeros within about an ulp of the torch steps' but
+    at rounding ties, ~8x as fast). Elsewhere the torch steps below run, equal to `hqq`'s to the bit:
+    the same float operations in the same order.
     """
     shape, width = wg.shape[:-1], wg.shape[-1]
     flat = wg.reshape(-1, width)  # [..., G] -> [M, G]
@@ -52,7 +57,34 @@ def hqq_group_params(
     inverse = LEVELS / (hi - lo).clamp(min=1e-6)  # hqq clamps this at 2e4 for fp16: equal above 7.5e-4
     zero = -lo * inverse
     no_shrink_below = 0.999 * beta ** (-1 / (2 - p))
-    buffers = [torch.empty(rows, width, dtype=torch.float32, device=wg.device) for _ in range(3)]
+    if flat.device.type == "cpu" and width % 16 == 0 and native.library() is not None:
+        native.hqq_zeros(flat.float().contiguous(), inverse, zero, iters, beta, p, no_shrink_below)
+    else:
+        _torch_steps(flat, spans, inverse, zero, iters, beta, p, no_shrink_below)
+    return (1.0 / inverse).reshape(shape), zero.reshape(shape)
+
+
+def _torch_steps(
+    flat: torch.Tensor,
+    spans: list[tuple[int, int]],
+    inverse: torch.Tensor,
+    zero: torch.Tensor,
+    iters: int,
+    beta: float,
+    p: float,
+    no_shrink_below: float,
+) -> None:
+    """The steps on flat [M, G] in torch, updating zero [M, 1] in place.
+
+    The weight is worked through in `spans` of rows (about CHUNK_ELEMENTS weights each), each step
+    over every span, so the temporaries stay small next to a large layer and in cache. (The stopping
+    test sums the spans' errors, where `hqq` takes one mean: a step whose error ties the last to
+    float32's precision may stop one step apart.) The shrink costs a `pow` per weight but is exactly
+    zero while every |error| is below beta^(-1 / (2 - p)) (0.17 for the defaults; an int4 error is at
+    most half a step, so most layers never reach it): then it is skipped.
+    """
+    rows = spans[0][1]
+    buffers = [torch.empty(rows, flat.shape[1], dtype=torch.float32, device=flat.device) for _ in range(3)]
     best = float("inf")
     for _ in range(iters):
         total = 0.0
@@ -65,7 +97,6 @@ def hqq_group_params(
         if total / flat.numel() >= best:
             break
         best = total / flat.numel()
-    return (1.0 / inverse).reshape(shape), zero.reshape(shape)
 
 
 def _step(

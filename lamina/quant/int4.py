@@ -3,10 +3,10 @@
 Representation (the layout the packed kernels take): codes q in [0, 15]; per group a scale s and a
 zero z, both bfloat16, and w ~= (q - 8) * s + z. Each weight is rounded to its nearest code; the
 group's s = (max - min) / 15 and, by default (`params="hqq"`), the zero point HQQ's optimization
-finds for that scale (`lamina.quant.hqq`: 16.92 against 18.30 perplexity on SmolLM2 at group size 128,
-at 30 rather than 130 M weights/s on two threads), or with `params="minmax"` z = min + 8 s. Min/max's
-round-trip error per element is at most s / 2 plus the bf16 rounding of z (<= 2^-8 |z|); HQQ's zero
-trades a few larger errors (up to a step, at a group's ends) for smaller ones elsewhere.
+finds for that scale (`lamina.quant.hqq`: 16.92 against 18.30 perplexity on SmolLM2 at group size 128),
+or with `params="minmax"` z = min + 8 s. Min/max's round-trip error per element is at most s / 2
+plus the bf16 rounding of z (<= 2^-8 |z|); HQQ's zero trades a few larger errors (up to a step, at a
+group's ends) for smaller ones elsewhere.
 
 Kernels: CPU `aten._convert_weight_to_int4pack_for_cpu` + `aten._weight_int4pack_mm_for_cpu`, CUDA
 `aten._convert_weight_to_int4pack` + `aten._weight_int4pack_mm`. Both need bf16 activations with

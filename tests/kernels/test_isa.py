@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lamina.kernels import native
+from lamina.quant.hqq import hqq_group_params
 from tests.kernels.test_attention import CASES
 from tests.kernels.test_blockq import RUNTIME_TYPES, random_layer
 from tests.models.test_native_layer import blocks_model, decode
@@ -109,3 +110,10 @@ def test_native_decoder_layers_are_identical(monkeypatch) -> None:
     avx512, avx2 = on_each_build(monkeypatch, logits)
     for a, b in zip(avx512, avx2, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.5])  # 0.5: errors past the shrink's threshold (its scalar lanes)
+def test_hqq_zero_points_are_identical(monkeypatch, std: float) -> None:
+    wg = heavy_tailed(96, 256, seed=5).reshape(96, 4, 64) * std
+    avx512, avx2 = on_each_build(monkeypatch, lambda: hqq_group_params(wg)[1])
+    assert torch.equal(avx512, avx2)
