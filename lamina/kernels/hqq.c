@@ -11,7 +11,8 @@
  * sums 16 lanes, then a fixed tree, where torch sums in another order, so the zeros match the torch
  * ones to about an ulp and their bfloat16 roundings almost always exactly; the `pow` of the shrink is
  * libm's. Error sums are added in double per part of PART groups in group order, then the parts in
- * order: the result does not depend on the thread count.
+ * order, so the result does not depend on the thread count; their mean is rounded to float32 before
+ * the stopping test, as hqq's is (in double the test sees gains below float32's resolution and runs on).
  */
 #include <math.h>
 #include <stdint.h>
@@ -66,6 +67,7 @@ static float step(const float *w, int64_t g, float inverse, float zero, float be
  * shrink is exactly zero there). Returns the number of steps taken, or -1 without memory. */
 int lamina_hqq_zeros(const float *w, int64_t groups, int64_t g, const float *inverse, float *zero, int iters,
                      float beta, float p, float no_shrink_below) {
+    if (iters <= 0 || groups <= 0) return 0;
     const int64_t parts = (groups + PART - 1) / PART;
     double *partial = calloc((size_t)(parts * iters), sizeof(double)); /* [parts, iters] error sums */
     if (!partial) return -1;

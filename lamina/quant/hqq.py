@@ -50,6 +50,8 @@ def hqq_group_params(
     """
     shape, width = wg.shape[:-1], wg.shape[-1]
     flat = wg.reshape(-1, width)  # [..., G] -> [M, G]
+    if not len(flat):  # a layer without rows
+        return torch.empty(shape), torch.empty(shape)
     rows = max(1, min(len(flat), CHUNK_ELEMENTS // width))
     spans = [(start, min(start + rows, len(flat))) for start in range(0, len(flat), rows)]
     lo = torch.cat([flat[a:b].float().amin(dim=-1, keepdim=True) for a, b in spans])  # [M, 1]
