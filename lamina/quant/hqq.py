@@ -36,6 +36,12 @@ LEVELS = 15  # 4-bit codes 0..15
 CHUNK_ELEMENTS = 1 << 18
 
 
+def shrink_threshold(beta: float, p: float) -> float:
+    """An |error| below which the l_p shrink is exactly zero: beta^(-1 / (2 - p)) (0.17 for the
+    defaults), less 0.1% so that rounding at the boundary cannot skip a non-zero shrink."""
+    return 0.999 * beta ** (-1 / (2 - p))
+
+
 @torch.no_grad()
 def hqq_group_params(
     wg: torch.Tensor, iters: int = ITERS, beta: float = BETA, p: float = LP_NORM
@@ -58,7 +64,7 @@ def hqq_group_params(
     hi = torch.cat([flat[a:b].float().amax(dim=-1, keepdim=True) for a, b in spans])
     inverse = LEVELS / (hi - lo).clamp(min=1e-6)  # hqq clamps this at 2e4 for fp16: equal above 7.5e-4
     zero = -lo * inverse
-    no_shrink_below = 0.999 * beta ** (-1 / (2 - p))
+    no_shrink_below = shrink_threshold(beta, p)
     if flat.device.type == "cpu" and width % 16 == 0 and native.library() is not None:
         native.hqq_zeros(flat.float().contiguous(), inverse, zero, iters, beta, p, no_shrink_below)
     else:

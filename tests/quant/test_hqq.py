@@ -115,7 +115,7 @@ def test_native_steps_stop_when_the_error_stops_falling(native_lib) -> None:
     wg = heavy_tailed(48, 256, 0.5, seed=0).reshape(-1, 32)  # [N*K/G, G]
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     inverse = 15 / (hi - lo)
-    threshold = 0.999 * hqq.BETA ** (-1 / (2 - hqq.LP_NORM))
+    threshold = hqq.shrink_threshold(hqq.BETA, hqq.LP_NORM)
     steps = {}
     for iters in (20, 200):
         zero = -lo * inverse
